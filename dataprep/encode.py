@@ -1,0 +1,238 @@
+"""Encoding at scale with Ray Data: records -> (image latents, caption word vectors) -> WebDataset shards.
+
+    units of work ──flat_map (CPU tasks)──> decoded, resized images + cleaned captions
+                  ──map_batches (actor pool: one autoencoder + word vectors per actor, GPU if asked)──>
+                  latents + word vectors ──driver──> train/val shards + manifest
+
+A unit is a small JSON-able dict (a range of demo samples, one tar URL, or a chunk of records
+with image paths), so reading happens in the tasks, not on the driver. A record that cannot be
+used (corrupt image, empty or over-long caption, only unknown words, too-small image) becomes a
+row with a `skip` reason: it is counted and listed in the manifest, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import webdataset as wds
+
+from dataprep import readers, shapes
+from psunet.autoencoder import Autoencoder
+from psunet.data import Manifest, encode_sample, write_manifest
+from psunet.text import TextCodec, load_vectors
+
+RECORDS_PER_UNIT = 256
+
+
+@dataclasses.dataclass
+class EncodeSettings:
+    out_dir: str
+    resolution: int
+    text_len: int
+    autoencoder: str  # hub id or local folder
+    word_vectors: str  # word2vec binary file, inside out_dir
+    word_vectors_sha256: str
+    samples_per_shard: int = 1000
+    val_fraction: float = 0.05
+    batch_size: int = 64
+    encoder_actors: int = 1
+    use_gpu: bool = False
+
+    def __post_init__(self):
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def demo_units(samples: int, seed: int, resolution: int, per_unit: int = RECORDS_PER_UNIT) -> list[dict]:
+    return [{"kind": "demo", "start": start, "stop": min(start + per_unit, samples), "seed": seed, "size": resolution}
+            for start in range(0, samples, per_unit)]
+
+
+def source_units(spec: str, skipped: list[dict]) -> list[dict]:
+    """Units for a reader spec (see dataprep.readers.open_source); records skipped while listing go to `skipped`."""
+    kind = spec.partition(":")[0]
+    if kind in ("wds", "webdataset"):
+        from braceexpand import braceexpand
+
+        readers.open_source(spec)  # fails at once on a missing path
+        return [{"kind": "wds", "url": url} for url in braceexpand(spec.partition(":")[2])]
+    units, chunk = [], []
+    for item in readers.open_source(spec):
+        if isinstance(item, readers.SkippedRecord):
+            skipped.append({"key": item.key, "reason": item.reason})
+            continue
+        chunk.append(dataclasses.asdict(item))
+        if len(chunk) == RECORDS_PER_UNIT:
+            units.append({"kind": "records", "records": chunk})
+            chunk = []
+    if chunk:
+        units.append({"kind": "records", "records": chunk})
+    return units
+
+
+def source_captions(spec: str) -> Iterator[str]:
+    """Every usable caption of a source, for training word2vec before encoding."""
+    for item in readers.open_source(spec):
+        if isinstance(item, readers.RawRecord):
+            try:
+                yield readers.clean_caption(item.caption)
+            except readers.Skip:
+                continue
+
+
+def _unit_records(unit: dict) -> Iterator[readers.RawRecord | readers.SkippedRecord | shapes.DemoSample]:
+    if unit["kind"] == "demo":
+        for index in range(unit["start"], unit["stop"]):
+            yield shapes.sample_at(index, seed=unit["seed"], size=unit["size"])
+    elif unit["kind"] == "wds":
+        yield from readers.read_webdataset(unit["url"])
+    else:
+        for record in unit["records"]:
+            yield readers.RawRecord(**record)
+
+
+def load_rows(unit: dict, resolution: int) -> Iterator[dict]:
+    """Ray Data flat_map: one row per record, with a decoded image or a skip reason."""
+    blank = np.zeros((resolution, resolution, 3), np.uint8)
+    for record in _unit_records(unit):
+        row = {"key": record.key, "caption": "", "image": blank, "skip": "", "meta": "{}"}
+        if isinstance(record, readers.SkippedRecord):
+            yield {**row, "skip": record.reason}
+            continue
+        if isinstance(record, shapes.DemoSample):
+            objects = [dataclasses.asdict(obj) for obj in record.objects]
+            yield {**row, "caption": record.caption, "image": record.image, "meta": json.dumps({"objects": objects})}
+            continue
+        try:
+            caption = readers.clean_caption(record.caption)
+            image = readers.load_image(record, resolution)
+        except readers.Skip as exc:
+            yield {**row, "skip": str(exc)}
+            continue
+        yield {**row, "caption": caption, "image": image, "meta": json.dumps(record.meta, default=str)}
+
+
+class Encoder:
+    """Ray Data actor: one autoencoder and one word-vector codec, loaded once per actor."""
+
+    def __init__(self, autoencoder: str, word_vectors: str, word_vectors_sha256: str, text_len: int, use_gpu: bool):
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.autoencoder = Autoencoder.load(autoencoder, device=device, dtype=dtype)
+        self.codec = TextCodec(load_vectors(word_vectors, word_vectors_sha256), text_len)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        skip = [str(reason) for reason in batch["skip"]]
+        texts = np.zeros((len(skip), self.codec.length, self.codec.dim), np.float16)
+        unknown = np.zeros(len(skip), np.int32)
+        for i, caption in enumerate(batch["caption"]):
+            if skip[i]:
+                continue
+            try:
+                encoded = self.codec.encode([str(caption)])
+            except ValueError:
+                skip[i] = f"caption longer than text_len - 1 = {self.codec.length - 1} words"
+                continue
+            if encoded.unknown[0] and len(encoded.unknown[0]) == encoded.lengths[0]:
+                skip[i] = "caption has only unknown words"
+                continue
+            texts[i] = encoded.vectors[0].numpy().astype(np.float16)
+            unknown[i] = len(encoded.unknown[0])
+        latents = self.autoencoder.encode(torch.from_numpy(np.array(batch["image"], copy=True)))
+        return {"key": batch["key"], "caption": batch["caption"], "meta": batch["meta"], "skip": np.array(skip),
+                "latent": latents.float().cpu().numpy().astype(np.float16), "text": texts, "unknown": unknown}
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """A stable split by key hash, so re-encoding puts every sample on the same side."""
+    return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
+
+
+def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: float,
+                 skipped: list[dict] | None = None, autoencoder_is_local: bool = True, log=print) -> dict[str, Manifest]:
+    """Run the Ray Data pipeline and write `train/` and `val/` shard sets with their manifests."""
+    if not units:
+        raise ValueError("nothing to encode: the source has no records")
+    out = Path(settings.out_dir)
+    started = time.perf_counter()
+    dataset = (
+        ray.data.from_items(units, override_num_blocks=len(units))
+        .flat_map(load_rows, fn_kwargs={"resolution": settings.resolution})
+        .map_batches(
+            Encoder,
+            fn_constructor_kwargs=dict(autoencoder=settings.autoencoder, word_vectors=settings.word_vectors,
+                                       word_vectors_sha256=settings.word_vectors_sha256,
+                                       text_len=settings.text_len, use_gpu=settings.use_gpu),
+            batch_size=settings.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=settings.encoder_actors),
+            num_gpus=1 if settings.use_gpu else 0,
+        )
+    )
+    splits = {"train": [], "val": []}
+    writers, counts = {}, {"train": 0, "val": 0}
+    skipped = list(skipped or [])
+    unknown_words = 0
+    latent_shape = None
+    for split in splits:
+        (out / split).mkdir(parents=True, exist_ok=True)
+        writers[split] = wds.ShardWriter(str(out / split / f"{split}-%06d.tar"), maxcount=settings.samples_per_shard,
+                                         verbose=0)
+    try:
+        for batch in dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
+            for i, key in enumerate(batch["key"]):
+                key = str(key)
+                if batch["skip"][i]:
+                    skipped.append({"key": key, "reason": str(batch["skip"][i])})
+                    continue
+                split = "val" if is_validation(key, settings.val_fraction) else "train"
+                latent_shape = tuple(int(n) for n in batch["latent"][i].shape)
+                writers[split].write(encode_sample(key, batch["latent"][i], batch["text"][i], str(batch["caption"][i]),
+                                                   json.loads(str(batch["meta"][i]))))
+                counts[split] += 1
+                unknown_words += int(batch["unknown"][i])
+    finally:
+        for writer in writers.values():
+            writer.close()
+    elapsed = time.perf_counter() - started
+    if latent_shape is None:
+        raise ValueError(f"every record was skipped ({len(skipped)}); first reasons: "
+                         f"{[s['reason'] for s in skipped[:3]]}")
+
+    manifests = {}
+    for split in splits:
+        folder = out / split
+        shards = sorted(path.name for path in folder.glob(f"{split}-*.tar"))
+        manifest = Manifest(
+            autoencoder=_relative_to(settings.autoencoder, folder) if autoencoder_is_local else settings.autoencoder,
+            autoencoder_is_local=autoencoder_is_local, scaling_factor=scaling_factor,
+            resolution=settings.resolution, latent_shape=latent_shape,
+            word_vectors=_relative_to(settings.word_vectors, folder), word_vectors_sha256=settings.word_vectors_sha256,
+            text_len=settings.text_len, word_dim=int(load_vectors(settings.word_vectors).vector_size),
+            samples=counts[split], shards=shards,
+            skipped=skipped if split == "train" else [],
+            stats={"unknown_words": unknown_words, "skipped_total": len(skipped), "encode_seconds": round(elapsed, 2),
+                   "samples_per_second": round(sum(counts.values()) / elapsed, 1)},
+        )
+        write_manifest(folder, manifest)
+        manifests[split] = manifest
+    total = sum(counts.values())
+    log(f"dataprep: wrote {counts['train']} train + {counts['val']} val samples "
+        f"({len(manifests['train'].shards)} + {len(manifests['val'].shards)} shards), skipped {len(skipped)}, "
+        f"in {elapsed:.1f} s ({total / elapsed:.1f} samples/s) -> {out}")
+    return manifests
+
+
+def _relative_to(path: str, folder: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), folder.resolve())

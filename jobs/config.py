@@ -1,0 +1,142 @@
+"""The training job's configuration: a YAML file merged over defaults, then `section.field=value` overrides.
+
+    model:      {preset: demo, width: 256}   # a named preset plus field overrides
+    diffusion:  {p_drop_text: 0.1}
+    data:       {train: data/demo/train, val: data/demo/val}
+    optim:      {steps: 2000, batch_size: 64, lr: 3.0e-4}
+    schedule:   {checkpoint_every: 200, validate_every: 200}
+    run:        {name: demo, storage_path: runs, num_workers: 2}
+
+Everything is validated before any Ray worker starts; an error names the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from psunet.config import DiffusionConfig, ModelConfig, StrictModel, preset
+
+
+class DataConfig(StrictModel):
+    train: str = Field(description="training shard folder (with manifest.json)")
+    val: str | None = Field(None, description="held-out shard folder")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+    shuffle_buffer: int = Field(1000, ge=1)
+
+
+class OptimConfig(StrictModel):
+    steps: int = Field(1000, ge=1, description="total optimizer steps")
+    batch_size: int = Field(64, ge=1, description="per training worker")
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.03, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = False
+    seed: int = 0
+
+
+class ScheduleConfig(StrictModel):
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    validate_every: int = Field(200, ge=1)
+    val_batches: int = Field(4, ge=1)
+    sample_every: int = Field(200, ge=1, description="sample grids logged to MLflow")
+    samples: int = Field(8, ge=1, description="prompts / images per sample grid")
+    demo_metrics: bool = Field(False, description="attribute-reader accuracy (demo data only)")
+    sample_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
+
+
+class RunConfig(StrictModel):
+    name: str = Field("psunet", pattern=r"^[A-Za-z0-9._-]+$")
+    storage_path: str = "runs"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(2, ge=-1)
+    mlflow_tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else a local store")
+    experiment: str = "psunet"
+
+
+class TrainJobConfig(StrictModel):
+    model: ModelConfig
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainJobConfig":
+        if self.optim.warmup_steps >= self.optim.steps and self.optim.steps > 1:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be < optim.steps={self.optim.steps}")
+        return self
+
+    def resolved(self) -> "TrainJobConfig":
+        """Absolute paths and a concrete tracking URI, fixed on the driver so workers and restarts agree."""
+        storage = str(Path(self.run.storage_path).expanduser().resolve()) if "://" not in self.run.storage_path \
+            else self.run.storage_path
+        uri = self.run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+            f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
+        data = self.data.model_copy(update={
+            "train": str(Path(self.data.train).resolve()),
+            "val": str(Path(self.data.val).resolve()) if self.data.val else None,
+        })
+        run = self.run.model_copy(update={"storage_path": storage, "mlflow_tracking_uri": uri})
+        return self.model_copy(update={"data": data, "run": run})
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainJobConfig:
+    """Read YAML, apply `a.b=value` overrides (values parsed as YAML), resolve the model preset, validate."""
+    tree: dict = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    model = dict(tree.get("model") or {})
+    if "preset" in model:
+        model = {**preset(model.pop("preset")).model_dump(), **model}
+    tree["model"] = model
+    try:
+        return TrainJobConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ValueError(f"invalid config{f' {path}' if path else ''}:\n{exc}") from exc
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"section.field": "value"} for MLflow params."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,329 @@
+"""Train PS-U-Net on Ray Train (V2 API): DDP workers stream shards; checkpoints, resume, MLflow.
+
+    python jobs/train.py --config configs/demo.yaml [section.field=value ...]
+    ray job submit --working-dir . -- python jobs/train.py --config configs/demo.yaml
+
+Re-running the same command (same run.name and run.storage_path) resumes from the latest
+checkpoint and logs into the same MLflow run. A worker that dies is restarted from the last
+checkpoint (run.max_failures times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from jobs.config import TrainJobConfig, flatten, load_config  # noqa: E402
+from psunet.checkpoint import restore_training, save_checkpoint  # noqa: E402
+from psunet.data import load_manifest, make_loader  # noqa: E402
+from psunet.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
+from psunet.ema import EMA, _unwrap  # noqa: E402
+from psunet.model import PSUNet  # noqa: E402
+from psunet.pipeline import ASSETS  # noqa: E402
+
+RUN_TAG = "psunet.run"
+
+
+def lr_at(step: int, optim) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr. Stateless: the step is the whole state."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+    floor = optim.min_lr_ratio
+    return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def assets_for(manifest_folder: str) -> dict:
+    """assets.json content pointing at the shards' autoencoder and word vectors (absolute paths)."""
+    manifest = load_manifest(manifest_folder)
+    autoencoder = manifest.resolve(manifest_folder, manifest.autoencoder) if manifest.autoencoder_is_local \
+        else manifest.autoencoder
+    return {"autoencoder": autoencoder, "autoencoder_is_local": manifest.autoencoder_is_local,
+            "word_vectors": manifest.resolve(manifest_folder, manifest.word_vectors),
+            "word_vectors_sha256": manifest.word_vectors_sha256}
+
+
+class Validator:
+    """Held-out loss, and on demo data attribute-reader accuracy and sample grids (rank 0 only)."""
+
+    def __init__(self, cfg: TrainJobConfig, device: torch.device):
+        from psunet.pipeline import Pipeline, SamplerSettings
+        from psunet.autoencoder import Autoencoder
+        from psunet.text import TextCodec, load_vectors
+
+        self.cfg, self.device = cfg, device
+        self.schedule = NoiseSchedule(cfg.diffusion)
+        self.batches = batches = list(self._fixed_batches())
+        if not batches:
+            raise ValueError(f"no validation samples in {cfg.data.val or cfg.data.train}")
+        assets = assets_for(cfg.data.val or cfg.data.train)
+        codec = TextCodec(load_vectors(assets["word_vectors"], assets["word_vectors_sha256"]), cfg.model.text_len)
+        self.autoencoder = Autoencoder.load(assets["autoencoder"], device=str(device))
+        self.settings = SamplerSettings(guidance_scale=cfg.schedule.guidance_scale, steps=cfg.schedule.sample_steps)
+        self.make_pipeline = lambda model: Pipeline(model, cfg.model, cfg.diffusion, codec, self.autoencoder,
+                                                    self.settings)
+        first = batches[0]
+        self.captions = first["caption"][: cfg.schedule.samples]
+        self.latents = first["latent"][: cfg.schedule.samples]
+
+    def _fixed_batches(self):
+        folder = self.cfg.data.val or self.cfg.data.train
+        loader = make_loader(folder, self.cfg.optim.batch_size, self.cfg.model, training=False, rank=0, world_size=1)
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.schedule.val_batches:
+                break
+            yield batch
+
+    @torch.no_grad()
+    def loss(self, model) -> dict[str, float]:
+        totals = {"val_loss": 0.0, "val_loss_image": 0.0, "val_loss_text": 0.0}
+        generator = torch.Generator(device=self.device).manual_seed(1234)
+        for batch in self.batches:
+            out = diffusion_loss(model, self.schedule, self.cfg.diffusion, batch["latent"].to(self.device),
+                                 batch["text"].to(self.device), generator)
+            totals["val_loss"] += out.loss.item()
+            totals["val_loss_image"] += out.loss_image.item()
+            totals["val_loss_text"] += out.loss_text.item()
+        return {key: value / len(self.batches) for key, value in totals.items()}
+
+    @torch.no_grad()
+    def samples(self, model, folder: Path) -> dict[str, float]:
+        from jobs.quality import grid_png, image_to_text_accuracy, text_to_image_accuracy
+
+        pipe = self.make_pipeline(model)
+        t2i, images = text_to_image_accuracy(pipe, self.captions, self.settings)
+        i2t, captions = image_to_text_accuracy(pipe, self.latents, self.captions, self.settings)
+        grid_png(images, self.captions, folder / "text_to_image.png")
+        originals = pipe.decode_images(self.latents)
+        grid_png(originals, captions, folder / "image_to_text.png")
+        (folder / "image_to_text.json").write_text(json.dumps(
+            [{"true": t, "generated": g} for t, g in zip(self.captions, captions)], indent=2))
+        metrics = {}
+        if self.cfg.schedule.demo_metrics:
+            metrics.update({f"t2i_acc_{k}": v for k, v in t2i.items()})
+            metrics.update({f"i2t_acc_{k}": v for k, v in i2t.items()})
+        return metrics
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import mlflow
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainJobConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    use_bf16 = cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and device.type == "cuda")
+
+    torch.manual_seed(cfg.optim.seed)
+    model = PSUNet(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    model = model.to(device)
+    ema = EMA(model, cfg.optim.ema_decay)
+    step, restarts, samples_seen = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state, ema_state = restore_training(folder, model, optimizer)
+        ema.load_state_dict(ema_state, state["ema_updates"])
+        step, samples_seen, restarts = state["step"], state["samples_seen"], state.get("restarts", 0) + 1
+    model = ray.train.torch.prepare_model(model)  # DDP when world > 1; weights broadcast from rank 0
+    net = torch.compile(model) if cfg.optim.compile else model
+
+    # a new stream position per (seed, resume step): a resumed run does not replay the same samples
+    data_seed = cfg.optim.seed * 1_000_003 + step
+    batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True, seed=data_seed,
+                               num_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer))
+    schedule = NoiseSchedule(cfg.diffusion)
+    validator = Validator(cfg, device) if rank == 0 else None
+    client = mlflow.MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
+    run_id = loop_config["mlflow_run_id"]
+    if rank == 0:
+        client.set_tag(run_id, "restarts", str(restarts))
+        print(f"train: rank 0 of {world} on {device}, starting at step {step}/{cfg.optim.steps}", flush=True)
+
+    window_start, window_samples = time.perf_counter(), 0
+    while step < cfg.optim.steps:
+        batch = next(batches)
+        lr = lr_at(step, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = diffusion_loss(net, schedule, cfg.diffusion, batch["latent"].to(device), batch["text"].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        ema.update(model)
+        step += 1
+        samples_seen += cfg.optim.batch_size * world
+        window_samples += cfg.optim.batch_size * world
+
+        metrics = {}
+        if step % cfg.schedule.log_every == 0 or step == cfg.optim.steps:
+            elapsed = time.perf_counter() - window_start
+            metrics = {"loss": out.loss.item(), "loss_image": out.loss_image.item(), "loss_text": out.loss_text.item(),
+                       "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": window_samples / elapsed}
+            window_start, window_samples = time.perf_counter(), 0
+        save_now = step % cfg.schedule.checkpoint_every == 0 or step == cfg.optim.steps
+        validate_now = step % cfg.schedule.validate_every == 0 or save_now
+        sample_now = step % cfg.schedule.sample_every == 0 or step == cfg.optim.steps
+        if rank == 0:
+            if validate_now:
+                metrics.update(validator.loss(ema.model))
+            if sample_now:
+                with tempfile.TemporaryDirectory() as folder:
+                    metrics.update(validator.samples(ema.model, Path(folder)))
+                    client.log_artifacts(run_id, folder, f"samples/step_{step:07d}")
+            if metrics:
+                client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step)
+                                                  for k, v in metrics.items()])
+                print(f"train: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        if save_now:
+            if step == cfg.optim.steps and world > 1:
+                metrics["ddp_param_max_abs_diff"] = _param_spread(model)
+            with tempfile.TemporaryDirectory() as folder:
+                report_checkpoint = None
+                if rank == 0:
+                    state = {"step": step, "samples_seen": samples_seen, "ema_updates": ema.updates,
+                             "data_seed": data_seed, "restarts": restarts, "mlflow_run_id": run_id}
+                    save_checkpoint(folder, _unwrap(model), ema.state_dict(), optimizer, state,
+                                    {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump(),
+                                     "job": loop_config["config"]})
+                    (Path(folder) / ASSETS).write_text(json.dumps(assets_for(cfg.data.train), indent=2))
+                    report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report({"step": step, **metrics}, checkpoint=report_checkpoint)
+
+
+def _param_spread(model) -> float:
+    """Largest absolute difference of any parameter between DDP ranks (0.0 when they agree)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().flatten().float() for p in _unwrap(model).parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
+def mlflow_run(cfg: TrainJobConfig) -> str:
+    """The MLflow run of this training run: found by tag on resubmission, created (with params) otherwise."""
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.run.experiment)
+    if experiment is None:
+        artifacts = None
+        if cfg.run.mlflow_tracking_uri.startswith("sqlite:"):
+            artifacts = (Path(cfg.run.storage_path) / "mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(cfg.run.experiment, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    key = f"{cfg.run.storage_path}/{cfg.run.name}"
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=cfg.run.name, tags={RUN_TAG: key})
+    params = flatten(cfg.model_dump(mode="json"))
+    items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    return run.info.run_id
+
+
+def bundle_model(checkpoint_folder: str, out: Path) -> Path:
+    """A self-contained model folder: EMA weights, config, word vectors and (local) autoencoder copied in."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in ("ema.safetensors", "config.json"):
+        shutil.copy2(Path(checkpoint_folder) / name, out / name)
+    assets = json.loads((Path(checkpoint_folder) / ASSETS).read_text())
+    shutil.copy2(assets["word_vectors"], out / "words.bin")
+    bundled = {"word_vectors": "words.bin", "word_vectors_sha256": assets["word_vectors_sha256"],
+               "autoencoder_is_local": assets["autoencoder_is_local"], "autoencoder": assets["autoencoder"]}
+    if assets["autoencoder_is_local"]:
+        shutil.copytree(assets["autoencoder"], out / "vae")
+        bundled["autoencoder"] = "vae"
+    (out / ASSETS).write_text(json.dumps(bundled, indent=2))
+    return out
+
+
+def preflight(cfg: TrainJobConfig) -> None:
+    """Everything that can be checked before a worker starts: shards exist and fit the model."""
+    for folder in filter(None, (cfg.data.train, cfg.data.val)):
+        load_manifest(folder).check_model(cfg.model)
+    assets = assets_for(cfg.data.train)
+    if not Path(assets["word_vectors"]).is_file():
+        raise FileNotFoundError(f"word vectors named by the shards are missing: {assets['word_vectors']}")
+
+
+def run(cfg: TrainJobConfig):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = cfg.resolved()
+    preflight(cfg)
+    Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
+    run_id = mlflow_run(cfg)
+    ray.init(ignore_reinit_error=True)
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
+                           "tracking_uri": cfg.run.mlflow_tracking_uri},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints),
+        ),
+    )
+    print(f"train: run {cfg.run.name!r} -> {cfg.run.storage_path}/{cfg.run.name}; "
+          f"MLflow {cfg.run.mlflow_tracking_uri} run {run_id}", flush=True)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    model_folder = bundle_model(result.checkpoint.path, Path(cfg.run.storage_path) / cfg.run.name / "model")
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
+    client.log_artifacts(run_id, str(model_folder), "model")
+    client.set_terminated(run_id)
+    return result, run_id, model_folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.steps=500")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result, run_id, model_folder = run(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    summary = {"run_id": run_id, "step": result.metrics.get("step"), "checkpoint": result.checkpoint.path,
+               "model": str(model_folder), **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t"))}}
+    print("train: done " + json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Typed, validated configuration for the model and the diffusion process, with named presets.
+
+Every field that an experiment may want to change is a field here; a bad value fails when the
+config is built, with a message that names the field and the value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """PS-U-Net shape. n_text = n_image = 0 is the U-ViT-multi baseline."""
+
+    latent_channels: int = Field(4, ge=1)
+    latent_size: int = Field(8, ge=1, description="height = width of the image latents")
+    patch_size: int = Field(2, ge=1)
+    text_len: int = Field(16, ge=1, description="L: word slots per caption, end/pad included")
+    word_dim: int = Field(32, ge=1, description="E: word2vec vector size")
+    width: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    n_text: int = Field(1, ge=0, description="modality-specific text blocks (in and out each)")
+    n_image: int = Field(2, ge=0, description="modality-specific image blocks (in and out each)")
+    shared_depth: int = Field(3, ge=1, description="shared blocks: in-blocks + mid block + out-blocks (odd)")
+    conv_head: bool = Field(True, description="3x3 conv after unpatchifying the image head")
+    grad_checkpoint: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.shared_depth % 2 != 1:
+            raise ValueError(f"shared_depth must be odd (in-blocks + 1 mid + out-blocks), got {self.shared_depth}")
+        if self.latent_size % self.patch_size:
+            raise ValueError(
+                f"latent_size={self.latent_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+        return self
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_size, self.latent_size)
+
+
+class DiffusionConfig(StrictModel):
+    """Noise schedule and training objective."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = Field(0.00085, gt=0, lt=1)
+    beta_end: float = Field(0.012, gt=0, lt=1)
+    p_drop_text: float = Field(0.1, ge=0, le=1, description="probability of replacing the text by noise")
+    p_drop_image: float = Field(0.1, ge=0, le=1, description="probability of replacing the image by noise")
+    text_loss_weight: float = Field(1.0, ge=0)
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting; None = off")
+    independent_timesteps: bool = Field(
+        False, description="one timestep per modality (UniDiffuser-style) instead of one shared"
+    )
+
+
+def baseline_of(config: ModelConfig) -> ModelConfig:
+    """The U-ViT-multi baseline at equal parameters: every modality-specific block moves to the shared part.
+
+    A modality-specific in/out pair adds two blocks and one long-skip projection, exactly what two
+    extra shared blocks add, so the parameter counts match.
+    """
+    moved = 2 * (config.n_text + config.n_image)
+    return config.model_copy(update={"n_text": 0, "n_image": 0, "shared_depth": config.shared_depth + moved})
+
+
+_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        latent_channels=4, latent_size=8, patch_size=2, text_len=16, word_dim=16,
+        width=32, heads=2, n_text=1, n_image=1, shared_depth=1,
+    ),
+    "demo": ModelConfig(
+        latent_channels=4, latent_size=8, patch_size=2, text_len=16, word_dim=32,
+        width=192, heads=4, n_text=1, n_image=2, shared_depth=3,
+    ),
+    "coco256": ModelConfig(
+        latent_channels=4, latent_size=32, patch_size=2, text_len=32, word_dim=128,
+        width=768, heads=12, n_text=2, n_image=4, shared_depth=7,
+    ),
+}
+_PRESETS.update({f"{name}-baseline": baseline_of(cfg) for name, cfg in list(_PRESETS.items())})
+
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def preset(name: str) -> ModelConfig:
+    """A named model preset: tiny (tests), demo (CPU demo), coco256 (paper scale), each with a -baseline."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return _PRESETS[name].model_copy()

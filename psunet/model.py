@@ -1,0 +1,235 @@
+"""PS-U-Net: the Partially Shared U-Net backbone for joint text + image diffusion.
+
+Everything is a token (U-ViT style). The flow, top to bottom:
+
+    image latents --patchify--> image tokens ┐                            ┌ image out-blocks -> image head -> eps_image
+                                             ├ [t_img|t_txt|text|image] ┤
+    word vectors --linear-----> text tokens  ┘     shared U-ViT           └ text out-blocks  -> text head  -> eps_text
+
+* modality-specific in-blocks (n_image / n_text) each see only [time, own tokens];
+* the shared section runs on the concatenation: in-blocks, a mid block, out-blocks, with U-ViT
+  long skips (concatenate + linear) from each shared in-block to its mirror out-block;
+* modality-specific out-blocks mirror the in-blocks, each taking a long skip from its matching
+  dedicated in-block.
+
+n_text = n_image = 0 gives the U-ViT-multi (UniDiffuser-style) baseline from the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from psunet.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, width = tokens.shape
+        qkv = self.qkv(tokens).view(batch, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with skip=True it first merges a U-ViT long skip (concat + linear)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, skip: bool = False):
+        super().__init__()
+        self.skip_proj = nn.Linear(2 * width, width) if skip else None
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+    def forward(self, tokens: torch.Tensor, skip: torch.Tensor | None = None,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_proj is not None:
+            tokens = self.skip_proj(torch.cat([tokens, skip], dim=-1))
+        tokens = tokens + self.attn(self.norm1(tokens), attn_bias)
+        return tokens + self.mlp(self.norm2(tokens))
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) diffusion times, shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device) / half)
+    angles = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class UShape(nn.Module):
+    """A stack of blocks in U shape: in-blocks, optional mid block, out-blocks fed by mirrored long skips."""
+
+    def __init__(self, n_in: int, with_mid: bool, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.in_blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(n_in))
+        self.mid_block = Block(width, heads, mlp_ratio) if with_mid else None
+        self.out_blocks = nn.ModuleList(Block(width, heads, mlp_ratio, skip=True) for _ in range(n_in))
+
+    def run_in(self, tokens, run, attn_bias=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for block in self.in_blocks:
+            tokens = run(block, tokens, None, attn_bias)
+            skips.append(tokens)
+        if self.mid_block is not None:
+            tokens = run(self.mid_block, tokens, None, attn_bias)
+        return tokens, skips
+
+    def run_out(self, tokens, skips, run, attn_bias=None) -> torch.Tensor:
+        for block in self.out_blocks:
+            tokens = run(block, tokens, skips.pop(), attn_bias)
+        return tokens
+
+
+@dataclass
+class ModelOutput:
+    eps_image: torch.Tensor  # (B, C, H, W)
+    eps_text: torch.Tensor  # (B, L, E)
+
+
+class PSUNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c, w = config, config.width
+        patch_dim = c.latent_channels * c.patch_size**2
+
+        self.image_in = nn.Linear(patch_dim, w)
+        self.text_in = nn.Linear(c.word_dim, w)
+        self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
+        self.image_pos = nn.Parameter(torch.zeros(1, c.image_tokens, w))
+        self.text_pos = nn.Parameter(torch.zeros(1, c.text_len, w))
+
+        self.image_specific = UShape(c.n_image, False, w, c.heads, c.mlp_ratio)
+        self.text_specific = UShape(c.n_text, False, w, c.heads, c.mlp_ratio)
+        self.shared = UShape(c.shared_depth // 2, True, w, c.heads, c.mlp_ratio)
+
+        self.image_norm = nn.LayerNorm(w)
+        self.image_head = nn.Linear(w, patch_dim)
+        self.image_conv = (
+            nn.Conv2d(c.latent_channels, c.latent_channels, 3, padding=1) if c.conv_head else nn.Identity()
+        )
+        self.text_norm = nn.LayerNorm(w)
+        self.text_head = nn.Linear(w, c.word_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.image_pos, std=0.02)
+        nn.init.trunc_normal_(self.text_pos, std=0.02)
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        b, ch, h, w = latents.shape
+        p = self.config.patch_size
+        x = latents.reshape(b, ch, h // p, p, w // p, p)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), ch * p * p)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        b, p, side = patches.shape[0], c.patch_size, c.latent_size // c.patch_size
+        x = patches.reshape(b, side, side, c.latent_channels, p, p)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c.latent_channels, c.latent_size, c.latent_size)
+
+    def _run(self, block: Block, tokens, skip, attn_bias):
+        if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, tokens, skip, attn_bias, use_reentrant=False)
+        return block(tokens, skip, attn_bias)
+
+    def check_inputs(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor) -> None:
+        c = self.config
+        if tuple(image_latents.shape[1:]) != c.latent_shape or image_latents.dim() != 4:
+            raise ValueError(
+                f"image_latents: expected shape (B, {', '.join(map(str, c.latent_shape))}), "
+                f"got {tuple(image_latents.shape)} (config latent_channels/latent_size)"
+            )
+        if text_vectors.dim() != 3 or tuple(text_vectors.shape[1:]) != (c.text_len, c.word_dim):
+            raise ValueError(
+                f"text_vectors: expected shape (B, {c.text_len}, {c.word_dim}), got {tuple(text_vectors.shape)} "
+                f"(config text_len/word_dim)"
+            )
+        batch = image_latents.shape[0]
+        if text_vectors.shape[0] != batch or timesteps.shape[-1] != batch:
+            raise ValueError(
+                f"batch sizes differ: image_latents {batch}, text_vectors {text_vectors.shape[0]}, "
+                f"timesteps {tuple(timesteps.shape)}"
+            )
+
+    def forward(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor,
+                attn_bias: torch.Tensor | None = None) -> ModelOutput:
+        """Predict the noise of both modalities.
+
+        timesteps: (B,) one time per sample, or (2, B) = (image times, text times) for independent
+        per-modality times. attn_bias: optional additive attention bias over the shared sequence
+        [image time, text time, text, image], broadcastable to (B, heads, T, T); used only in the shared section.
+        """
+        self.check_inputs(image_latents, text_vectors, timesteps)
+        w = self.config.width
+        times = timesteps if timesteps.dim() == 2 else timesteps.expand(2, -1)
+        time_image = self.time_mlp(timestep_embedding(times[0], w))[:, None]
+        time_text = self.time_mlp(timestep_embedding(times[1], w))[:, None]
+
+        image_tokens = torch.cat([time_image, self.image_in(self.patchify(image_latents)) + self.image_pos], 1)
+        text_tokens = torch.cat([time_text, self.text_in(text_vectors) + self.text_pos], 1)
+        image_tokens, image_skips = self.image_specific.run_in(image_tokens, self._run)
+        text_tokens, text_skips = self.text_specific.run_in(text_tokens, self._run)
+
+        # shared sequence: [image-branch time, text-branch time, text tokens, image tokens]
+        n_text = self.config.text_len
+        tokens = torch.cat([image_tokens[:, :1], text_tokens[:, :1], text_tokens[:, 1:], image_tokens[:, 1:]], 1)
+        tokens, shared_skips = self.shared.run_in(tokens, self._run, attn_bias)
+        tokens = self.shared.run_out(tokens, shared_skips, self._run, attn_bias)
+        text_out = tokens[:, 1:2 + n_text]
+        image_out = torch.cat([tokens[:, :1], tokens[:, 2 + n_text:]], 1)
+
+        image_out = self.image_specific.run_out(image_out, image_skips, self._run)
+        text_out = self.text_specific.run_out(text_out, text_skips, self._run)
+
+        eps_image = self.image_conv(self.unpatchify(self.image_head(self.image_norm(image_out[:, 1:]))))
+        eps_text = self.text_head(self.text_norm(text_out[:, 1:]))
+        return ModelOutput(eps_image=eps_image, eps_text=eps_text)
+
+
+def parameter_counts(model: PSUNet) -> dict[str, int]:
+    """Parameters per part: embeddings, image_specific, text_specific, shared, heads, total."""
+    parts = {
+        "embeddings": [model.image_in, model.text_in, model.time_mlp],
+        "image_specific": [model.image_specific],
+        "text_specific": [model.text_specific],
+        "shared": [model.shared],
+        "heads": [model.image_norm, model.image_head, model.image_conv, model.text_norm, model.text_head],
+    }
+    counts = {name: sum(p.numel() for m in mods for p in m.parameters()) for name, mods in parts.items()}
+    counts["embeddings"] += model.image_pos.numel() + model.text_pos.numel()
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def forward_flops(model: PSUNet) -> int:
+    """Forward FLOPs per sample (multiply-add = 2 FLOPs), counted by torch's FLOP counter on one sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = model.config
+    device = next(model.parameters()).device
+    latents = torch.zeros(1, *c.latent_shape, device=device)
+    text = torch.zeros(1, c.text_len, c.word_dim, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(latents, text, torch.zeros(1, device=device))
+    return int(counter.get_total_flops())

@@ -1,0 +1,40 @@
+"""Shared fixtures: small real gensim word vectors and one real local Ray instance."""
+
+import os
+
+# Ray reads its auth mode when imported: token auth on, the same for every process the tests start.
+os.environ["RAY_AUTH_MODE"] = "token"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from gensim.models import Word2Vec  # noqa: E402
+
+CAPTIONS = [
+    "a small red circle on the left",
+    "a large blue square at the top",
+    "a big green triangle in the middle",
+    "a tiny yellow box at the bottom",
+    "a small cyan disc on the right",
+    "a large magenta square on the left and a small red circle on the right",
+]
+
+
+@pytest.fixture(scope="session")
+def word_vectors():
+    sentences = [caption.split() for caption in CAPTIONS] * 20
+    return Word2Vec(sentences, vector_size=16, min_count=1, window=3, seed=0, workers=1, epochs=5).wv
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the whole session (token auth on, as on a cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
