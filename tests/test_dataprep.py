@@ -119,8 +119,8 @@ def test_real_sources_skip_and_report_bad_records(demo_set, tmp_path):
     good = [shapes.sample_at(i, seed=5) for i in range(6)]
     tar_path = tmp_path / "part-000.tar"
     with tarfile.open(tar_path, "w") as tar:
-        members = [(f"{i:04d}.jpg", jpeg(s.image)) for i, s in enumerate(good[:4])]
-        members += [(f"{i:04d}.txt", s.caption.encode()) for i, s in enumerate(good[:4])]
+        members = [member for i, s in enumerate(good[:4])
+                   for member in ((f"{i:04d}.jpg", jpeg(s.image)), (f"{i:04d}.txt", s.caption.encode()))]
         members += [("0100.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("0100.txt", good[4].caption.encode()),
                     ("0101.jpg", jpeg(good[5].image)), ("0101.txt", b"   "),
                     ("0102.jpg", jpeg(good[5].image)), ("0102.txt", b"zebra xylophone")]
