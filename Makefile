@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast demo demo-stop clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,12 @@ test: venv
 test-fast: venv
 	RAY_AUTH_MODE=token $(BIN)/python -m pytest -q -m "not ray"
 
+# demo data + shards, a local two-node Ray cluster with MLflow, `ray job submit` training, samples
 demo: venv
-	RAY_AUTH_MODE=token $(BIN)/python -m dataprep demo --out data/demo --samples 4000 --vae-steps 800 --samples-per-shard 500 --val-fraction 0.1
-	RAY_AUTH_MODE=token $(BIN)/python jobs/train.py --config configs/demo.yaml
+	cluster/demo.sh
+
+demo-stop:
+	cluster/local.sh stop
 
 clean:
 	rm -rf $(VENV) data runs mlruns

@@ -10,7 +10,7 @@
 #   RAY_PORT             GCS port of the head node                         [6380]
 #   RAY_DASHBOARD_PORT   dashboard and job-submission API                  [8265]
 #   RAY_CLIENT_PORT      Ray Client server (outside 10002-19999, the worker port range)  [10001]
-#   RAY_TEMP_ROOT        Ray's --temp-dir for all nodes of this cluster    [/tmp/psunet-ray-$RAY_PORT]
+#   RAY_TEMP_ROOT        Ray's --temp-dir of the head; worker node i uses RAY_TEMP_ROOT/node-i  [/tmp/psunet-ray-$RAY_PORT]
 #   MLFLOW_PORT          MLflow tracking server                            [5000]
 #   MLFLOW_WORKERS       MLflow server worker processes                    [1]
 #   START_TIMEOUT        seconds to wait for all nodes and MLflow          [180]
@@ -170,8 +170,10 @@ start_cluster() {
 
     for ((i = 1; i <= workers; i++)); do
         log "Ray worker node $i/$workers ($cpus CPUs)"
+        # A temp dir per node: each node's log monitor forwards only its own workers' output (one
+        # shared folder would print every line once per node).
         spawn "worker-$i" ray start --address "127.0.0.1:$RAY_PORT" --num-cpus "$cpus" \
-            --dashboard-agent-listen-port 0 --temp-dir "$RAY_TEMP_ROOT" --log-color false
+            --dashboard-agent-listen-port 0 --temp-dir "$RAY_TEMP_ROOT/node-$i" --log-color false
         wait "$SPAWNED" || fail_start "Ray worker node $i did not start"
     done
 
@@ -188,7 +190,7 @@ start_cluster() {
 Cluster up: $nodes Ray nodes, MLflow healthy.
   Ray dashboard:  $DASHBOARD_URL   (it asks for the token: ray get-auth-token)
   MLflow UI:      $MLFLOW_URL
-  Ray logs:       $RAY_TEMP_ROOT/session_latest/logs
+  Ray logs:       $RAY_TEMP_ROOT/session_latest/logs (head), $RAY_TEMP_ROOT/node-*/session_latest/logs
   Submit jobs with:
 $(print_env | sed 's/^/    /')
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/train.py --config configs/<preset>.yaml

@@ -25,6 +25,8 @@ COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 ATTRIBUTES = ("shape", "colour", "size", "position")
+# Accuracy of a uniform random guess of one object's attribute: the bar a trained model must clear.
+CHANCE = {name: 1 / len(values) for name, values in zip(ATTRIBUTES, (SHAPES, COLOURS, SIZES, POSITIONS))}
 
 PALETTE = {
     "red": (230, 30, 30),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,8 @@ from psunet.model import PSUNet  # noqa: E402
 from psunet.pipeline import ASSETS  # noqa: E402
 
 RUN_TAG = "psunet.run"
+# Worker progress goes through logging: Ray Train shows it once per line (a print would be teed twice).
+log = logging.getLogger("psunet.train")
 
 
 def lr_at(step: int, optim) -> float:
@@ -154,8 +157,10 @@ def train_loop(loop_config: dict) -> None:
     run_id = loop_config["mlflow_run_id"]
     if rank == 0:
         client.set_tag(run_id, "restarts", str(restarts))
-        print(f"train: rank 0 of {world} on {device}, starting at step {step}/{cfg.optim.steps}", flush=True)
+        log.info(f"train: rank 0 of {world} on {device}, starting at step {step}/{cfg.optim.steps}")
 
+    if step >= cfg.optim.steps:  # resubmitted after it finished: nothing to train, report where it stands
+        ray.train.report({"step": step}, checkpoint=None)
     window_start, window_samples = time.perf_counter(), 0
     while step < cfg.optim.steps:
         batch = next(batches)
@@ -192,7 +197,7 @@ def train_loop(loop_config: dict) -> None:
             if metrics:
                 client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step)
                                                   for k, v in metrics.items()])
-                print(f"train: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+                log.info(f"train: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if save_now:
             if step == cfg.optim.steps and world > 1:
                 metrics["ddp_param_max_abs_diff"] = _param_spread(model)
@@ -265,7 +270,12 @@ def bundle_model(checkpoint_folder: str, out: Path) -> Path:
 def preflight(cfg: TrainJobConfig) -> None:
     """Everything that can be checked before a worker starts: shards exist and fit the model."""
     for folder in filter(None, (cfg.data.train, cfg.data.val)):
-        load_manifest(folder).check_model(cfg.model)
+        try:
+            manifest = load_manifest(folder)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc} (relative paths are taken from the job's working directory "
+                                    f"{os.getcwd()}; under `ray job submit --working-dir` pass absolute paths)") from exc
+        manifest.check_model(cfg.model)
     assets = assets_for(cfg.data.train)
     if not Path(assets["word_vectors"]).is_file():
         raise FileNotFoundError(f"word vectors named by the shards are missing: {assets['word_vectors']}")
@@ -291,7 +301,9 @@ def run(cfg: TrainJobConfig):
         run_config=RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints),
+            # the keep_checkpoints best by validation loss; Ray always keeps the latest as well (for resume)
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints,
+                                               checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
         ),
     )
     print(f"train: run {cfg.run.name!r} -> {cfg.run.storage_path}/{cfg.run.name}; "
@@ -299,13 +311,23 @@ def run(cfg: TrainJobConfig):
     result = trainer.fit()
     if result.error:
         raise result.error
-    model_folder = bundle_model(result.checkpoint.path, Path(cfg.run.storage_path) / cfg.run.name / "model")
+    run_folder = Path(cfg.run.storage_path) / cfg.run.name
+    model_folder = bundle_model(result.checkpoint.path, run_folder / "model")
     import mlflow
 
     client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
     client.log_artifacts(run_id, str(model_folder), "model")
+    samples_folder = fetch_final_samples(client, run_id, result.metrics["step"], run_folder / "samples")
     client.set_terminated(run_id)
-    return result, run_id, model_folder
+    return result, run_id, model_folder, samples_folder
+
+
+def fetch_final_samples(client, run_id: str, step: int, out: Path) -> Path:
+    """Copy the last step's sample grids from MLflow next to the checkpoints (works with any tracking store)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return Path(client.download_artifacts(run_id, f"samples/step_{step:07d}", str(out)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,12 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        result, run_id, model_folder = run(cfg)
+        result, run_id, model_folder, samples_folder = run(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
+    best = result.get_best_checkpoint("val_loss", "min")
     summary = {"run_id": run_id, "step": result.metrics.get("step"), "checkpoint": result.checkpoint.path,
-               "model": str(model_folder), **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t"))}}
+               "best_checkpoint": best.path if best else None, "model": str(model_folder),
+               "samples": str(samples_folder),
+               **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t", "ddp_"))}}
     print("train: done " + json.dumps(summary), flush=True)
     return 0
 

@@ -8,6 +8,11 @@ At each step with time t:
   3. eps = eps_unc + w * (eps_cond - eps_unc); a diffusers scheduler steps x_t.
 At the end the known part is pasted back exactly. Text->image, image->text, unconditional joint
 generation and partial infilling are the same call with different masks.
+
+A model trained with independent per-modality times (DiffusionConfig.independent_timesteps, the
+UniDiffuser-style option) has learned every pair of times, so a fully known modality is given to it
+clean at time 0 instead of re-noised (and as pure noise at the last time in the unconditional pass).
+A partly known modality is always re-noised.
 """
 
 from __future__ import annotations
@@ -110,27 +115,43 @@ def joint_infill(
     text = noise(text_known.shape) * text_scheduler.init_noise_sigma
     anything_known = bool(image_mask.any() or text_mask.any())
     guided = anything_known and guidance_scale != 1.0
+    clean_image = diffusion_config.independent_timesteps and bool(image_mask.all())
+    clean_text = diffusion_config.independent_timesteps and bool(text_mask.all())
+    last_time = diffusion_config.num_train_timesteps - 1
     evaluations = 0
+
+    def pair(time_image, time_text) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(time_image, device=device).expand(b),
+                            torch.as_tensor(time_text, device=device).expand(b)])
 
     for t in image_scheduler.timesteps:
         times = t.expand(b)
-        image_in = image_mask * schedule.add_noise(image_known, noise(image_shape), times) + (1 - image_mask) * image
-        text_in = text_mask * schedule.add_noise(text_known, noise(text.shape), times) + (1 - text_mask) * text
+        if clean_image:
+            image_in = image_known
+        else:
+            image_in = image_mask * schedule.add_noise(image_known, noise(image_shape), times) + (1 - image_mask) * image
+        if clean_text:
+            text_in = text_known
+        else:
+            text_in = text_mask * schedule.add_noise(text_known, noise(text.shape), times) + (1 - text_mask) * text
+        times_cond = pair(0 if clean_image else t, 0 if clean_text else t)
         if guided:
             image_unc = image_mask * noise(image_shape) + (1 - image_mask) * image
             text_unc = text_mask * noise(text.shape) + (1 - text_mask) * text
-            out = model(torch.cat([image_in, image_unc]), torch.cat([text_in, text_unc]), times.repeat(2))
+            times_unc = pair(last_time if clean_image else t, last_time if clean_text else t)
+            out = model(torch.cat([image_in, image_unc]), torch.cat([text_in, text_unc]),
+                        torch.cat([times_cond, times_unc], dim=1))
             cond_image, unc_image = out.eps_image.float().chunk(2)
             cond_text, unc_text = out.eps_text.float().chunk(2)
             eps_image = unc_image + guidance_scale * (cond_image - unc_image)
             eps_text = unc_text + guidance_scale * (cond_text - unc_text)
             evaluations += 2
         else:
-            out = model(image_in, text_in, times)
+            out = model(image_in, text_in, times_cond)
             eps_image, eps_text = out.eps_image.float(), out.eps_text.float()
             evaluations += 1
-        image = image_scheduler.step(eps_image, t, image_in, generator=generator).prev_sample
-        text = text_scheduler.step(eps_text, t, text_in, generator=generator).prev_sample
+        image = image_scheduler.step(eps_image, t, image if clean_image else image_in, generator=generator).prev_sample
+        text = text_scheduler.step(eps_text, t, text if clean_text else text_in, generator=generator).prev_sample
 
     image = image_mask * image_known + (1 - image_mask) * image
     text = text_mask * text_known + (1 - text_mask) * text

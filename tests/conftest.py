@@ -1,4 +1,4 @@
-"""Shared fixtures: small real gensim word vectors and one real local Ray instance."""
+"""Shared fixtures: small real gensim word vectors, one real local Ray instance, a small demo shard set."""
 
 import os
 
@@ -38,3 +38,19 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# 240 training samples in shards of 100: three shards, which two training workers cannot split evenly.
+DEMO_SAMPLES, DEMO_SHARD_SIZE = 300, 100
+
+
+@pytest.fixture(scope="session")
+def demo_set(tmp_path_factory, ray_local):
+    """The built-in demo data at test size (tiny preset: 4x8x8 latents, L=16, E=16), made by dataprep."""
+    from dataprep.__main__ import main as dataprep_main
+
+    out = tmp_path_factory.mktemp("demo")
+    code = dataprep_main(["demo", "--out", str(out), "--samples", str(DEMO_SAMPLES), "--vae-steps", "200",
+                          "--samples-per-shard", str(DEMO_SHARD_SIZE), "--val-fraction", "0.2", "--word-dim", "16"])
+    assert code == 0
+    return out

@@ -19,20 +19,9 @@ from dataprep.__main__ import main as dataprep_main
 from psunet.autoencoder import Autoencoder
 from psunet.data import ShardStream, load_manifest
 from psunet.text import TextCodec, load_vectors
+from conftest import DEMO_SAMPLES as SAMPLES, DEMO_SHARD_SIZE
 
 pytestmark = pytest.mark.ray
-SAMPLES = 300
-
-
-@pytest.fixture(scope="module")
-def demo_set(tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("demo")
-    code = dataprep_main(["demo", "--out", str(out), "--samples", str(SAMPLES), "--vae-steps", "200",
-                          "--samples-per-shard", "64", "--val-fraction", "0.2", "--word-dim", "16"])
-    assert code == 0
-    return out
-
-
 def read_plain(folder):
     """Read a shard set back with plain webdataset, no project code."""
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -54,7 +43,7 @@ def test_demo_shards_have_the_documented_format(demo_set):
     val_manifest, val = read_plain(demo_set / "val")
     assert len(train) == train_manifest["samples"] and len(val) == val_manifest["samples"]
     assert len(train) + len(val) == SAMPLES and len(val) > 20
-    assert len(train_manifest["shards"]) == -(-len(train) // 64)
+    assert len(train_manifest["shards"]) == -(-len(train) // DEMO_SHARD_SIZE)
     keys = [s["key"] for s in train + val]
     assert len(set(keys)) == SAMPLES
     for sample in train[:20]:

@@ -127,3 +127,42 @@ L, E, S = MODEL_CONFIG.text_len, MODEL_CONFIG.word_dim, MODEL_CONFIG.latent_size
 def test_bad_sampler_input_names_the_field(model, kwargs, field):
     with pytest.raises(ValueError, match=field):
         joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, **kwargs)
+
+
+class RecordingModel(torch.nn.Module):
+    """Wraps a model and keeps the text input and the (image, text) times of every forward call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls = []
+
+    def forward(self, image, text, t):
+        self.calls.append((text.clone(), t.clone()))
+        return self.model(image, text, t)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_a_fully_known_modality_is_clean_at_time_zero_only_for_independently_timed_models(model, independent):
+    _, text = known_data(3)
+    recording = RecordingModel(model)
+    diffusion = DiffusionConfig(independent_timesteps=independent)
+    joint_infill(recording, MODEL_CONFIG, diffusion, 3, text_known=text, guidance_scale=3.0, steps=4)
+    assert len(recording.calls) == 4
+    last = diffusion.num_train_timesteps - 1
+    for text_in, times in recording.calls:
+        image_times, text_times = times.reshape(2, 6) if times.dim() == 2 else (times, times)
+        cond_text, unc_text = text_in.chunk(2)
+        assert torch.equal(image_times[:3], image_times[3:]) and len(set(image_times.tolist())) == 1
+        if independent:
+            assert torch.equal(cond_text, text)  # clean, not re-noised
+            assert text_times[:3].tolist() == [0] * 3 and text_times[3:].tolist() == [last] * 3
+        else:
+            assert not torch.allclose(cond_text, text)
+            assert torch.equal(text_times, image_times)
+    # a partly known modality is re-noised even for an independently timed model
+    recording.calls.clear()
+    half = half_masks(3)[1]
+    joint_infill(recording, MODEL_CONFIG, diffusion, 3, text_known=text, text_mask=half, steps=4)
+    cond_text = recording.calls[0][0].chunk(2)[0]
+    assert not torch.allclose(cond_text[half.bool()], text[half.bool()])
