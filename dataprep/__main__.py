@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _common(demo)
     demo.add_argument("--samples", type=int, default=4000)
     demo.add_argument("--resolution", type=int, default=32)
+    demo.add_argument("--max-objects", type=int, choices=(1, 2), default=2, help="objects per image, at most")
     demo.add_argument("--vae", help="reuse this autoencoder (folder or hub id) instead of training one")
     demo.add_argument("--vae-steps", type=int, default=1500)
 
@@ -100,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "demo":
         print(f"dataprep: generating {args.samples} demo samples at {args.resolution} px")
-        samples = shapes.generate(args.samples, seed=args.seed, size=args.resolution)
+        samples = shapes.generate(args.samples, seed=args.seed, size=args.resolution, max_objects=args.max_objects)
         captions = [sample.caption for sample in samples]
         images = np.stack([sample.image for sample in samples])
-        units = demo_units(args.samples, args.seed, args.resolution)
+        units = demo_units(args.samples, args.seed, args.resolution, args.max_objects)
     else:
         captions = list(source_captions(args.source))
         images = None

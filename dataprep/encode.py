@@ -54,8 +54,10 @@ class EncodeSettings:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def demo_units(samples: int, seed: int, resolution: int, per_unit: int = RECORDS_PER_UNIT) -> list[dict]:
-    return [{"kind": "demo", "start": start, "stop": min(start + per_unit, samples), "seed": seed, "size": resolution}
+def demo_units(samples: int, seed: int, resolution: int, max_objects: int = 2,
+               per_unit: int = RECORDS_PER_UNIT) -> list[dict]:
+    return [{"kind": "demo", "start": start, "stop": min(start + per_unit, samples), "seed": seed, "size": resolution,
+             "max_objects": max_objects}
             for start in range(0, samples, per_unit)]
 
 
@@ -94,7 +96,7 @@ def source_captions(spec: str) -> Iterator[str]:
 def _unit_records(unit: dict) -> Iterator[readers.RawRecord | readers.SkippedRecord | shapes.DemoSample]:
     if unit["kind"] == "demo":
         for index in range(unit["start"], unit["stop"]):
-            yield shapes.sample_at(index, seed=unit["seed"], size=unit["size"])
+            yield shapes.sample_at(index, seed=unit["seed"], size=unit["size"], max_objects=unit["max_objects"])
     elif unit["kind"] == "wds":
         yield from readers.read_webdataset(unit["url"])
     else:

@@ -104,6 +104,15 @@ def jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_with_demo_assets(source: str, demo_set, out):
+    """`dataprep encode` of a real-data source with the demo set's autoencoder and word vectors."""
+    code = dataprep_main(["encode", "--source", source, "--out", str(out), "--resolution", "32",
+                          "--vae", str(demo_set / "vae"), "--word-vectors", str(demo_set / "words.bin"),
+                          "--word-dim", "16", "--val-fraction", "0"])
+    assert code == 0
+    return out
+
+
 def test_real_sources_skip_and_report_bad_records(demo_set, tmp_path):
     good = [shapes.sample_at(i, seed=5) for i in range(6)]
     tar_path = tmp_path / "part-000.tar"
@@ -117,11 +126,7 @@ def test_real_sources_skip_and_report_bad_records(demo_set, tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    out = tmp_path / "shards"
-    code = dataprep_main(["encode", "--source", f"wds:{tar_path}", "--out", str(out), "--resolution", "32",
-                          "--vae", str(demo_set / "vae"), "--word-vectors", str(demo_set / "words.bin"),
-                          "--word-dim", "16", "--val-fraction", "0"])
-    assert code == 0
+    out = encode_with_demo_assets(f"wds:{tar_path}", demo_set, tmp_path / "shards")
     manifest = load_manifest(out / "train")
     assert manifest.samples == 4
     reasons = {entry["key"]: entry["reason"] for entry in manifest.skipped}
@@ -146,11 +151,7 @@ def test_coco_layout_with_missing_and_corrupt_images(demo_set, tmp_path):
     (root / "val2017" / images[0]["file_name"]).write_bytes(jpeg(demo[0].image))
     (root / "val2017" / images[1]["file_name"]).write_bytes(jpeg(demo[1].image))
     (root / "val2017" / images[2]["file_name"]).write_bytes(b"truncated")  # corrupt; image 4 is missing
-    out = tmp_path / "shards"
-    code = dataprep_main(["encode", "--source", f"coco:{root}", "--out", str(out), "--resolution", "32",
-                          "--vae", str(demo_set / "vae"), "--word-vectors", str(demo_set / "words.bin"),
-                          "--word-dim", "16", "--val-fraction", "0"])
-    assert code == 0
+    out = encode_with_demo_assets(f"coco:{root}", demo_set, tmp_path / "shards")
     manifest = load_manifest(out / "train")
     assert manifest.samples == 4  # 2 good images x 2 captions
     reasons = [entry["reason"] for entry in manifest.skipped]

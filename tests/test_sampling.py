@@ -13,16 +13,17 @@ MODEL_CONFIG = preset("tiny")
 DIFFUSION = DiffusionConfig()
 
 
-class CountingModel(torch.nn.Module):
-    """Wraps a model and records the batch size of every forward call."""
+class RecordingModel(torch.nn.Module):
+    """Wraps a model and records the batch size, the text input and the times of every forward call."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.batch_sizes = []
+        self.batch_sizes, self.calls = [], []
 
     def forward(self, image, text, t):
         self.batch_sizes.append(image.shape[0])
+        self.calls.append((text.clone(), t.clone()))
         return self.model(image, text, t)
 
 
@@ -75,19 +76,19 @@ def test_known_parts_are_kept_exactly(model, scenario, scheduler):
 
 @pytest.mark.parametrize("scenario", ["text_to_image", "image_to_text", "partial_both"])
 def test_guidance_is_one_batched_forward_with_two_evaluations_per_step(model, scenario):
-    counting = CountingModel(model)
-    out = joint_infill(counting, MODEL_CONFIG, DIFFUSION, 3, steps=5, guidance_scale=4.0,
+    recording = RecordingModel(model)
+    out = joint_infill(recording, MODEL_CONFIG, DIFFUSION, 3, steps=5, guidance_scale=4.0,
                        **SCENARIOS[scenario](*known_data(3)) if scenario != "partial_both" else
                        dict(image_known=known_data(3)[0], text_known=known_data(3)[1]))
-    assert counting.batch_sizes == [6] * 5  # one forward per step, cond + uncond stacked
+    assert recording.batch_sizes == [6] * 5  # one forward per step, cond + uncond stacked
     assert out.network_evaluations == 10
 
 
 @pytest.mark.parametrize("kwargs", [dict(guidance_scale=1.0, text_known=known_data(3)[1]), dict(guidance_scale=5.0)])
 def test_one_evaluation_per_step_without_guidance(model, kwargs):
-    counting = CountingModel(model)
-    out = joint_infill(counting, MODEL_CONFIG, DIFFUSION, 3, steps=5, **kwargs)
-    assert counting.batch_sizes == [3] * 5 and out.network_evaluations == 5
+    recording = RecordingModel(model)
+    out = joint_infill(recording, MODEL_CONFIG, DIFFUSION, 3, steps=5, **kwargs)
+    assert recording.batch_sizes == [3] * 5 and out.network_evaluations == 5
 
 
 def test_guidance_changes_the_result(model):
@@ -127,19 +128,6 @@ L, E, S = MODEL_CONFIG.text_len, MODEL_CONFIG.word_dim, MODEL_CONFIG.latent_size
 def test_bad_sampler_input_names_the_field(model, kwargs, field):
     with pytest.raises(ValueError, match=field):
         joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, **kwargs)
-
-
-class RecordingModel(torch.nn.Module):
-    """Wraps a model and keeps the text input and the (image, text) times of every forward call."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.calls = []
-
-    def forward(self, image, text, t):
-        self.calls.append((text.clone(), t.clone()))
-        return self.model(image, text, t)
 
 
 @pytest.mark.parametrize("independent", [False, True])
