@@ -3,7 +3,8 @@
 #   1. the built-in demo data set -> word2vec + small autoencoder -> shards   (skipped when present)
 #   2. a local two-node Ray cluster with an MLflow server                     (reused when running)
 #   3. `ray job submit` of jobs/train.py with configs/demo.yaml
-#   4. the final sample grid, the text->image attribute accuracy against chance, and where things are.
+#   4. the final sample grids, the text->image and image->text attribute accuracy against chance, and
+#      where things are; it fails if neither direction has an attribute above twice its chance level.
 # The cluster stays up so the MLflow UI can be browsed; stop it with `cluster/local.sh stop`.
 #
 # Settings (environment variables): DEMO_DATA [data/demo], DEMO_RUNS [runs], DEMO_SAMPLES [4000],
@@ -42,6 +43,7 @@ ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
 
 python - "$LOG" "$MLFLOW_TRACKING_URI" <<'EOF'
 import json, sys
+import mlflow
 from dataprep.shapes import ATTRIBUTES, CHANCE
 
 log, tracking_uri = sys.argv[1:]
@@ -49,7 +51,6 @@ done = [line for line in open(log) if line.startswith("train: done ")]
 if not done:
     sys.exit(f"demo: the training job did not finish; see {log}")
 summary = json.loads(done[-1].removeprefix("train: done "))
-import mlflow
 run = mlflow.MlflowClient(tracking_uri).get_run(summary["run_id"])
 # Attribute-reader accuracy of the last validation samples: generated images scored against their
 # prompts (text->image), generated captions against the true captions of known images (image->text).

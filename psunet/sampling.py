@@ -124,16 +124,16 @@ def joint_infill(
         return torch.stack([torch.as_tensor(time_image, device=device).expand(b),
                             torch.as_tensor(time_text, device=device).expand(b)])
 
+    def conditional_input(known, mask, current, clean: bool, times) -> torch.Tensor:
+        """One modality's conditional input: the known part clean or re-noised to `times`, the rest as sampled."""
+        if clean:
+            return known
+        return mask * schedule.add_noise(known, noise(known.shape), times) + (1 - mask) * current
+
     for t in image_scheduler.timesteps:
         times = t.expand(b)
-        if clean_image:
-            image_in = image_known
-        else:
-            image_in = image_mask * schedule.add_noise(image_known, noise(image_shape), times) + (1 - image_mask) * image
-        if clean_text:
-            text_in = text_known
-        else:
-            text_in = text_mask * schedule.add_noise(text_known, noise(text.shape), times) + (1 - text_mask) * text
+        image_in = conditional_input(image_known, image_mask, image, clean_image, times)
+        text_in = conditional_input(text_known, text_mask, text, clean_text, times)
         times_cond = pair(0 if clean_image else t, 0 if clean_text else t)
         if guided:
             image_unc = image_mask * noise(image_shape) + (1 - image_mask) * image

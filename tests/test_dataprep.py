@@ -22,6 +22,8 @@ from psunet.text import TextCodec, load_vectors
 from conftest import DEMO_SAMPLES as SAMPLES, DEMO_SHARD_SIZE
 
 pytestmark = pytest.mark.ray
+
+
 def read_plain(folder):
     """Read a shard set back with plain webdataset, no project code."""
     manifest = json.loads((folder / "manifest.json").read_text())
