@@ -4,7 +4,7 @@
 #   2. a local two-node Ray cluster with an MLflow server                     (reused when running)
 #   3. `ray job submit` of jobs/train.py with configs/demo.yaml
 #   4. the final sample grids, the text->image and image->text attribute accuracy against chance, and
-#      where things are; it fails if neither direction has an attribute above twice its chance level.
+#      where things are; it fails unless a text->image attribute is above twice its chance level.
 # The cluster stays up so the MLflow UI can be browsed; stop it with `cluster/local.sh stop`.
 #
 # Settings (environment variables): DEMO_DATA [data/demo], DEMO_RUNS [runs], DEMO_SAMPLES [4000],
@@ -70,6 +70,6 @@ print(f"""
     model:        {summary['model']}
     sample grids: {summary['samples']}/text_to_image.png, image_to_text.png
     stop the cluster with: cluster/local.sh stop""")
-if not any(learned.values()):
-    sys.exit("demo: no attribute is above twice its chance level in either direction: the model did not learn")
+if not learned["text->image"]:
+    sys.exit("demo: no text->image attribute is above twice its chance level: the model did not learn to follow prompts")
 EOF

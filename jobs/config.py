@@ -12,13 +12,13 @@ Everything is validated before any Ray worker starts; an error names the field.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from jobs.tracking import tracking_uri
 from psunet.config import DiffusionConfig, ModelConfig, StrictModel, preset
 
 
@@ -86,8 +86,7 @@ class TrainJobConfig(StrictModel):
         """Absolute paths and a concrete tracking URI, fixed on the driver so workers and restarts agree."""
         storage = str(Path(self.run.storage_path).expanduser().resolve()) if "://" not in self.run.storage_path \
             else self.run.storage_path
-        uri = self.run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-            f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
+        uri = tracking_uri(self.run.mlflow_tracking_uri, storage)
         data = self.data.model_copy(update={
             "train": str(Path(self.data.train).resolve()),
             "val": str(Path(self.data.val).resolve()) if self.data.val else None,

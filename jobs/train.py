@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from jobs.config import TrainJobConfig, flatten, load_config  # noqa: E402
+from jobs.tracking import experiment_id  # noqa: E402
 from psunet.checkpoint import restore_training, save_checkpoint  # noqa: E402
 from psunet.data import load_manifest, make_loader  # noqa: E402
 from psunet.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
@@ -224,24 +225,20 @@ def _param_spread(model) -> float:
     return max((g - gathered[0]).abs().max().item() for g in gathered)
 
 
-def mlflow_run(cfg: TrainJobConfig) -> str:
-    """The MLflow run of this training run: found by tag on resubmission, created (with params) otherwise."""
+def mlflow_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None) -> str:
+    """The MLflow run of this training run: found by tag on resubmission, created (with params) otherwise.
+
+    `tags` go on a newly created run (a Tune trial passes mlflow.parentRunId to nest under its sweep).
+    """
     import mlflow
 
     client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
-    experiment = client.get_experiment_by_name(cfg.run.experiment)
-    if experiment is None:
-        artifacts = None
-        if cfg.run.mlflow_tracking_uri.startswith("sqlite:"):
-            artifacts = (Path(cfg.run.storage_path) / "mlartifacts").resolve().as_uri()
-        experiment_id = client.create_experiment(cfg.run.experiment, artifact_location=artifacts)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment = experiment_id(client, cfg.run.experiment, cfg.run.storage_path)
     key = f"{cfg.run.storage_path}/{cfg.run.name}"
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
+    found = client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=cfg.run.name, tags={RUN_TAG: key})
+    run = client.create_run(experiment, run_name=cfg.run.name, tags={RUN_TAG: key, **(tags or {})})
     params = flatten(cfg.model_dump(mode="json"))
     items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
@@ -281,31 +278,36 @@ def preflight(cfg: TrainJobConfig) -> None:
         raise FileNotFoundError(f"word vectors named by the shards are missing: {assets['word_vectors']}")
 
 
-def run(cfg: TrainJobConfig):
-    import ray
+def make_trainer(cfg: TrainJobConfig, run_id: str, callbacks: list | None = None):
+    """The TorchTrainer of one training run (also what each Tune trial fits)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = cfg.resolved()
-    preflight(cfg)
-    Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
-    run_id = mlflow_run(cfg)
-    ray.init(ignore_reinit_error=True)
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
                            "tracking_uri": cfg.run.mlflow_tracking_uri},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             # the keep_checkpoints best by validation loss; Ray always keeps the latest as well (for resume)
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints,
                                                checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
         ),
     )
+
+
+def run(cfg: TrainJobConfig):
+    import ray
+
+    cfg = cfg.resolved()
+    preflight(cfg)
+    Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
+    run_id = mlflow_run(cfg)
+    ray.init(ignore_reinit_error=True)
+    trainer = make_trainer(cfg, run_id)
     print(f"train: run {cfg.run.name!r} -> {cfg.run.storage_path}/{cfg.run.name}; "
           f"MLflow {cfg.run.mlflow_tracking_uri} run {run_id}", flush=True)
     result = trainer.fit()

@@ -65,6 +65,10 @@ class DiffusionConfig(StrictModel):
     p_drop_text: float = Field(0.1, ge=0, le=1, description="probability of replacing the text by noise")
     p_drop_image: float = Field(0.1, ge=0, le=1, description="probability of replacing the image by noise")
     text_loss_weight: float = Field(1.0, ge=0)
+    text_scale: float = Field(
+        1.0, gt=0, description="word vectors are multiplied by this before noising: > 1 keeps words "
+        "recognisable at higher noise levels, so text and image commit at similar times (a per-modality SNR shift)"
+    )
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting; None = off")
     independent_timesteps: bool = Field(
         False, description="one timestep per modality (UniDiffuser-style) instead of one shared"

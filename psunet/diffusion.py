@@ -3,7 +3,8 @@
 One diffusion time per sample, shared by both modalities (the model learns the joint
 distribution). To train the unconditional branch that masked classifier-free guidance needs,
 each modality of each sample is, with probability p_drop, replaced by pure Gaussian noise and its
-loss term masked out. The noise schedule and add_noise come from a diffusers scheduler.
+loss term masked out. Word vectors are scaled by `text_scale` before noising (an SNR shift for text).
+The noise schedule and add_noise come from a diffusers scheduler.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConf
                    generator: torch.Generator | None = None) -> LossOutput:
     """Epsilon-prediction MSE on both modalities with per-modality noise-replacement dropout."""
     batch, device = image_latents.shape[0], image_latents.device
+    text_vectors = text_vectors * config.text_scale
 
     def draw_times() -> torch.Tensor:
         return torch.randint(0, schedule.num_timesteps, (batch,), device=device, generator=generator)

@@ -3,8 +3,12 @@
     pipe = Pipeline.from_checkpoint("runs/demo/checkpoint_...")
     images, _ = pipe.text_to_image(["a small red circle on the left"])
     captions = pipe.image_to_text(images_uint8)
+    result = pipe.infill(prompts=["a [?] circle on the [?]"], images=images, image_masks=masks)
 
-Every task is `joint_infill` with a different known part and mask.
+Every task is `infill` (one `joint_infill` call) with a different known part and mask. Image masks
+are per pixel, True where the image is to be generated; a latent cell is known only when none of
+its pixels is to be generated, and known pixels are pasted back into the output unchanged. In a
+prompt, `[?]` marks a word to fill in; the given words come back unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from psunet.checkpoint import load_model
 from psunet.config import DiffusionConfig, ModelConfig
 from psunet.model import PSUNet
 from psunet.sampling import SampleOutput, joint_infill
-from psunet.text import TextCodec, load_vectors
+from psunet.text import BLANK, END, TextCodec, load_vectors, tokenize
 
 ASSETS = "assets.json"
 
@@ -32,6 +36,14 @@ class SamplerSettings:
     steps: int = 25
     scheduler: str = "dpmsolver++"
     seed: int = 0
+
+
+@dataclass
+class InfillResult:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    captions: list[str]
+    unknown_words: list[list[str]]  # per prompt, words not in the vocabulary (empty without prompts)
+    network_evaluations: int
 
 
 @dataclass
@@ -46,6 +58,12 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> "Pipeline":
+        """Move the model and the autoencoder (in place); returns self."""
+        self.model.to(device)
+        self.autoencoder.vae.to(device)
+        return self
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, weights: str = "ema", device: str = "cpu") -> "Pipeline":
@@ -74,23 +92,120 @@ class Pipeline:
                             guidance_scale=s.guidance_scale, steps=s.steps, scheduler=s.scheduler, seed=s.seed,
                             device=self.device, **known)
 
+    @property
+    def resolution(self) -> int:
+        return self.model_config.latent_size * self.autoencoder.downsample
+
+    def infill(self, prompts: list[str] | None = None, images: np.ndarray | None = None,
+               image_masks: np.ndarray | None = None, count: int | None = None,
+               settings: SamplerSettings | None = None) -> InfillResult:
+        """Complete whatever is missing, all in one batch.
+
+        prompts: captions, possibly with [?] blanks; images: (B, H, W, 3) uint8 at the model's
+        resolution; image_masks: (B, H, W) bool, True = generate (no mask: the image is fully known);
+        count: batch size when nothing is given (unconditional pairs).
+        """
+        batch = self._batch_size(prompts, images, image_masks, count)
+        known = {}
+        unknown_words: list[list[str]] = [[] for _ in range(batch)]
+        if prompts is not None:
+            encoded = self.codec.encode(self._checked_prompts(prompts))
+            known.update(text_known=encoded.vectors.to(self.device), text_mask=encoded.known.to(self.device))
+            unknown_words = encoded.unknown
+        pixel_masks = None
+        if images is not None:
+            images = self._checked_images(images)
+            known["image_known"] = self.autoencoder.encode(images).to(self.device)
+            if image_masks is not None:
+                pixel_masks = self._checked_masks(image_masks, images.shape[:3])
+                known["image_mask"] = self._latent_mask(pixel_masks)
+        out = self.sample(batch, settings, **known)
+        generated = self.decode_images(out.image_latents)
+        if images is not None:
+            generated = images.copy() if pixel_masks is None else np.where(pixel_masks[..., None], generated, images)
+        if prompts is not None:
+            captions = self._fill_blanks(prompts, out.text_vectors)
+        else:
+            captions = self.codec.decode(out.text_vectors)
+        return InfillResult(generated, captions, unknown_words, out.network_evaluations)
+
     def text_to_image(self, prompts: list[str], settings: SamplerSettings | None = None
                       ) -> tuple[np.ndarray, list[list[str]]]:
         """Images (B, H, W, 3) uint8 for the prompts, and the unknown words of each prompt."""
-        encoded = self.codec.encode(prompts)
-        out = self.sample(len(prompts), settings, text_known=encoded.vectors.to(self.device))
-        return self.decode_images(out.image_latents), encoded.unknown
+        result = self.infill(prompts=prompts, settings=settings)
+        return result.images, result.unknown_words
 
     def image_to_text(self, images: np.ndarray, settings: SamplerSettings | None = None) -> list[str]:
         """Captions for (B, H, W, 3) uint8 images."""
-        latents = self.autoencoder.encode(images).to(self.device)
-        out = self.sample(len(images), settings, image_known=latents)
-        return self.codec.decode(out.text_vectors)
+        return self.infill(images=images, settings=settings).captions
 
     def generate(self, count: int, settings: SamplerSettings | None = None) -> tuple[np.ndarray, list[str]]:
         """Unconditional joint (image, caption) pairs."""
-        out = self.sample(count, settings)
-        return self.decode_images(out.image_latents), self.codec.decode(out.text_vectors)
+        result = self.infill(count=count, settings=settings)
+        return result.images, result.captions
+
+    @staticmethod
+    def _batch_size(prompts, images, image_masks, count) -> int:
+        sizes = {name: len(value) for name, value in
+                 (("prompts", prompts), ("images", images), ("image_masks", image_masks)) if value is not None}
+        if image_masks is not None and images is None:
+            raise ValueError("image_masks given without images")
+        if count is not None:
+            if sizes:
+                raise ValueError("count is only for unconditional generation; with prompts or images "
+                                 "the batch size is their number")
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"count must be an integer >= 1, got {count!r}")
+            return count
+        if not sizes:
+            raise ValueError("nothing to do: give prompts, images or a count")
+        if len(set(sizes.values())) > 1:
+            raise ValueError("batch sizes differ: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+        batch = next(iter(sizes.values()))
+        if batch < 1:
+            raise ValueError("empty batch: " + ", ".join(sizes))
+        return batch
+
+    def _checked_prompts(self, prompts: list[str]) -> list[str]:
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not tokenize(prompt):
+                raise ValueError(f"prompt {i} is empty: {prompt!r}")
+            words = tokenize(prompt)
+            if BLANK not in words and not any(w in self.codec.keyed_vectors.key_to_index for w in words):
+                raise ValueError(f"prompt {i} has no word in the model's vocabulary: {prompt!r}")
+        return prompts
+
+    def _checked_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        size = self.resolution
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise ValueError(f"images must be uint8 (B, {size}, {size}, 3) for this model, got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        return images
+
+    def _checked_masks(self, masks: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        masks = np.asarray(masks)
+        if masks.shape != shape:
+            raise ValueError(f"image_masks must be (B, H, W) = {shape} like the images, got {tuple(masks.shape)}")
+        if masks.dtype != bool:
+            raise ValueError(f"image_masks must be bool (True = generate), got {masks.dtype}")
+        return masks
+
+    def _latent_mask(self, pixel_masks: np.ndarray) -> torch.Tensor:
+        """(B, 1, h, w) float, 1 where a latent cell is known: none of its pixels is to be generated."""
+        generate = torch.from_numpy(pixel_masks).float()[:, None]
+        factor = self.autoencoder.downsample
+        return (1 - torch.nn.functional.max_pool2d(generate, factor, factor)).to(self.device)
+
+    def _fill_blanks(self, prompts: list[str], text_vectors: torch.Tensor) -> list[str]:
+        """Each prompt with its [?] blanks replaced by the sampled words (a sampled end token drops the blank)."""
+        nearest = self.codec.nearest_ids(text_vectors).tolist()
+        captions = []
+        for prompt, ids in zip(prompts, nearest):
+            words = [self.codec.vocab[index] if word == BLANK else word
+                     for word, index in zip(tokenize(prompt), ids)]
+            captions.append(" ".join(word for word in words if word != END))
+        return captions
 
     def decode_images(self, latents: torch.Tensor) -> np.ndarray:
         return Autoencoder.to_uint8(self.autoencoder.decode(latents.to(self.autoencoder.device)))

@@ -100,6 +100,7 @@ def joint_infill(
     text_known, text_mask = _known_and_mask(
         "text", text_known, text_mask, (b, c.text_len, c.word_dim), (b, c.text_len), device)
     text_mask = text_mask[..., None]
+    text_given, text_known = text_known, text_known * diffusion_config.text_scale
 
     generator = torch.Generator(device=device).manual_seed(seed)
     schedule = NoiseSchedule(diffusion_config)
@@ -154,5 +155,5 @@ def joint_infill(
         text = text_scheduler.step(eps_text, t, text if clean_text else text_in, generator=generator).prev_sample
 
     image = image_mask * image_known + (1 - image_mask) * image
-    text = text_mask * text_known + (1 - text_mask) * text
+    text = text_mask * text_given + (1 - text_mask) * text / diffusion_config.text_scale
     return SampleOutput(image_latents=image, text_vectors=text, network_evaluations=evaluations)

@@ -1,4 +1,5 @@
-"""Shared fixtures: small real gensim word vectors, one real local Ray instance, a small demo shard set."""
+"""Shared fixtures: small real gensim word vectors, one real local Ray instance, a small demo shard set,
+a tiny model trained on it."""
 
 import os
 
@@ -54,3 +55,37 @@ def demo_set(tmp_path_factory, ray_local):
                           "--samples-per-shard", str(DEMO_SHARD_SIZE), "--val-fraction", "0.2", "--word-dim", "16"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(demo_set, tmp_path_factory):
+    """A tiny model trained briefly on the demo shards, bundled the way jobs/train.py bundles it."""
+    import json
+
+    from jobs.config import load_config
+    from jobs.train import assets_for, bundle_model
+    from psunet.checkpoint import save_checkpoint
+    from psunet.data import make_loader
+    from psunet.diffusion import NoiseSchedule, diffusion_loss
+    from psunet.ema import EMA
+    from psunet.model import PSUNet
+    from psunet.pipeline import ASSETS
+
+    cfg = load_config("configs/tiny.yaml", [f"data.train={demo_set}/train", f"data.val={demo_set}/val"]).resolved()
+    model = PSUNet(cfg.model)
+    ema = EMA(model, 0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    schedule = NoiseSchedule(cfg.diffusion)
+    batches = iter(make_loader(cfg.data.train, 16, cfg.model, training=True, seed=0, rank=0, world_size=1))
+    for _ in range(60):
+        batch = next(batches)
+        loss = diffusion_loss(model, schedule, cfg.diffusion, batch["latent"], batch["text"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+    root = tmp_path_factory.mktemp("model")
+    checkpoint = save_checkpoint(root / "checkpoint", model, ema.state_dict(), optimizer, {"step": 60},
+                                 {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump()})
+    (checkpoint / ASSETS).write_text(json.dumps(assets_for(cfg.data.train)))
+    return bundle_model(str(checkpoint), root / "model")

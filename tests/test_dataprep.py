@@ -166,3 +166,27 @@ def test_missing_input_fails_at_once_with_a_clear_message(tmp_path, capsys, ray_
                           "--vae", str(tmp_path), "--word-dim", "16"])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_trained_word_vectors_are_whitened_so_words_of_one_kind_differ():
+    from gensim.models import Word2Vec
+
+    from dataprep.word2vec import train_word2vec
+    from psunet.text import tokenize
+
+    captions = [sample.caption for sample in shapes.generate(400, seed=0, max_objects=1)]
+    colours = ["red", "green", "blue", "yellow", "cyan", "magenta"]
+
+    def largest_cosine(vectors) -> float:
+        unit = np.stack([vectors[c] / np.linalg.norm(vectors[c]) for c in colours])
+        similarity = unit @ unit.T
+        return float(similarity[~np.eye(len(colours), dtype=bool)].max())
+
+    raw = Word2Vec([tokenize(c) for c in captions], vector_size=16, sg=1, seed=0, workers=1, epochs=20).wv
+    whitened = train_word2vec(captions, 16)
+    assert largest_cosine(raw) > 0.9  # templated captions: every colour word shares every context
+    assert largest_cosine(whitened) < 0.8
+    words = [w for w in whitened.index_to_key if not w.startswith("<")]
+    table = np.stack([whitened[w] for w in words])
+    assert np.abs(table.mean(0)).max() < 1e-4
+    assert np.linalg.eigvalsh(np.cov(table.T, bias=True)).max() < 1.0 + 1e-4  # shrunk whitening: all <= 1

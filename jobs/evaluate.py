@@ -1,0 +1,357 @@
+"""Evaluate a trained model on held-out shards with Ray: one task per shard group (a GPU each when present).
+
+    python jobs/evaluate.py --model MODEL --data data/demo/val --out runs/eval.json \
+        --guidance-scales 1,3,5 --steps-sweep 10,25
+
+Metrics for every sampler setting (the default, each --guidance-scales value at the default steps,
+each --steps-sweep value at the default guidance):
+  - demo data (captions the attribute reader understands, detected automatically): text->image and
+    image->text attribute accuracy (per attribute and all-correct) and the joint coherence of
+    unconditional pairs (the image read back agrees with its own caption), each with a 95 % Wilson
+    interval from the number of samples;
+  - any data: BLEU-4 and ROUGE-L of image->text captions against the references (torchmetrics), and
+    FID (torchmetrics FrechetInceptionDistance) of text->image images against the autoencoder's
+    reconstructions of the held-out latents. --fid picks the feature extractor: inception (needs
+    torch-fidelity and its weights), autoencoder (the model's own VAE encoder, offline; comparable
+    only between models sharing that VAE), a TorchScript file mapping uint8 (N, 3, H, W) to
+    (N, D) features, none, or auto (inception when it loads, otherwise FID is skipped with a note).
+Results go to the JSON file, a plot PNG of metric vs guidance scale beside it, and an MLflow run
+(--tracking-uri, else $MLFLOW_TRACKING_URI, else the local store in runs/).
+The shard folder must be readable from every node (a shared volume on a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dataprep import shapes  # noqa: E402
+from jobs.model_ref import load_pipeline  # noqa: E402
+from jobs.quality import mean_scores  # noqa: E402
+from jobs.tracking import experiment_id, tracking_uri  # noqa: E402
+from psunet.data import ShardStream, load_manifest  # noqa: E402
+from psunet.pipeline import Pipeline, SamplerSettings  # noqa: E402
+from psunet.sampling import validate_settings  # noqa: E402
+
+DEMO_KEYS = (*shapes.ATTRIBUTES, "all")
+
+
+def wilson_interval(fraction: float, count: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion measured on `count` samples."""
+    if count == 0:
+        return 0.0, 1.0
+    centre = (fraction + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * math.sqrt(fraction * (1 - fraction) / count + z * z / (4 * count * count)) / (1 + z * z / count)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def is_demo_data(captions: list[str]) -> bool:
+    """True when every caption names at least one object with all its attributes."""
+    parsed = [shapes.parse_caption(caption) for caption in captions]
+    return bool(parsed) and all(objects and all(None not in (o.shape, o.colour, o.size, o.position)
+                                                for o in objects) for objects in parsed)
+
+
+class AutoencoderFeatures(torch.nn.Module):
+    """FID features from the model's own VAE encoder: the flattened latent means of uint8 images."""
+
+    def __init__(self, pipe: Pipeline):
+        super().__init__()
+        self.autoencoder = pipe.autoencoder
+        self.num_features = int(np.prod(pipe.model_config.latent_shape))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.float() / 127.5 - 1
+        return self.autoencoder.encode(pixels.to(self.autoencoder.device)).flatten(1).cpu().double()
+
+
+def fid_metric(choice: str, pipe: Pipeline):
+    """(a FrechetInceptionDistance or None, a note on what was used or why FID is skipped)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if choice == "none":
+        return None, "FID not asked for (--fid none)"
+    if choice == "autoencoder":
+        return FrechetInceptionDistance(feature=AutoencoderFeatures(pipe)), "FID features: the model's autoencoder"
+    if choice in ("inception", "auto"):
+        try:
+            return FrechetInceptionDistance(feature=2048), "FID features: Inception v3 (pool3, 2048)"
+        except Exception as exc:  # missing torch-fidelity, or weights that cannot be downloaded offline
+            message = (f"Inception features unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                       "install torch-fidelity with its weights cached, or pass --fid autoencoder or "
+                       "--fid extractor.pt (TorchScript: uint8 (N, 3, H, W) -> (N, D))")
+            if choice == "inception":
+                raise ValueError(f"--fid inception: {message}") from exc
+            return None, f"FID skipped: {message}"
+    path = Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(f"--fid: {choice!r} is not inception, autoencoder, auto, none or a TorchScript file")
+    size = pipe.resolution
+    extractor = torch.jit.load(str(path), map_location="cpu").eval()
+    return FrechetInceptionDistance(feature=extractor, input_img_size=(3, size, size)), f"FID features: {path.name}"
+
+
+def sweep_settings(base: SamplerSettings, guidance_scales: list[float], steps_sweep: list[int]
+                   ) -> list[SamplerSettings]:
+    """The default setting first, then the guidance sweep at default steps and the steps sweep, no repeats."""
+    candidates = [base] + [SamplerSettings(w, base.steps, base.scheduler, base.seed) for w in guidance_scales] \
+        + [SamplerSettings(base.guidance_scale, n, base.scheduler, base.seed) for n in steps_sweep]
+    unique: list[SamplerSettings] = []
+    for setting in candidates:
+        if setting not in unique:
+            unique.append(setting)
+    return unique
+
+
+def evaluate_group(pipe: Pipeline, data: str, group: int, groups: int, limit: int, settings: list[SamplerSettings],
+                   demo: bool, want_images: bool, batch_size: int) -> dict:
+    """Samples and per-sample scores for one shard group, for every setting."""
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
+    stream = ShardStream(data, pipe.model_config, training=False, rank=group, world_size=groups)
+    items = []
+    for item in stream:
+        if len(items) >= limit:
+            break
+        items.append(item)
+    if not items:
+        return {"references": [], "real_images": None, "per_setting": [], "skipped": len(stream.errors)}
+    references = [item["caption"] for item in items]
+    latents = torch.stack([item["latent"] for item in items])
+    batches = [slice(start, start + batch_size) for start in range(0, len(items), batch_size)]
+    real = np.concatenate([pipe.decode_images(latents[b]) for b in batches]) if want_images else None
+    per_setting = []
+    for setting in settings:
+        t2i_images, captions, joint_images, joint_captions = [], [], [], []
+        for b in batches:
+            t2i_images.append(pipe.text_to_image(references[b], setting)[0])
+            out = pipe.sample(len(references[b]), setting, image_known=latents[b].to(pipe.device))
+            captions += pipe.codec.decode(out.text_vectors)
+            if demo:
+                images, generated = pipe.generate(len(references[b]), setting)
+                joint_images.append(images)
+                joint_captions += generated
+        t2i_images = np.concatenate(t2i_images)
+        result = {"captions": captions, "t2i_images": t2i_images if want_images else None}
+        if demo:
+            truth = [shapes.parse_caption(caption) for caption in references]
+            result["t2i"] = [shapes.score(shapes.read_attributes(image), t) for image, t in zip(t2i_images, truth)]
+            result["i2t"] = [shapes.score(shapes.parse_caption(c), t) for c, t in zip(captions, truth)]
+            result["joint"] = [shapes.score(shapes.read_attributes(image), shapes.parse_caption(caption))
+                               for image, caption in zip(np.concatenate(joint_images), joint_captions)]
+        per_setting.append(result)
+    return {"references": references, "real_images": real, "per_setting": per_setting,
+            "skipped": len(stream.errors)}
+
+
+def caption_scores(captions: list[str], references: list[str]) -> dict[str, float]:
+    from torchmetrics.text import BLEUScore, ROUGEScore
+
+    bleu = BLEUScore(n_gram=4, smooth=True)(captions, [[reference] for reference in references])
+    rouge = ROUGEScore(rouge_keys=("rougeL",))(captions, references)["rougeL_fmeasure"]
+    return {"bleu4": float(bleu), "rougeL": float(rouge)}
+
+
+def frechet_distance(metric, real: np.ndarray, fake: np.ndarray, batch_size: int = 64) -> float:
+    metric.reset()
+    for images, is_real in ((real, True), (fake, False)):
+        for start in range(0, len(images), batch_size):
+            metric.update(torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).contiguous(),
+                          real=is_real)
+    return float(metric.compute())
+
+
+def combine(groups: list[dict], settings: list[SamplerSettings], demo: bool, fid) -> list[dict]:
+    """One row per setting: metric values and 95 % intervals over all groups' samples."""
+    groups = [g for g in groups if g["per_setting"]]
+    references = [ref for g in groups for ref in g["references"]]
+    real = np.concatenate([g["real_images"] for g in groups]) if fid is not None else None
+    rows = []
+    for index, setting in enumerate(settings):
+        parts = [g["per_setting"][index] for g in groups]
+        metrics, intervals = caption_scores([c for p in parts for c in p["captions"]], references), {}
+        if demo:
+            for task in ("t2i", "i2t", "joint"):
+                scores = [s for p in parts for s in p[task]]
+                for key, value in mean_scores(scores).items():
+                    metrics[f"{task}_{key}"] = value
+                    intervals[f"{task}_{key}"] = list(wilson_interval(value, len(scores)))
+        if fid is not None:
+            metrics["fid"] = frechet_distance(fid, real, np.concatenate([p["t2i_images"] for p in parts]))
+        rows.append({"guidance_scale": setting.guidance_scale, "steps": setting.steps,
+                     "scheduler": setting.scheduler, "metrics": metrics, "intervals": intervals})
+    return rows
+
+
+def plot_guidance(rows: list[dict], base: SamplerSettings, path: Path) -> Path | None:
+    """Metric vs guidance scale at the default steps; one panel per metric family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = sorted((r for r in rows if r["steps"] == base.steps), key=lambda r: r["guidance_scale"])
+    if len(sweep) < 2:
+        return None
+    families = {"text->image": [k for k in sweep[0]["metrics"] if k.startswith("t2i_")],
+                "image->text": [k for k in sweep[0]["metrics"] if k.startswith("i2t_") or k in ("bleu4", "rougeL")],
+                "FID": [k for k in sweep[0]["metrics"] if k == "fid"]}
+    families = {name: keys for name, keys in families.items() if keys}
+    figure, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
+    scales = [r["guidance_scale"] for r in sweep]
+    for axis, (name, keys) in zip(axes[0], families.items()):
+        for key in keys:
+            axis.plot(scales, [r["metrics"][key] for r in sweep], marker="o", label=key)
+        axis.set_title(name)
+        axis.set_xlabel("guidance scale")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def log_to_mlflow(uri: str, experiment: str, report: dict, files: list[Path], storage: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(experiment_id(client, experiment, storage),
+                            run_name=f"evaluate-{Path(report['model'].rstrip('/')).name}")
+    run_id = run.info.run_id
+    params = {"model": report["model"], "data": report["data"], "samples": report["samples"],
+              "scheduler": report["default"]["scheduler"], "guidance_scale": report["default"]["guidance_scale"],
+              "steps": report["default"]["steps"], "fid": report["fid_note"][:500]}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    timestamp = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(key, value, timestamp, 0) for key, value in report["default"]["metrics"].items()]
+    for row in report["results"]:
+        suffix = f"w{row['guidance_scale']:g}_steps{row['steps']}"
+        metrics += [mlflow.entities.Metric(f"{key}.{suffix}", value, timestamp, 0)
+                    for key, value in row["metrics"].items()]
+    for start in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[start:start + 500])
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def run(args) -> dict:
+    import ray
+
+    base = SamplerSettings(args.guidance_scale, args.steps, args.scheduler, args.seed)
+    settings = sweep_settings(base, args.guidance_scales, args.steps_sweep)
+    for setting in settings:
+        validate_settings(setting.steps, setting.guidance_scale, setting.scheduler, 1000)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    manifest = load_manifest(args.data)
+    pipe = load_pipeline(args.model, weights=args.weights, device="cpu", tracking_uri=args.tracking_uri)
+    manifest.check_model(pipe.model_config)
+    fid, fid_note = fid_metric(args.fid, pipe)
+    print(f"evaluate: {fid_note}", flush=True)
+    probe = [item["caption"] for _, item in zip(range(64), ShardStream(args.data, training=False))]
+    demo = is_demo_data(probe)
+    groups = max(1, min(args.groups or len(manifest.shards), len(manifest.shards)))
+    per_group = math.ceil(min(args.samples, manifest.samples) / groups)
+    ray.init(ignore_reinit_error=True)
+    use_gpu = bool(ray.cluster_resources().get("GPU"))
+    task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(evaluate_group)
+    print(f"evaluate: {len(settings)} setting(s) x up to {per_group * groups} samples in {groups} shard group(s)"
+          f"{' on GPUs' if use_gpu else ''}; demo metrics {'on' if demo else 'off'}", flush=True)
+    started = time.perf_counter()
+    pipe_ref = ray.put(pipe)
+    pending = [task.remote(pipe_ref, str(Path(args.data).resolve()), g, groups, per_group, settings, demo,
+                           fid is not None, args.batch_size) for g in range(groups)]
+    results = []
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        results += ray.get(done)
+        print(f"evaluate: {len(results)}/{groups} shard groups done ({time.perf_counter() - started:.0f} s)",
+              flush=True)
+    samples = sum(len(r["references"]) for r in results)
+    if samples == 0:
+        raise ValueError(f"no readable samples in {args.data}")
+    rows = combine(results, settings, demo, fid)
+    return {"model": args.model, "data": str(args.data), "samples": samples, "demo_metrics": demo,
+            "skipped": sum(r["skipped"] for r in results), "fid_note": fid_note,
+            "seconds": round(time.perf_counter() - started, 1), "default": rows[0], "results": rows,
+            "guidance_sweep": [r for r in rows if r["steps"] == base.steps and r["scheduler"] == base.scheduler],
+            "steps_sweep": [r for r in rows if r["guidance_scale"] == base.guidance_scale]}
+
+
+def print_table(report: dict) -> None:
+    keys = [k for k in report["default"]["metrics"] if k.endswith("_all") or k in ("bleu4", "rougeL", "fid")]
+    print("evaluate: " + "  ".join(["guidance", "steps", *keys]))
+    for row in report["results"]:
+        values = [f"{row['metrics'][k]:.3f}" for k in keys]
+        print("evaluate: " + "  ".join([f"{row['guidance_scale']:8g}", f"{row['steps']:5d}", *values]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--model", required=True, help="checkpoint/model folder or MLflow URI (runs:/<id>/model)")
+    parser.add_argument("--data", required=True, help="held-out shard folder (with manifest.json)")
+    parser.add_argument("--out", required=True, help="results JSON file (the plot PNG goes beside it)")
+    parser.add_argument("--samples", type=int, default=256, help="held-out samples to use, at most")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--scheduler", default="dpmsolver++")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scales", type=float_list, default=[], help="sweep, e.g. 1,2,3,5,7")
+    parser.add_argument("--steps-sweep", type=int_list, default=[], help="sweep, e.g. 10,25,50")
+    parser.add_argument("--fid", default="auto", help="auto, inception, autoencoder, none or a TorchScript file")
+    parser.add_argument("--groups", type=int, help="shard groups = Ray tasks (default: one per shard)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--weights", default="ema", choices=["ema", "model"])
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else runs/)")
+    parser.add_argument("--experiment", default="psunet-evaluate")
+    parser.add_argument("--storage-path", default="runs", help="where the default MLflow store lives")
+    parser.add_argument("--no-mlflow", action="store_true", help="write only the JSON file and the plot")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        report = run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot = plot_guidance(report["results"], SamplerSettings(args.guidance_scale, args.steps, args.scheduler),
+                         out.with_suffix(".png"))
+    report["plot"] = str(plot) if plot else None
+    if not args.no_mlflow:
+        uri = tracking_uri(args.tracking_uri, args.storage_path)
+        out.write_text(json.dumps(report, indent=2))
+        report["mlflow_run_id"] = log_to_mlflow(uri, args.experiment, report, [out] + ([plot] if plot else []),
+                                                args.storage_path)
+        report["mlflow_tracking_uri"] = uri
+    out.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print(f"evaluate: {report['samples']} samples in {report['seconds']} s -> {out}"
+          + (f", plot {plot}" if plot else "")
+          + (f", MLflow run {report['mlflow_run_id']}" if "mlflow_run_id" in report else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Sample from a trained model: every joint-infilling task from the command line, as one batch.
+
+    python jobs/sample.py --model MODEL --out DIR --prompt "a small red circle on the left"  # text -> image
+    python jobs/sample.py --model MODEL --out DIR --image shape.png                         # image -> text
+    python jobs/sample.py --model MODEL --out DIR --generate 16                             # joint pairs
+    python jobs/sample.py --model MODEL --out DIR --prompt "a [?] circle on the [?]"        # fill the blanks
+    python jobs/sample.py --model MODEL --out DIR --image shape.png --mask mask.png         # image region
+    python jobs/sample.py --model MODEL --out DIR --image shape.png --mask mask.png --prompt "a [?] square"
+
+MODEL is a checkpoint or model folder, or an MLflow URI such as runs:/<run id>/model.
+A mask is an image the size of its image: white (>= 128) marks pixels to generate, black pixels
+are kept exactly. One --image or --mask is used for every prompt; otherwise counts must match.
+Images must be at the model's resolution; --resize centre-crops and resizes them (and their
+masks) instead of refusing. Writes sample_NNN.png, captions.txt, samples.json and
+contact_sheet.png into DIR, all at once: on an error nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from jobs.model_ref import load_pipeline  # noqa: E402
+from jobs.quality import grid_png  # noqa: E402
+from psunet.pipeline import SamplerSettings  # noqa: E402
+from psunet.sampling import validate_settings  # noqa: E402
+
+
+def read_image(path: str, size: int, resize: bool, mode: str = "RGB") -> np.ndarray:
+    """(size, size, 3) uint8 (or (size, size) for mode "L"); wrong sizes refused unless `resize`."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert(mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    if image.size != (size, size):
+        if not resize:
+            raise ValueError(f"{path}: image is {image.size[0]}x{image.size[1]}, the model needs {size}x{size} "
+                             f"(pass --resize to centre-crop and resize)")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((size, size), Image.NEAREST if mode == "L" else Image.LANCZOS)
+    return np.asarray(image)
+
+
+def read_mask(path: str, image_path: str, size: int, resize: bool) -> np.ndarray:
+    """(size, size) bool, True = generate; the mask must have its image's size."""
+    try:
+        with Image.open(image_path) as image, Image.open(path) as mask:
+            if mask.size != image.size:
+                raise ValueError(f"{path}: mask is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
+                                 f"{image.size[0]}x{image.size[1]}")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"mask file not found: {exc.filename}") from None
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    return read_image(path, size, resize, mode="L") >= 128
+
+
+def broadcast(name: str, values: list, count: int) -> list:
+    if len(values) in (0, count):
+        return values
+    if len(values) == 1:
+        return values * count
+    raise ValueError(f"{name}: {len(values)} given for a batch of {count}; give 1 or {count}")
+
+
+def plan(args) -> dict:
+    """Check every input and return what infill needs, before anything is loaded or written."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if args.generate is not None and (prompts or args.image):
+        raise ValueError("--generate makes unconditional pairs; it cannot be combined with --prompt or --image")
+    if args.mask and not args.image:
+        raise ValueError("--mask needs --image")
+    if args.mask and len(args.mask) not in (1, len(args.image)):
+        raise ValueError(f"--mask: {len(args.mask)} masks for {len(args.image)} images; give 1 or {len(args.image)}")
+    if args.generate is None and not prompts and not args.image:
+        raise ValueError("nothing to sample: give --prompt, --prompts-file, --image or --generate N")
+    if args.generate is not None and not 1 <= args.generate <= args.max_batch:
+        raise ValueError(f"--generate must be in [1, {args.max_batch}], got {args.generate}")
+    count = args.generate or max(len(prompts), len(args.image or []))
+    if count > args.max_batch:
+        raise ValueError(f"{count} samples in one batch is more than --max-batch {args.max_batch}")
+    images = broadcast("--image", list(args.image or []), count)
+    masks = broadcast("--mask", list(args.mask or []), len(images))
+    return {"count": count, "prompts": broadcast("--prompt", prompts, count), "images": images, "masks": masks}
+
+
+def output_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def write_results(out: Path, result, job: dict, settings: SamplerSettings, meta: dict) -> None:
+    """Everything into a hidden sibling folder first, then renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    records = []
+    for i, (image, caption) in enumerate(zip(result.images, result.captions)):
+        name = f"sample_{i:03d}.png"
+        Image.fromarray(image).save(partial / name)
+        records.append({"image": name, "caption": caption,
+                        "prompt": job["prompts"][i] if job["prompts"] else None,
+                        "input_image": job["images"][i] if job["images"] else None,
+                        "mask": job["masks"][i] if job["masks"] else None,
+                        "unknown_words": result.unknown_words[i]})
+    (partial / "captions.txt").write_text("".join(caption + "\n" for caption in result.captions))
+    (partial / "samples.json").write_text(json.dumps(
+        {**meta, "settings": vars(settings), "network_evaluations": result.network_evaluations,
+         "samples": records}, indent=2))
+    grid_png(result.images, result.captions, partial / "contact_sheet.png")
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(partial, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--model", required=True, help="checkpoint/model folder or MLflow URI (runs:/<id>/model)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--prompt", action="append", help="a caption; [?] marks a word to fill in (repeatable)")
+    parser.add_argument("--prompts-file", help="one prompt per line")
+    parser.add_argument("--image", action="append", help="an image file (repeatable)")
+    parser.add_argument("--mask", action="append", help="a mask per image: white = generate (repeatable)")
+    parser.add_argument("--generate", type=int, help="this many unconditional (image, caption) pairs")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--scheduler", default="dpmsolver++", help="dpmsolver++, ddim or ddpm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", default="ema", choices=["ema", "model"])
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--resize", action="store_true", help="centre-crop and resize images of another size")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--max-batch", type=int, default=256, help="most samples in one call")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ references")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        job = plan(args)
+        output_folder(out, args.overwrite)
+        settings = SamplerSettings(guidance_scale=args.guidance_scale, steps=args.steps,
+                                   scheduler=args.scheduler, seed=args.seed)
+        validate_settings(settings.steps, settings.guidance_scale, settings.scheduler, 1000)
+        pipe = load_pipeline(args.model, weights=args.weights, device=args.device, tracking_uri=args.tracking_uri)
+        validate_settings(settings.steps, settings.guidance_scale, settings.scheduler,
+                          pipe.diffusion_config.num_train_timesteps)
+        size = pipe.resolution
+        images = np.stack([read_image(p, size, args.resize) for p in job["images"]]) if job["images"] else None
+        masks = np.stack([read_mask(m, i, size, args.resize) for m, i in zip(job["masks"], job["images"])]) \
+            if job["masks"] else None
+        print(f"sample: {job['count']} sample(s) in one batch, {settings.steps} {settings.scheduler} steps, "
+              f"guidance {settings.guidance_scale}, on {pipe.device}", flush=True)
+        started = time.perf_counter()
+        result = pipe.infill(prompts=job["prompts"] or None, images=images, image_masks=masks,
+                             count=args.generate, settings=settings)
+        seconds = time.perf_counter() - started
+        for i, words in enumerate(result.unknown_words):
+            if words:
+                print(f"sample: prompt {i}: not in the vocabulary, sampled as <unk>: {', '.join(words)}",
+                      file=sys.stderr)
+        write_results(out, result, job, settings, {"model": args.model, "weights": args.weights,
+                                                   "seconds": round(seconds, 3)})
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sample: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"sample: wrote {len(result.captions)} sample(s) in {seconds:.1f} s -> {out} "
+          f"(contact_sheet.png, captions.txt, samples.json)", flush=True)
+    for caption in result.captions[:8]:
+        print(f"  {caption}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""jobs/tune.py on a real local Ray instance: refusals before any trial, a sweep of real training runs with
+nested MLflow runs and a best-config YAML that trains, resume by name, and a guidance search."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from jobs.config import load_config
+from jobs.tune import SweepConfig, main as tune_main, parameter_count, trial_config
+
+pytestmark = pytest.mark.ray
+
+
+def _run_tune(args: list[str]) -> dict:
+    """jobs/tune.py as users run it: its own process and its own local Ray instance; the summary it prints."""
+    done = subprocess.run([sys.executable, "jobs/tune.py", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout, json.loads(done.stdout.split("tune: done ", 1)[1].splitlines()[0])
+
+
+def _sweep(tmp_path, demo_set, **fields) -> str:
+    tree = {"name": "sweep", "train_config": "configs/tiny.yaml",
+            "overrides": [f"data.train={demo_set}/train", f"data.val={demo_set}/val", "run.num_workers=1",
+                          "schedule.sample_every=1000", "schedule.demo_metrics=false"],
+            "search": {"optim.lr": {"grid": [3.0e-3, 1.0e-7]}}, "storage_path": str(tmp_path / "runs"),
+            "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"search": {}}, "search space is empty"),
+    ({"search": {"model.depth": {"grid": [1]}}}, "'model.depth' is not a training config field"),
+    ({"search": {"optim.lr": {"grid": []}}}, "exactly one of"),
+    ({"search": {"optim.lr": {"uniform": [1.0, 0.1]}}}, "low must be below high"),
+    ({"search": {"model.width": {"uniform": [16, 64]}}}, "use grid, choice or randint"),
+    ({"search": {"model.patch_size": {"grid": [1, 3]}}}, "not a valid model for these shards"),
+    ({"search": {"model.word_dim": {"grid": [16, 24]}}}, "word_dim"),
+    ({"search": {"model.shared_depth": {"grid": [1, 2]}}, "hold_parameters": True}, "derived"),
+    ({"overrides": ["run.num_workers=8"]}, "the cluster has"),
+])
+def test_a_sweep_that_cannot_work_is_refused_before_any_trial(tmp_path, demo_set, ray_local, capsys, fields, message):
+    path = _sweep(tmp_path, demo_set, **fields)
+    if "overrides" in fields:  # keep the data paths
+        tree = yaml.safe_load(open(path))
+        tree["overrides"] = [f"data.train={demo_set}/train", f"data.val={demo_set}/val"] + fields["overrides"]
+        open(path, "w").write(yaml.safe_dump(tree))
+    assert tune_main(["train", "--sweep", path]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_holding_parameters_moves_layers_into_the_shared_section(demo_set):
+    sweep = SweepConfig(name="hold", train_config="configs/demo.yaml", hold_parameters=True,
+                        overrides=[f"data.train={demo_set}/train"], search={"model.n_text": {"grid": [0, 1, 2]}})
+    base = parameter_count(load_config("configs/demo.yaml", [f"data.train={demo_set}/train"]).model)
+    depths = []
+    for n_text in (0, 1, 2):
+        cfg = trial_config(sweep, {"model.n_text": n_text}, "t")
+        depths.append(cfg.model.shared_depth)
+        assert abs(parameter_count(cfg.model) - base) / base < 0.05
+    assert depths[0] > depths[1] > depths[2]
+
+
+def test_sweep_of_training_runs_tracks_children_and_writes_a_best_config_that_trains(tmp_path, demo_set):
+    # only lr 3e-3 learns anything in 20 steps
+    path = _sweep(tmp_path, demo_set, search={"optim.lr": {"grid": [3.0e-3, 1.0e-7, 3.0e-7]}},
+                  scheduler={"type": "fifo"}, max_concurrent_trials=1)
+    _, summary = _run_tune(["train", "--sweep", path])
+    assert summary["trials"] == 3 and summary["errors"] == 0 and summary["stopped_early"] == 0
+    assert summary["best"] == {"optim.lr": 3.0e-3}
+    table = pd.read_csv(summary["results"])
+    assert sorted(table["optim.lr"]) == [1.0e-7, 3.0e-7, 3.0e-3]
+    assert (table["step"] == 20).all()
+    assert table.loc[table["optim.lr"] == 3.0e-3, "val_loss"].item() < table["val_loss"].max()
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3
+    assert sorted(float(c.data.params["optim.lr"]) for c in children) == [1.0e-7, 3.0e-7, 3.0e-3]
+    assert {"results.csv", "best.yaml", "results.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    best = load_config(summary["best_yaml"])
+    assert best.optim.lr == 3.0e-3
+    trained = subprocess.run(
+        [sys.executable, "jobs/train.py", "--config", summary["best_yaml"], "optim.steps=6",
+         "schedule.checkpoint_every=3", f"run.storage_path={tmp_path / 'best'}", "run.name=best",
+         f"run.mlflow_tracking_uri=sqlite:///{tmp_path / 'best.db'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert json.loads(trained.stdout.split("train: done ", 1)[1].splitlines()[0])["step"] == 6
+
+    # the same sweep again continues the finished experiment (Tune restore): no new trials, no new child runs
+    output, again = _run_tune(["train", "--sweep", path])
+    assert "continuing sweep" in output
+    assert again["trials"] == 3 and again["best"] == summary["best"]
+    assert len(client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 3
+
+
+def test_guidance_search_needs_no_training(tiny_model, demo_set, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["guidance", "--model", str(tiny_model), "--data", f"{demo_set}/val", "--guidance-scales", "1,3",
+            "--steps", "2", "--schedulers", "dpmsolver++,ddim", "--samples", "8", "--storage-path",
+            str(tmp_path), "--tracking-uri", uri]
+    _, summary = _run_tune(args)
+    table = pd.read_csv(summary["results"])
+    assert len(table) == 4 and summary["metric"] == "t2i_all"
+    assert set(zip(table["guidance_scale"], table["scheduler"])) == {
+        (1.0, "dpmsolver++"), (3.0, "dpmsolver++"), (1.0, "ddim"), (3.0, "ddim")}
+    assert table["t2i_all"].between(0, 1).all() and table["i2t_colour"].between(0, 1).all()
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    assert all("t2i_all" in child.data.metrics for child in children)
