@@ -54,6 +54,11 @@ def wilson_interval(fraction: float, count: int, z: float = 1.96) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def held_out_captions(data: str, count: int) -> list[str]:
+    """The first `count` captions of a shard folder, in order."""
+    return [item["caption"] for _, item in zip(range(count), ShardStream(data, training=False))]
+
+
 def is_demo_data(captions: list[str]) -> bool:
     """True when every caption names at least one object with all its attributes."""
     parsed = [shapes.parse_caption(caption) for caption in captions]
@@ -134,8 +139,7 @@ def evaluate_group(pipe: Pipeline, data: str, group: int, groups: int, limit: in
         t2i_images, captions, joint_images, joint_captions = [], [], [], []
         for b in batches:
             t2i_images.append(pipe.text_to_image(references[b], setting)[0])
-            out = pipe.sample(len(references[b]), setting, image_known=latents[b].to(pipe.device))
-            captions += pipe.codec.decode(out.text_vectors)
+            captions += pipe.captions_for_latents(latents[b], setting)
             if demo:
                 images, generated = pipe.generate(len(references[b]), setting)
                 joint_images.append(images)
@@ -268,8 +272,7 @@ def run(args) -> dict:
     manifest.check_model(pipe.model_config)
     fid, fid_note = fid_metric(args.fid, pipe)
     print(f"evaluate: {fid_note}", flush=True)
-    probe = [item["caption"] for _, item in zip(range(64), ShardStream(args.data, training=False))]
-    demo = is_demo_data(probe)
+    demo = is_demo_data(held_out_captions(args.data, 64))
     groups = max(1, min(args.groups or len(manifest.shards), len(manifest.shards)))
     per_group = math.ceil(min(args.samples, manifest.samples) / groups)
     ray.init(ignore_reinit_error=True)

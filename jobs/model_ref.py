@@ -5,8 +5,8 @@
     load_pipeline("mlflow-artifacts:/.../model")            # any URI MLflow can download
 
 MLflow URIs are downloaded (tracking URI: the argument, else MLFLOW_TRACKING_URI, else the local
-store in runs/ that training uses by default) into a local folder first; the model artifact bundles its word vectors and autoencoder, so nothing
-else is needed.
+store in runs/ that training uses by default) into a temporary folder first; the model artifact
+bundles its word vectors and autoencoder, so nothing else is needed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def local_model_folder(reference: str, tracking_uri: str | None = None, download_to: str | None = None) -> Path:
+def local_model_folder(reference: str, tracking_uri: str | None = None) -> Path:
     """A local folder holding the model: the folder itself, or an MLflow artifact downloaded."""
     folder = Path(reference)
     if folder.is_dir():
@@ -36,7 +36,7 @@ def local_model_folder(reference: str, tracking_uri: str | None = None, download
         raise FileNotFoundError(f"model: {reference!r} is neither a folder nor an MLflow URI (runs:/<id>/model)")
     import mlflow
 
-    target = download_to or tempfile.mkdtemp(prefix="psunet-model-")
+    target = tempfile.mkdtemp(prefix="psunet-model-")
     try:
         path = mlflow.artifacts.download_artifacts(
             artifact_uri=reference, dst_path=target,

@@ -32,8 +32,7 @@ def text_to_image_accuracy(pipe: Pipeline, prompts: list[str], settings: Sampler
 def image_to_text_accuracy(pipe: Pipeline, latents, true_captions: list[str], settings: SamplerSettings
                            ) -> tuple[dict[str, float], list[str]]:
     """Captions for known image latents, scored against the true captions."""
-    out = pipe.sample(len(true_captions), settings, image_known=latents.to(pipe.device))
-    captions = pipe.codec.decode(out.text_vectors)
+    captions = pipe.captions_for_latents(latents, settings)
     scores = [shapes.score(shapes.parse_caption(generated), shapes.parse_caption(truth))
               for generated, truth in zip(captions, true_captions)]
     return mean_scores(scores), captions

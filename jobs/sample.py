@@ -159,10 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         output_folder(out, args.overwrite)
         settings = SamplerSettings(guidance_scale=args.guidance_scale, steps=args.steps,
                                    scheduler=args.scheduler, seed=args.seed)
+        # checked before the model loads; joint_infill checks steps against the model's schedule again
         validate_settings(settings.steps, settings.guidance_scale, settings.scheduler, 1000)
         pipe = load_pipeline(args.model, weights=args.weights, device=args.device, tracking_uri=args.tracking_uri)
-        validate_settings(settings.steps, settings.guidance_scale, settings.scheduler,
-                          pipe.diffusion_config.num_train_timesteps)
         size = pipe.resolution
         images = np.stack([read_image(p, size, args.resize) for p in job["images"]]) if job["images"] else None
         masks = np.stack([read_mask(m, i, size, args.resize) for m, i in zip(job["masks"], job["images"])]) \

@@ -203,12 +203,12 @@ def concurrent_trials(sweep: SweepConfig, base: TrainJobConfig, cluster: dict) -
 def demo_accuracy(model_folder: str, val: str, evaluation: EvaluationSpec, guidance_scales: list[float],
                   steps: int) -> dict:
     """Text->image accuracy (mean over the attributes) per guidance scale on held-out prompts, and the best."""
+    from jobs.evaluate import held_out_captions
     from jobs.quality import text_to_image_accuracy
-    from psunet.data import ShardStream
     from psunet.pipeline import Pipeline, SamplerSettings
 
     pipe = Pipeline.from_checkpoint(model_folder)
-    prompts = [item["caption"] for _, item in zip(range(evaluation.samples), ShardStream(val, training=False))]
+    prompts = held_out_captions(val, evaluation.samples)
     scores = {}
     for scale in guidance_scales:
         accuracy, _ = text_to_image_accuracy(pipe, prompts, SamplerSettings(guidance_scale=scale, steps=steps))
@@ -428,8 +428,8 @@ def run_guidance_sweep(args) -> dict:
 
     from jobs.evaluate import float_list, int_list
     from jobs.model_ref import load_pipeline
-    from jobs.evaluate import is_demo_data
-    from psunet.data import ShardStream, load_manifest
+    from jobs.evaluate import held_out_captions, is_demo_data
+    from psunet.data import load_manifest
     from psunet.sampling import validate_settings
 
     scales, steps = float_list(args.guidance_scales), int_list(args.steps)
@@ -440,14 +440,13 @@ def run_guidance_sweep(args) -> dict:
         validate_settings(count, scale, scheduler, 1000)
     pipe = load_pipeline(args.model, device="cpu", tracking_uri=args.tracking_uri)
     load_manifest(args.data).check_model(pipe.model_config)
-    probe = [item["caption"] for _, item in zip(range(64), ShardStream(args.data, training=False))]
     uri = tracking_uri(args.tracking_uri, args.storage_path)
     folder = Path(args.storage_path).resolve() / args.name
     parent = parent_run(args.name, args.storage_path, args.experiment, uri, "guidance",
                         {"model": args.model, "data": args.data})
     ray.init(ignore_reinit_error=True)
     trainable = tune.with_parameters(guidance_trial, pipe=pipe, data=str(Path(args.data).resolve()),
-                                     samples=args.samples, demo=is_demo_data(probe), parent_run_id=parent, uri=uri,
+                                     samples=args.samples, demo=is_demo_data(held_out_captions(args.data, 64)), parent_run_id=parent, uri=uri,
                                      experiment=args.experiment, storage=str(Path(args.storage_path).resolve()))
     space = {"guidance_scale": tune.grid_search(scales), "steps": tune.grid_search(steps),
              "scheduler": tune.grid_search(schedulers)}

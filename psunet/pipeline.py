@@ -120,14 +120,22 @@ class Pipeline:
                 pixel_masks = self._checked_masks(image_masks, images.shape[:3])
                 known["image_mask"] = self._latent_mask(pixel_masks)
         out = self.sample(batch, settings, **known)
-        generated = self.decode_images(out.image_latents)
-        if images is not None:
-            generated = images.copy() if pixel_masks is None else np.where(pixel_masks[..., None], generated, images)
+        if images is None:
+            generated = self.decode_images(out.image_latents)
+        elif pixel_masks is None:  # a fully known image comes back as given
+            generated = images.copy()
+        else:
+            generated = np.where(pixel_masks[..., None], self.decode_images(out.image_latents), images)
         if prompts is not None:
             captions = self._fill_blanks(prompts, out.text_vectors)
         else:
             captions = self.codec.decode(out.text_vectors)
         return InfillResult(generated, captions, unknown_words, out.network_evaluations)
+
+    def captions_for_latents(self, latents: torch.Tensor, settings: SamplerSettings | None = None) -> list[str]:
+        """Captions for known image latents (B, C, h, w): image->text without decoding any image."""
+        out = self.sample(len(latents), settings, image_known=latents.to(self.device))
+        return self.codec.decode(out.text_vectors)
 
     def text_to_image(self, prompts: list[str], settings: SamplerSettings | None = None
                       ) -> tuple[np.ndarray, list[list[str]]]:
@@ -137,7 +145,7 @@ class Pipeline:
 
     def image_to_text(self, images: np.ndarray, settings: SamplerSettings | None = None) -> list[str]:
         """Captions for (B, H, W, 3) uint8 images."""
-        return self.infill(images=images, settings=settings).captions
+        return self.captions_for_latents(self.autoencoder.encode(self._checked_images(images)), settings)
 
     def generate(self, count: int, settings: SamplerSettings | None = None) -> tuple[np.ndarray, list[str]]:
         """Unconditional joint (image, caption) pairs."""
@@ -168,9 +176,9 @@ class Pipeline:
 
     def _checked_prompts(self, prompts: list[str]) -> list[str]:
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not tokenize(prompt):
+            words = tokenize(prompt) if isinstance(prompt, str) else []
+            if not words:
                 raise ValueError(f"prompt {i} is empty: {prompt!r}")
-            words = tokenize(prompt)
             if BLANK not in words and not any(w in self.codec.keyed_vectors.key_to_index for w in words):
                 raise ValueError(f"prompt {i} has no word in the model's vocabulary: {prompt!r}")
         return prompts
