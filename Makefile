@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-fast demo demo-stop clean
+.PHONY: venv chromium test test-fast demo demo-stop serve clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,13 @@ $(BIN)/activate:
 
 venv: $(BIN)/activate
 
-test: venv
+# Debian's Chromium for the web page's browser test (tests/test_serve.py)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: venv chromium
 	RAY_AUTH_MODE=token $(BIN)/python -m pytest -q
 
 test-fast: venv
@@ -25,6 +31,13 @@ demo: venv
 
 demo-stop:
 	cluster/local.sh stop
+
+# the sampling service (web page and API on http://127.0.0.1:8000/) for MODEL, by default the newest
+# `make demo` model; MODEL may also be an MLflow URI (runs:/<run id>/model)
+MODEL ?= $(lastword $(sort $(wildcard runs/demo-*/model)))
+serve: venv
+	@test -n "$(MODEL)" || { echo "make serve: no model; run make demo first or give MODEL=<folder or runs:/<id>/model>" >&2; exit 2; }
+	RAY_AUTH_MODE=token $(BIN)/serve run jobs.serve:app model=$(MODEL)
 
 clean:
 	rm -rf $(VENV) data runs mlruns

@@ -161,6 +161,9 @@ start_cluster() {
     # lets each node's agent pick a free port, as several nodes share this machine.
     # Jobs, tasks and actors inherit MLFLOW_TRACKING_URI from their node.
     export MLFLOW_TRACKING_URI="$MLFLOW_URL"
+    # Every process of this cluster knows its own address: with several Ray instances on one machine,
+    # Ray's state API (used by Ray Train to clean up after a stopped run) would otherwise pick another.
+    export RAY_ADDRESS="127.0.0.1:$RAY_PORT" RAY_API_SERVER_ADDRESS="$DASHBOARD_URL"
     log "Ray head on port $RAY_PORT ($cpus CPUs)"
     spawn head ray start --head --port "$RAY_PORT" --num-cpus "$cpus" \
         --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from jobs.config import TrainJobConfig, flatten, load_config  # noqa: E402
 from jobs.tracking import experiment_id  # noqa: E402
-from psunet.checkpoint import restore_training, save_checkpoint  # noqa: E402
+from psunet.checkpoint import load_state, restore_training, save_checkpoint  # noqa: E402
 from psunet.data import load_manifest, make_loader  # noqa: E402
 from psunet.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
 from psunet.ema import EMA, _unwrap  # noqa: E402
@@ -247,12 +247,14 @@ def mlflow_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None) -> str:
 
 
 def bundle_model(checkpoint_folder: str, out: Path) -> Path:
-    """A self-contained model folder: EMA weights, config, word vectors and (local) autoencoder copied in."""
+    """A self-contained model folder: EMA weights, config, training step, word vectors and (local)
+    autoencoder copied in."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for name in ("ema.safetensors", "config.json"):
         shutil.copy2(Path(checkpoint_folder) / name, out / name)
+    (out / "state.json").write_text(json.dumps({"step": load_state(checkpoint_folder)["step"]}))
     assets = json.loads((Path(checkpoint_folder) / ASSETS).read_text())
     shutil.copy2(assets["word_vectors"], out / "words.bin")
     bundled = {"word_vectors": "words.bin", "word_vectors_sha256": assets["word_vectors_sha256"],

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -337,7 +338,9 @@ def run_train_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     trainable = tune.with_resources(tune.with_parameters(train_trial, sweep=sweep.model_dump(mode="json"),
                                                          parent_run_id=parent), {"CPU": DRIVER_CPU})
     steps = base.optim.steps
-    scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=steps,
+    # max_t past the last step: ASHA stops a trial that reaches max_t at once, which would kill its driver
+    # before the final evaluation and report
+    scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=steps + 1,
                               grace_period=min(sweep.scheduler.grace_period, steps),
                               reduction_factor=sweep.scheduler.reduction_factor) \
         if sweep.scheduler.type == "asha" else FIFOScheduler()
@@ -354,8 +357,30 @@ def run_train_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
                                         max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=str(folder)))
-    grid = tuner.fit()
+    grid = check_complete(tuner.fit(), sweep.num_samples * math.prod(
+        len(spec.grid) for spec in sweep.search.values() if spec.grid is not None))
     return finish(sweep, grid, parent, uri, folder, steps)
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial ended (Ctrl+C / SIGINT); its state is saved for a restart."""
+
+
+def check_complete(grid, expected_trials: int):
+    """The finished sweep's results, or SweepInterrupted when some trials never ran to their end.
+
+    After Ctrl+C Tune marks the trial it stopped as terminated in memory, but the experiment state it saved
+    (what a restart continues from) still lists it as pending: that saved state is the one to trust.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(grid.experiment_path).trials
+    ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+    if ended < expected_trials:
+        raise SweepInterrupted(f"interrupted with {ended} of {expected_trials} trials ended; run the same command "
+                               "again to continue (finished trials are kept, the others start again, a training "
+                               "run from its last checkpoint)")
+    return grid
 
 
 def finish(sweep: SweepConfig, grid, parent: str, uri: str, folder: Path, steps: int) -> dict:
@@ -455,7 +480,7 @@ def run_guidance_sweep(args) -> dict:
         tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(name="tune", storage_path=str(folder)))
-    grid = tuner.fit()
+    grid = check_complete(tuner.fit(), len(scales) * len(steps) * len(schedulers))
     metric = "t2i_all" if any((r.metrics or {}).get("t2i_all") is not None for r in grid) else "bleu4"
     import pandas as pd
 
@@ -506,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"tune: error: {exc}", file=sys.stderr)
         return 2
+    except SweepInterrupted as exc:
+        print(f"tune: {exc}", file=sys.stderr)
+        return 130
     summary["seconds"] = round(time.perf_counter() - started, 1)
     print("tune: done " + json.dumps(summary), flush=True)
     return 0

@@ -54,6 +54,7 @@ class Pipeline:
     codec: TextCodec
     autoencoder: Autoencoder
     settings: SamplerSettings = field(default_factory=SamplerSettings)
+    training_step: int | None = None  # the step the weights were saved at, when the folder records it
 
     @property
     def device(self) -> torch.device:
@@ -84,12 +85,18 @@ class Pipeline:
         codec = TextCodec(vectors, model_config.text_len)
         if codec.dim != model_config.word_dim:
             raise ValueError(f"word vectors are {codec.dim}-d but the model's word_dim is {model_config.word_dim}")
-        return cls(model, model_config, diffusion_config, codec, Autoencoder.load(autoencoder_ref, device=device))
+        state = folder / "state.json"
+        step = json.loads(state.read_text()).get("step") if state.is_file() else None
+        return cls(model, model_config, diffusion_config, codec, Autoencoder.load(autoencoder_ref, device=device),
+                   training_step=step)
 
-    def sample(self, batch_size: int, settings: SamplerSettings | None = None, **known) -> SampleOutput:
+    def sample(self, batch_size: int, settings: SamplerSettings | None = None, seeds: list[int] | None = None,
+               guidance_scales: list[float] | None = None, **known) -> SampleOutput:
+        """joint_infill with these settings; `seeds` / `guidance_scales` (one per sample) override theirs."""
         s = settings or self.settings
         return joint_infill(self.model, self.model_config, self.diffusion_config, batch_size,
-                            guidance_scale=s.guidance_scale, steps=s.steps, scheduler=s.scheduler, seed=s.seed,
+                            guidance_scale=s.guidance_scale if guidance_scales is None else guidance_scales,
+                            steps=s.steps, scheduler=s.scheduler, seed=s.seed if seeds is None else seeds,
                             device=self.device, **known)
 
     @property
@@ -98,18 +105,20 @@ class Pipeline:
 
     def infill(self, prompts: list[str] | None = None, images: np.ndarray | None = None,
                image_masks: np.ndarray | None = None, count: int | None = None,
-               settings: SamplerSettings | None = None) -> InfillResult:
+               settings: SamplerSettings | None = None, seeds: list[int] | None = None,
+               guidance_scales: list[float] | None = None) -> InfillResult:
         """Complete whatever is missing, all in one batch.
 
         prompts: captions, possibly with [?] blanks; images: (B, H, W, 3) uint8 at the model's
         resolution; image_masks: (B, H, W) bool, True = generate (no mask: the image is fully known);
-        count: batch size when nothing is given (unconditional pairs).
+        count: batch size when nothing is given (unconditional pairs); seeds / guidance_scales: one
+        per sample, in place of the settings' single value (a sample then does not depend on its batch).
         """
         batch = self._batch_size(prompts, images, image_masks, count)
         known = {}
         unknown_words: list[list[str]] = [[] for _ in range(batch)]
         if prompts is not None:
-            encoded = self.codec.encode(self._checked_prompts(prompts))
+            encoded = self.codec.encode(self.check_prompts(prompts))
             known.update(text_known=encoded.vectors.to(self.device), text_mask=encoded.known.to(self.device))
             unknown_words = encoded.unknown
         pixel_masks = None
@@ -119,7 +128,7 @@ class Pipeline:
             if image_masks is not None:
                 pixel_masks = self._checked_masks(image_masks, images.shape[:3])
                 known["image_mask"] = self._latent_mask(pixel_masks)
-        out = self.sample(batch, settings, **known)
+        out = self.sample(batch, settings, seeds=seeds, guidance_scales=guidance_scales, **known)
         if images is None:
             generated = self.decode_images(out.image_latents)
         elif pixel_masks is None:  # a fully known image comes back as given
@@ -174,7 +183,7 @@ class Pipeline:
             raise ValueError("empty batch: " + ", ".join(sizes))
         return batch
 
-    def _checked_prompts(self, prompts: list[str]) -> list[str]:
+    def check_prompts(self, prompts: list[str]) -> list[str]:
         for i, prompt in enumerate(prompts):
             words = tokenize(prompt) if isinstance(prompt, str) else []
             if not words:

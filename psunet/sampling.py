@@ -18,6 +18,7 @@ A partly known modality is always re-noised.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,14 @@ def _known_and_mask(name: str, known, mask, shape: tuple[int, ...], mask_shape: 
     return known.to(device=device, dtype=torch.float32), mask
 
 
+def _per_sample(name: str, value, batch: int) -> list:
+    """A setting given once for the batch or once per sample, as a list (length 1 or `batch`)."""
+    values = list(value) if isinstance(value, Sequence) else [value]
+    if len(values) not in (1, batch):
+        raise ValueError(f"{name}: give one value or one per sample ({batch}), got {len(values)}")
+    return values
+
+
 @torch.no_grad()
 def joint_infill(
     model,
@@ -77,10 +86,10 @@ def joint_infill(
     image_mask: torch.Tensor | None = None,
     text_known: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
-    guidance_scale: float = 3.0,
+    guidance_scale: float | Sequence[float] = 3.0,
     steps: int = 25,
     scheduler: str = "dpmsolver++",
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     device: torch.device | str = "cpu",
 ) -> SampleOutput:
     """Sample both modalities given any known parts.
@@ -88,11 +97,16 @@ def joint_infill(
     image_known (B, C, H, W) with image_mask (B, 1, H, W) or (B, H, W); text_known (B, L, E) with
     text_mask (B, L). A known modality without a mask is fully known. `model(image, text, t)`
     returns eps for both modalities (a PSUNet or anything with the same call).
+    guidance_scale and seed are one value for the batch or one per sample; with a seed per sample,
+    each sample's noise comes from its own generator, so it does not depend on its batch mates.
     """
-    validate_settings(steps, guidance_scale, scheduler, diffusion_config.num_train_timesteps)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     c, b = model_config, batch_size
+    scales = _per_sample("guidance_scale", guidance_scale, b)
+    seeds = _per_sample("seed", seed, b)
+    for scale in scales:
+        validate_settings(steps, scale, scheduler, diffusion_config.num_train_timesteps)
     device = torch.device(device)
     image_shape = (b, *c.latent_shape)
     image_known, image_mask = _known_and_mask(
@@ -102,7 +116,8 @@ def joint_infill(
     text_mask = text_mask[..., None]
     text_given, text_known = text_known, text_known * diffusion_config.text_scale
 
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generators = [torch.Generator(device=device).manual_seed(int(value)) for value in seeds]
+    generator = generators[0] if len(generators) == 1 else generators
     schedule = NoiseSchedule(diffusion_config)
     image_scheduler = make_scheduler(scheduler, diffusion_config)
     text_scheduler = make_scheduler(scheduler, diffusion_config)
@@ -110,12 +125,16 @@ def joint_infill(
     text_scheduler.set_timesteps(steps, device=device)
 
     def noise(shape):
-        return torch.randn(shape, device=device, generator=generator)
+        if len(generators) == 1:
+            return torch.randn(shape, device=device, generator=generators[0])
+        return torch.cat([torch.randn((1, *shape[1:]), device=device, generator=g) for g in generators])
 
     image = noise(image_shape) * image_scheduler.init_noise_sigma
     text = noise(text_known.shape) * text_scheduler.init_noise_sigma
     anything_known = bool(image_mask.any() or text_mask.any())
-    guided = anything_known and guidance_scale != 1.0
+    guided = anything_known and any(scale != 1.0 for scale in scales)
+    weight = torch.tensor(scales, device=device, dtype=torch.float32)
+    weight_image, weight_text = weight.view(-1, 1, 1, 1), weight.view(-1, 1, 1)
     clean_image = diffusion_config.independent_timesteps and bool(image_mask.all())
     clean_text = diffusion_config.independent_timesteps and bool(text_mask.all())
     last_time = diffusion_config.num_train_timesteps - 1
@@ -144,10 +163,12 @@ def joint_infill(
                         torch.cat([times_cond, times_unc], dim=1))
             cond_image, unc_image = out.eps_image.float().chunk(2)
             cond_text, unc_text = out.eps_text.float().chunk(2)
-            eps_image = unc_image + guidance_scale * (cond_image - unc_image)
-            eps_text = unc_text + guidance_scale * (cond_text - unc_text)
+            eps_image = unc_image + weight_image * (cond_image - unc_image)
+            eps_text = unc_text + weight_text * (cond_text - unc_text)
             evaluations += 2
         else:
+            # draw what the guided pass draws, so a sample's noise stream does not depend on its batch mates
+            noise(image_shape), noise(text.shape)
             out = model(image_in, text_in, times_cond)
             eps_image, eps_text = out.eps_image.float(), out.eps_text.float()
             evaluations += 1

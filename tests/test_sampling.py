@@ -108,6 +108,17 @@ def test_fixed_seed_gives_identical_output(model, scheduler):
     assert not torch.equal(runs[0].text_vectors, runs[2].text_vectors)
 
 
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddpm"])
+def test_per_sample_seeds_and_guidance_match_samples_run_alone(model, scheduler):
+    image, text = known_data(3)
+    batched = joint_infill(model, MODEL_CONFIG, DIFFUSION, 3, text_known=text, steps=4, scheduler=scheduler,
+                           seed=[11, 12, 13], guidance_scale=[3.0, 1.0, 5.0])
+    for i, (seed, scale) in enumerate([(11, 3.0), (12, 1.0), (13, 5.0)]):
+        alone = joint_infill(model, MODEL_CONFIG, DIFFUSION, 1, text_known=text[i:i + 1], steps=4,
+                             scheduler=scheduler, seed=seed, guidance_scale=scale)
+        torch.testing.assert_close(batched.image_latents[i:i + 1], alone.image_latents, atol=1e-3, rtol=1e-3)
+
+
 L, E, S = MODEL_CONFIG.text_len, MODEL_CONFIG.word_dim, MODEL_CONFIG.latent_size
 
 
@@ -124,6 +135,8 @@ L, E, S = MODEL_CONFIG.text_len, MODEL_CONFIG.word_dim, MODEL_CONFIG.latent_size
     (dict(text_known=torch.zeros(2, L, E), text_mask=torch.ones(2, L - 1)), "text_mask"),
     (dict(text_known=torch.zeros(2, L, E), text_mask=torch.full((2, L), 0.5)), "text_mask"),
     (dict(text_mask=torch.ones(2, L)), "text_known"),
+    (dict(seed=[1, 2, 3]), "seed"),
+    (dict(guidance_scale=[1.0, math.nan]), "guidance_scale"),
 ])
 def test_bad_sampler_input_names_the_field(model, kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -1,10 +1,13 @@
-"""jobs/tune.py on a real local Ray instance: refusals before any trial, a sweep of real training runs with
-nested MLflow runs and a best-config YAML that trains, resume by name, and a guidance search."""
+"""jobs/tune.py on a real local Ray instance: refusals before any trial, an ASHA sweep of real training runs
+(interrupted and continued) with nested MLflow runs and a best-config YAML that trains, and a guidance search."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -17,10 +20,37 @@ from jobs.tune import SweepConfig, main as tune_main, parameter_count, trial_con
 pytestmark = pytest.mark.ray
 
 
-def _run_tune(args: list[str]) -> dict:
-    """jobs/tune.py as users run it: its own process and its own local Ray instance; the summary it prints."""
+ROOT = Path(__file__).resolve().parent.parent
+# Not the defaults nor tests/test_cluster_local.py's ports, so neither is disturbed.
+PORTS = {"RAY_PORT": "6393", "RAY_DASHBOARD_PORT": "8277", "RAY_CLIENT_PORT": "20093", "MLFLOW_PORT": "5013"}
+
+
+@pytest.fixture(scope="module")
+def sweep_cluster(tmp_path_factory):
+    """A one-node cluster started by cluster/local.sh (2 CPUs): the environment of a driver that uses it.
+
+    Sweeps with ASHA need the cluster's processes to know their own address: a stopped trial's Ray Train
+    run is cleaned up through Ray's state API, which picks the wrong cluster when several run here.
+    """
+    state = tmp_path_factory.mktemp("sweep-cluster")
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = {**base, **PORTS, "PSUNET_CLUSTER_DIR": str(state)}
+    script = str(ROOT / "cluster" / "local.sh")
+    try:
+        started = subprocess.run([script, "start", "--workers", "0", "--cpus-per-node", "2"], env=env,
+                                 capture_output=True, text=True, timeout=240)
+        assert started.returncode == 0, started.stdout + started.stderr
+        exports = subprocess.run([script, "env"], env=env, capture_output=True, text=True, timeout=30).stdout
+        yield {**env, **dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())}
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def _run_tune(args: list[str], env: dict | None = None) -> dict:
+    """jobs/tune.py as users run it: its own process (a local Ray instance, or the cluster `env` names);
+    the summary it prints."""
     done = subprocess.run([sys.executable, "jobs/tune.py", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RAY_AUTH_MODE": "token"})
+                          env=env or {**os.environ, "RAY_AUTH_MODE": "token"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout, json.loads(done.stdout.split("tune: done ", 1)[1].splitlines()[0])
 
@@ -70,24 +100,55 @@ def test_holding_parameters_moves_layers_into_the_shared_section(demo_set):
     assert depths[0] > depths[1] > depths[2]
 
 
-def test_sweep_of_training_runs_tracks_children_and_writes_a_best_config_that_trains(tmp_path, demo_set):
-    # only lr 3e-3 learns anything in 20 steps
+def _children(client, parent_id: str) -> list:
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _interrupt_when_third_trial_starts(args: list[str], trials: Path, env: dict) -> subprocess.CompletedProcess:
+    """Start the sweep, press Ctrl+C (SIGINT) once the third trial's training run has a folder."""
+    sweep = subprocess.Popen([sys.executable, "jobs/tune.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and sweep.poll() is None:
+        if trials.is_dir() and len(list(trials.iterdir())) >= 3:
+            sweep.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+    out, err = sweep.communicate(timeout=300)
+    return subprocess.CompletedProcess(sweep.args, sweep.returncode, out, err)
+
+
+def test_asha_sweep_of_training_runs_is_interrupted_continued_and_writes_a_best_config_that_trains(
+        tmp_path, demo_set, sweep_cluster):
+    # only lr 3e-3 learns anything in 20 steps: ASHA (grace 10) stops lr 1e-7 at step 10; the sweep is interrupted
+    # during the third trial and continued (a restored ASHA starts its rungs afresh, so that trial runs to the end)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = _sweep(tmp_path, demo_set, search={"optim.lr": {"grid": [3.0e-3, 1.0e-7, 3.0e-7]}},
-                  scheduler={"type": "fifo"}, max_concurrent_trials=1)
-    _, summary = _run_tune(["train", "--sweep", path])
-    assert summary["trials"] == 3 and summary["errors"] == 0 and summary["stopped_early"] == 0
+                  scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2}, max_concurrent_trials=1)
+    interrupted = _interrupt_when_third_trial_starts(["train", "--sweep", path],
+                                                      tmp_path / "runs" / "sweep" / "trials", sweep_cluster)
+    assert interrupted.returncode == 130, interrupted.stdout[-3000:] + interrupted.stderr[-3000:]
+    assert "run the same command again to continue" in interrupted.stderr
+    assert not (tmp_path / "runs" / "sweep" / "best.yaml").exists()
+
+    output, summary = _run_tune(["train", "--sweep", path], sweep_cluster)
+    assert "continuing sweep" in output
+    assert summary["trials"] == 3 and summary["errors"] == 0 and summary["stopped_early"] >= 1
     assert summary["best"] == {"optim.lr": 3.0e-3}
     table = pd.read_csv(summary["results"])
     assert sorted(table["optim.lr"]) == [1.0e-7, 3.0e-7, 3.0e-3]
-    assert (table["step"] == 20).all()
+    assert table.loc[table["optim.lr"] == 3.0e-3, "step"].item() == 20
+    assert (table.loc[table["stopped_early"], "step"] == 10).all()
     assert table.loc[table["optim.lr"] == 3.0e-3, "val_loss"].item() < table["val_loss"].max()
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(uri)
     parent = client.get_run(summary["mlflow_parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 3
+    children = _children(client, parent.info.run_id)
+    assert len(children) == 3  # the trial interrupted mid-run kept its child run when it was continued
+    assert table.loc[table["optim.lr"] == 1.0e-7, "stopped_early"].item()
     assert sorted(float(c.data.params["optim.lr"]) for c in children) == [1.0e-7, 3.0e-7, 3.0e-3]
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     assert {"results.csv", "best.yaml", "results.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     best = load_config(summary["best_yaml"])
@@ -101,11 +162,10 @@ def test_sweep_of_training_runs_tracks_children_and_writes_a_best_config_that_tr
     assert json.loads(trained.stdout.split("train: done ", 1)[1].splitlines()[0])["step"] == 6
 
     # the same sweep again continues the finished experiment (Tune restore): no new trials, no new child runs
-    output, again = _run_tune(["train", "--sweep", path])
+    output, again = _run_tune(["train", "--sweep", path], sweep_cluster)
     assert "continuing sweep" in output
     assert again["trials"] == 3 and again["best"] == summary["best"]
-    assert len(client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 3
+    assert len(_children(client, parent.info.run_id)) == 3
 
 
 def test_guidance_search_needs_no_training(tiny_model, demo_set, tmp_path):

@@ -1,0 +1,447 @@
+"""Ray Serve sampling service: a FastAPI ingress in front of a batched model deployment.
+
+    serve run jobs.serve:app model=runs/demo/model          # http://127.0.0.1:8000/ (web page), /docs (API)
+    serve run jobs.serve:app model=runs:/<run id>/model max_samples=4
+    serve deploy cluster/serve.yaml                          # replicas, autoscaling, GPUs on a cluster
+
+Endpoints: POST /v1/text-to-image, /v1/image-to-text, /v1/generate, /v1/infill; GET /healthz,
+/v1/model, /v1/stats (batching counters), / (web page). Every request becomes rows of one
+`Pipeline.infill` call; `@serve.batch` gathers concurrent requests, groups them by what the sampler
+must share (steps, scheduler, which inputs are given) and runs each group as ONE batched call, with
+a seed and guidance scale per row, so a sample does not depend on its batch mates.
+Safety: binds 127.0.0.1 unless configured, body size limit, bounded samples/steps/image size, JSON
+only (no pickle, no code from requests), a per-request timeout.
+"""
+
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from psunet.config import StrictModel
+from psunet.diffusion import SCHEDULERS
+
+PAGE = Path(__file__).with_name("serve_page.html")
+
+
+class ServeArgs(StrictModel):
+    """Application arguments (`serve run jobs.serve:app key=value` or `args:` in the Serve config)."""
+
+    model: str = Field(description="checkpoint / model folder, or an MLflow URI such as runs:/<id>/model")
+    weights: Literal["ema", "model"] = "ema"
+    tracking_uri: str | None = None
+    device: str | None = Field(None, description="default: cuda when the replica has a GPU, else cpu")
+    num_gpus: float | None = Field(None, ge=0, description="per model replica; default: 1 if the cluster has GPUs")
+    num_cpus: float = Field(1, ge=0, description="per model replica")
+    max_samples: int = Field(8, ge=1, le=256, description="most samples one request may ask for")
+    max_steps: int = Field(100, ge=1, le=1000)
+    max_prompt_chars: int = Field(300, ge=1)
+    max_image_side: int = Field(2048, ge=8, description="largest uploaded image side before resizing")
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    request_timeout_s: float = Field(120, gt=0)
+    max_batch_size: int = Field(64, ge=1, description="samples per batched model call")
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    default_steps: int = Field(25, ge=1)
+    default_guidance_scale: float = Field(3.0, ge=0)
+    default_scheduler: str = "dpmsolver++"
+
+
+# ---- requests -----------------------------------------------------------------------------------------------
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    num_samples: int = Field(1, ge=1, description="bounded by the server's max_samples")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="sample i uses seed + i")
+    steps: int | None = Field(None, ge=1, description="sampler steps; bounded by the server's max_steps")
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    scheduler: str | None = Field(None, description=f"one of {', '.join(SCHEDULERS)}")
+
+
+class TextToImage(Options):
+    prompt: str = Field(description="a caption; [?] marks a word to fill in")
+    response_format: Literal["json", "png"] = Field("json", description="png: the image itself (num_samples 1)")
+
+
+class ImageToText(Options):
+    image: str = Field(description="PNG or JPEG, base64 (a data: URL prefix is accepted)")
+    resize: bool = Field(False, description="resize to the model's resolution instead of refusing another size")
+
+
+class Generate(Options):
+    pass
+
+
+class Infill(Options):
+    prompt: str | None = Field(None, description="partial caption with [?] blanks (omit: caption unknown)")
+    image: str | None = Field(None, description="PNG/JPEG base64 (omit: image unknown)")
+    mask: str | None = Field(None, description="PNG base64 the image's size; white = generate, black = keep")
+    resize: bool = False
+
+
+class RequestError(ValueError):
+    """A request the service refuses; `status` is the HTTP code."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Job:
+    """One request as rows of one sampler call. The group key says which requests may share a call."""
+
+    rows: int
+    steps: int
+    scheduler: str
+    seeds: list[int]
+    guidance_scales: list[float]
+    prompts: list[str] | None = None
+    images: np.ndarray | None = None  # (rows, H, W, 3) uint8 at the model's resolution
+    masks: np.ndarray | None = None  # (rows, H, W) bool, True = generate
+
+    @property
+    def group(self) -> tuple:
+        return self.steps, self.scheduler, self.prompts is not None, self.images is not None, self.masks is not None
+
+
+def decode_image(data: str, field: str, max_side: int) -> Image.Image:
+    """base64 (optionally a data: URL) -> PIL image; a clear RequestError for anything else."""
+    if not isinstance(data, str) or not data.strip():
+        raise RequestError(f"{field}: empty")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{field}: not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.verify()
+        image = Image.open(io.BytesIO(raw))
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise RequestError(f"{field}: the bytes are not a PNG or JPEG image") from None
+    if max(image.size) > max_side:
+        raise RequestError(f"{field}: {image.size[0]}x{image.size[1]} is larger than the limit of {max_side} px a side")
+    try:
+        image.load()
+    except (OSError, SyntaxError):
+        raise RequestError(f"{field}: the image data is truncated or corrupt") from None
+    return image
+
+
+async def _awaited(response):
+    return await response
+
+
+def _error(message: str, status: int = 422) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---- model deployment --------------------------------------------------------------------------------------
+
+@serve.deployment(max_ongoing_requests=128)
+class Sampler:
+    """Holds the Pipeline; batches concurrent jobs into as few sampler calls as their settings allow."""
+
+    def __init__(self, args: dict):
+        import torch
+
+        from jobs.model_ref import load_pipeline
+
+        self.args = ServeArgs.model_validate(args)
+        device = self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipe = load_pipeline(self.args.model, weights=self.args.weights, device=device,
+                                  tracking_uri=self.args.tracking_uri)
+        self.run.set_max_batch_size(self.args.max_batch_size)
+        self.run.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.calls = 0
+        self.requests_per_call: Counter[int] = Counter()
+        self.rows_per_call: Counter[int] = Counter()
+
+    def describe(self) -> dict:
+        pipe = self.pipe
+        return {"model_config": pipe.model_config.model_dump(mode="json"),
+                "diffusion_config": pipe.diffusion_config.model_dump(mode="json"),
+                "parameters": sum(p.numel() for p in pipe.model.parameters()),
+                "vocabulary_size": len(pipe.codec.vocab), "training_step": pipe.training_step,
+                "resolution": pipe.resolution, "device": str(pipe.device)}
+
+    def stats(self) -> dict:
+        return {"model_calls": self.calls, "requests_per_call": dict(self.requests_per_call),
+                "rows_per_call": dict(self.rows_per_call),
+                "largest_call_requests": max(self.requests_per_call, default=0)}
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05, batch_size_fn=lambda jobs: sum(j.rows for j in jobs))
+    async def run(self, jobs: list[Job]) -> list[dict]:
+        """Each job's output, or {"error": reason} for a job the model cannot take (its batch mates still run)."""
+        results: list[dict] = [{}] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for index, job in enumerate(jobs):
+            try:
+                if job.prompts is not None:
+                    self.pipe.check_prompts(job.prompts[:1])
+            except ValueError as exc:
+                results[index] = {"error": "prompt: " + str(exc).removeprefix("prompt 0 ")}
+                continue
+            groups.setdefault(job.group, []).append(index)
+        for members in groups.values():
+            try:
+                outputs = await asyncio.to_thread(self._run_group, [jobs[i] for i in members])
+            except ValueError as exc:  # the sampler refused these inputs: answer each request, keep serving
+                outputs = [{"error": str(exc)}] * len(members)
+            for index, output in zip(members, outputs):
+                results[index] = output
+        return results
+
+    def _run_group(self, jobs: list[Job]) -> list[dict]:
+        """One Pipeline.infill call for jobs that share steps, scheduler and which inputs they give."""
+        from psunet.pipeline import SamplerSettings
+
+        first = jobs[0]
+        concat = (lambda name: None if getattr(first, name) is None else
+                  np.concatenate([getattr(j, name) for j in jobs]))
+        result = self.pipe.infill(
+            prompts=None if first.prompts is None else [p for j in jobs for p in j.prompts],
+            images=concat("images"), image_masks=concat("masks"),
+            count=sum(j.rows for j in jobs) if first.prompts is None and first.images is None else None,
+            settings=SamplerSettings(steps=first.steps, scheduler=first.scheduler),
+            seeds=[s for j in jobs for s in j.seeds], guidance_scales=[g for j in jobs for g in j.guidance_scales])
+        self.calls += 1
+        self.requests_per_call[len(jobs)] += 1
+        self.rows_per_call[sum(j.rows for j in jobs)] += 1
+        outputs, start = [], 0
+        for job in jobs:
+            rows = slice(start, start + job.rows)
+            start += job.rows
+            outputs.append({"images": result.images[rows], "captions": result.captions[rows],
+                            "unknown_words": result.unknown_words[rows],
+                            "network_evaluations": result.network_evaluations})
+        return outputs
+
+
+# ---- ingress -----------------------------------------------------------------------------------------------
+
+api = FastAPI(title="psunet sampling service", version="1",
+              description="Joint text+image diffusion (PS-U-Net): text->image, image->text, generation, infilling.")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"] if part != "body")
+        if error["type"] == "json_invalid":
+            return JSONResponse({"error": f"malformed JSON: {error.get('ctx', {}).get('error', error['msg'])}"},
+                                status_code=400)
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown field")
+        else:
+            problems.append(f"{where or 'body'}: {error['msg']}")
+    return JSONResponse({"error": "; ".join(problems), "fields": [p.split(":")[0] for p in problems]},
+                        status_code=422)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes (by Content-Length, or while reading a chunked body).
+
+    `limit` is per process: the Ingress replica sets it from its arguments before serving.
+    """
+
+    limit = ServeArgs.model_fields["max_body_bytes"].default
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_large = JSONResponse({"error": f"request body over the limit of {self.limit} bytes"}, status_code=413)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise RequestError("body too large", status=413)
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except RequestError as exc:
+            if exc.status != 413:
+                raise
+            await too_large(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    """HTTP: parses and bounds requests, turns them into Jobs, awaits the Sampler, encodes the answers."""
+
+    def __init__(self, sampler, args: dict):
+        self.sampler = sampler
+        self.args = ServeArgs.model_validate(args)
+        self._model: dict | None = None
+        BodyLimit.limit = self.args.max_body_bytes
+
+    async def model_info(self) -> dict:
+        if self._model is None:
+            self._model = await self.sampler.describe.remote()
+        return self._model
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/model")
+    async def model(self) -> dict:
+        info = await self.model_info()
+        limits = {k: getattr(self.args, k) for k in ("max_samples", "max_steps", "max_prompt_chars",
+                                                       "max_image_side", "max_body_bytes", "request_timeout_s")}
+        defaults = {"steps": self.args.default_steps, "guidance_scale": self.args.default_guidance_scale,
+                    "scheduler": self.args.default_scheduler}
+        return {**info, "limits": limits, "defaults": defaults, "schedulers": list(SCHEDULERS)}
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        return await self.sampler.stats.remote()
+
+    @api.post("/v1/text-to-image")
+    async def text_to_image(self, body: TextToImage):
+        if body.response_format == "png" and body.num_samples != 1:
+            return _error("response_format: png returns one image; use json for num_samples > 1")
+        answer = await self._serve(body, prompt=body.prompt)
+        if isinstance(answer, Response):
+            return answer
+        if body.response_format == "png":
+            return Response(base64.b64decode(answer["images"][0]), media_type="image/png",
+                            headers={"X-Caption": answer["captions"][0]})
+        return answer
+
+    @api.post("/v1/image-to-text")
+    async def image_to_text(self, body: ImageToText):
+        return await self._serve(body, image=body.image, resize=body.resize, keep=("captions",))
+
+    @api.post("/v1/generate")
+    async def generate(self, body: Generate):
+        return await self._serve(body)
+
+    @api.post("/v1/infill")
+    async def infill(self, body: Infill):
+        if body.prompt is None and body.image is None:
+            return _error("give a prompt, an image, or both (use /v1/generate for neither)")
+        if body.mask is not None and body.image is None:
+            return _error("mask: given without an image")
+        return await self._serve(body, prompt=body.prompt, image=body.image, mask=body.mask, resize=body.resize)
+
+    async def _serve(self, body: Options, prompt: str | None = None, image: str | None = None,
+                     mask: str | None = None, resize: bool = False, keep: tuple[str, ...] = ("images", "captions")):
+        try:
+            job = await self._job(body, prompt, image, mask, resize)
+        except RequestError as exc:
+            return _error(str(exc), exc.status)
+        response = self.sampler.run.remote(job)
+        try:
+            output = await asyncio.wait_for(_awaited(response), self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            return _error(f"timed out after {self.args.request_timeout_s:g} s", 504)
+        if "error" in output:
+            return _error(output["error"])
+        answer = {"captions": output["captions"], "seeds": job.seeds, "steps": job.steps,
+                  "scheduler": job.scheduler, "guidance_scale": job.guidance_scales[0],
+                  "network_evaluations_per_sample": output["network_evaluations"]}
+        if "images" in keep:
+            answer["images"] = [base64.b64encode(encode_png(image)).decode() for image in output["images"]]
+        if prompt is not None:
+            answer["unknown_words"] = output["unknown_words"][0]
+        return answer
+
+    async def _job(self, body: Options, prompt, image, mask, resize) -> Job:
+        a = self.args
+        if body.num_samples > a.max_samples:
+            raise RequestError(f"num_samples: {body.num_samples} is over the server limit of {a.max_samples}")
+        steps = a.default_steps if body.steps is None else body.steps
+        if steps > a.max_steps:
+            raise RequestError(f"steps: {steps} is over the server limit of {a.max_steps}")
+        scheduler = body.scheduler or a.default_scheduler
+        if scheduler not in SCHEDULERS:
+            raise RequestError(f"scheduler: unknown name {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        guidance = a.default_guidance_scale if body.guidance_scale is None else body.guidance_scale
+        if not math.isfinite(guidance) or guidance > 100:
+            raise RequestError(f"guidance_scale: {guidance} is outside [0, 100]")
+        rows = body.num_samples
+        job = Job(rows, steps, scheduler, [body.seed + i for i in range(rows)], [guidance] * rows)
+        if prompt is not None:
+            if not prompt.strip():
+                raise RequestError("prompt: empty")
+            if len(prompt) > a.max_prompt_chars:
+                raise RequestError(f"prompt: {len(prompt)} characters, over the limit of {a.max_prompt_chars}")
+            job.prompts = [prompt] * rows
+        if image is not None:
+            size = (await self.model_info())["resolution"]
+            picture = decode_image(image, "image", a.max_image_side)
+            if picture.size != (size, size) and not resize:
+                raise RequestError(f"image: {picture.size[0]}x{picture.size[1]}, but this model takes {size}x{size} "
+                                   "(send resize: true to resize it)")
+            pixels = np.asarray(picture.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+            job.images = np.repeat(pixels[None], rows, axis=0)
+            if mask is not None:
+                painted = decode_image(mask, "mask", a.max_image_side)
+                if painted.size != picture.size:
+                    raise RequestError(f"mask: {painted.size[0]}x{painted.size[1]} but the image is "
+                                       f"{picture.size[0]}x{picture.size[1]}")
+                generate = np.asarray(painted.convert("L").resize((size, size), Image.NEAREST)) > 127
+                job.masks = np.repeat(generate[None], rows, axis=0)
+        return job
+
+
+def app(args: dict) -> serve.Application:
+    """Application builder: `serve run jobs.serve:app model=...` or `import_path: jobs.serve:app` in a config."""
+    import ray
+
+    try:
+        settings = ServeArgs.model_validate(args)
+    except ValidationError as exc:
+        raise ValueError(f"invalid serve arguments:\n{exc}") from None
+    gpus = settings.num_gpus
+    if gpus is None:
+        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    plain = json.loads(settings.model_dump_json())
+    sampler = Sampler.options(ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": gpus},
+                              max_ongoing_requests=max(2 * settings.max_batch_size, 8)).bind(plain)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(sampler, plain)

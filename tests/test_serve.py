@@ -1,0 +1,250 @@
+"""jobs/serve.py on a real local Ray instance with a tiny trained model: every endpoint over real HTTP, a table of
+bad requests (4xx with a reason, service still healthy), batching under concurrent load, and the web page in
+headless Chromium."""
+
+import base64
+import io
+import json
+import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from jobs.serve import ServeArgs, app
+
+pytestmark = pytest.mark.ray
+PROMPT = "a small red circle on the left"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, tiny_model):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app({"model": str(tiny_model), "max_samples": 4, "max_steps": 50, "max_prompt_chars": 80,
+                   "max_image_side": 256, "max_body_bytes": 200_000, "batch_wait_timeout_s": 0.2}),
+              name="psunet", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _png(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _image(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def _picture(side: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def test_health_model_page_and_openapi(service, tiny_model):
+    assert requests.get(f"{service}/healthz").json() == {"status": "ok"}
+    from psunet.text import TextCodec, load_vectors
+
+    info = requests.get(f"{service}/v1/model").json()
+    assert info["vocabulary_size"] == len(TextCodec(load_vectors(tiny_model / "words.bin"), 16).vocab)
+    assert info["resolution"] == 32 and info["parameters"] > 1000
+    assert info["training_step"] == json.loads((tiny_model / "state.json").read_text())["step"]
+    assert info["model_config"]["text_len"] == 16 and info["limits"]["max_samples"] == 4
+    paths = requests.get(f"{service}/openapi.json").json()["paths"]
+    assert {"/v1/text-to-image", "/v1/image-to-text", "/v1/generate", "/v1/infill", "/healthz", "/v1/model"} <= set(paths)
+    page = requests.get(f"{service}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "http://" not in page.text and "https://" not in page.text  # the page makes no external requests
+
+
+def test_text_to_image_json_and_png(service):
+    answer = requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "num_samples": 2, "steps": 3,
+                                                                 "seed": 5}).json()
+    images = [_image(data) for data in answer["images"]]
+    assert [image.shape for image in images] == [(32, 32, 3)] * 2
+    assert answer["captions"] == [PROMPT, PROMPT] and answer["seeds"] == [5, 6] and answer["unknown_words"] == []
+    assert answer["network_evaluations_per_sample"] == 6  # guided: 2 evaluations x 3 steps
+    assert not np.array_equal(images[0], images[1])
+    again = requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 3, "seed": 5}).json()
+    assert np.abs(_image(again["images"][0]).astype(int) - images[0]).max() <= 2  # same seed, same image
+    png = requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 3, "response_format": "png"})
+    assert png.headers["content-type"] == "image/png" and png.headers["x-caption"] == PROMPT
+    assert Image.open(io.BytesIO(png.content)).size == (32, 32)
+
+
+def test_image_to_text_generate_and_infill(service, tiny_model):
+    from psunet.text import load_vectors
+
+    vocabulary = set(load_vectors(tiny_model / "words.bin").key_to_index)
+    picture = _picture()
+    answer = requests.post(f"{service}/v1/image-to-text", json={"image": _png(picture), "steps": 3,
+                                                                 "num_samples": 2}).json()
+    assert len(answer["captions"]) == 2 and "images" not in answer
+    assert all(set(caption.split()) <= vocabulary for caption in answer["captions"])
+
+    generated = requests.post(f"{service}/v1/generate", json={"num_samples": 3, "steps": 2}).json()
+    assert len(generated["images"]) == 3 and len(generated["captions"]) == 3
+    assert generated["network_evaluations_per_sample"] == 2  # nothing known: no guidance pass
+
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, :16] = 255  # generate the left half
+    filled = requests.post(f"{service}/v1/infill", json={
+        "prompt": "a [?] circle on the [?]", "image": _png(picture), "mask": _png(np.repeat(mask[..., None], 3, 2)),
+        "steps": 3}).json()
+    image = _image(filled["images"][0])
+    assert np.array_equal(image[:, 16:], picture[:, 16:])  # known pixels come back exactly
+    words = filled["captions"][0].split()
+    assert words[0] == "a" and words[2:5] == ["circle", "on", "the"] and words[1] in vocabulary
+    resized = requests.post(f"{service}/v1/infill", json={"image": _png(_picture(64)), "resize": True, "steps": 2})
+    assert resized.status_code == 200 and _image(resized.json()["images"][0]).shape == (32, 32, 3)
+
+
+def _bad_image_pair() -> dict:
+    return {"image": _png(_picture()), "mask": _png(np.zeros((16, 16, 3), np.uint8))}
+
+
+BAD_REQUESTS = [
+    # (path, body: dict | raw str, status, words the error names)
+    ("/v1/text-to-image", "{not json", 400, "malformed JSON"),
+    ("/v1/text-to-image", "[1, 2]", 422, "valid dictionary"),
+    ("/v1/text-to-image", {}, 422, "prompt: Field required"),
+    ("/v1/text-to-image", {"prompt": 7}, 422, "prompt"),
+    ("/v1/text-to-image", {"prompt": ""}, 422, "prompt: empty"),
+    ("/v1/text-to-image", {"prompt": "   "}, 422, "prompt: empty"),
+    ("/v1/text-to-image", {"prompt": "red " * 30}, 422, "over the limit of 80"),
+    ("/v1/text-to-image", {"prompt": "zebra quantum"}, 422, "no word in the model's vocabulary"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "steps": 0}, 422, "steps"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "steps": 10**6}, 422, "steps: 1000000 is over the server limit of 50"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "steps": "ten"}, 422, "steps"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "steps": 2.5}, 422, "steps"),
+    ("/v1/text-to-image", '{"prompt": "a red circle", "guidance_scale": NaN}', 422, "guidance_scale: Input should be a finite number"),
+    ("/v1/text-to-image", '{"prompt": "a red circle", "guidance_scale": Infinity}', 422, "guidance_scale"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "guidance_scale": -1}, 422, "guidance_scale"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "guidance_scale": 1e9}, 422, "outside [0, 100]"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "num_samples": 0}, 422, "num_samples"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "num_samples": 100}, 422, "over the server limit of 4"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "scheduler": "euler-magic"}, 422, "scheduler: unknown name"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "seed": -3}, 422, "seed"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "temperature": 2}, 422, "temperature: unknown field"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "num_samples": 2, "response_format": "png"}, 422, "png returns one"),
+    ("/v1/image-to-text", {}, 422, "image: Field required"),
+    ("/v1/image-to-text", {"image": "!!!not base64!!!"}, 422, "image: not valid base64"),
+    ("/v1/image-to-text", {"image": base64.b64encode(b"GIF? no, just bytes").decode()}, 422, "not a PNG or JPEG"),
+    ("/v1/image-to-text", {"image": _png(_picture(48))}, 422, "this model takes 32x32"),
+    ("/v1/image-to-text", {"image": _png(np.zeros((300, 300, 3), np.uint8)), "resize": True}, 422,
+     "larger than the limit of 256"),
+    ("/v1/infill", {}, 422, "give a prompt, an image, or both"),
+    ("/v1/infill", {"prompt": PROMPT, "mask": _png(_picture())}, 422, "mask: given without an image"),
+    ("/v1/infill", _bad_image_pair(), 422, "mask: 16x16 but the image is 32x32"),
+    ("/v1/infill", {"image": _png(_picture()), "mask": "@@"}, 422, "mask: not valid base64"),
+    ("/v1/generate", {"num_samples": "3"}, 422, "num_samples"),
+    ("/v1/generate", {"steps": None, "seed": True}, 422, "seed"),
+    ("/v1/text-to-image", {"prompt": "a" * 300_000}, 413, "over the limit of 200000 bytes"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD_REQUESTS,
+                         ids=[f"{i}-{case[3][:30]}" for i, case in enumerate(BAD_REQUESTS)])
+def test_bad_request_gets_a_4xx_with_the_reason_and_the_service_stays_healthy(service, path, body, status, words):
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = requests.post(service + path, data=data, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"], response.json()
+    assert requests.get(f"{service}/healthz", timeout=10).status_code == 200
+
+
+def test_wrong_method_and_path(service):
+    assert requests.get(f"{service}/v1/text-to-image").status_code == 405
+    assert requests.get(f"{service}/v1/nothing-here").status_code == 404
+
+
+def test_concurrent_requests_are_batched_and_grouped_by_settings(service):
+    before = requests.get(f"{service}/v1/stats").json()
+
+    def call(i: int) -> tuple[dict, int]:
+        steps = 2 if i % 4 else 3  # two groups that must not share a sampler call
+        body = {"prompt": PROMPT, "steps": steps, "seed": i}
+        if i % 8 == 1:
+            body["guidance_scale"] = 1.0  # a guidance scale per row inside a shared call
+        return requests.post(f"{service}/v1/text-to-image", json=body, timeout=300).json(), steps
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, range(64)))
+    assert all(len(answer["images"]) == 1 for answer, _ in answers)
+    assert [answer["seeds"] for answer, _ in answers] == [[i] for i in range(64)]
+    assert all(answer["steps"] == steps and answer["network_evaluations_per_sample"] == 2 * steps
+               for answer, steps in answers)
+    after = requests.get(f"{service}/v1/stats").json()
+    calls = after["model_calls"] - before["model_calls"]
+    assert 2 <= calls < 64  # at least one call per steps group, far fewer than one per request
+    assert after["largest_call_requests"] > 1
+
+    # a sample does not depend on its batch mates: request 5 alone gives the image it got in the crowd
+    alone = requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 2, "seed": 5}).json()
+    crowd = answers[5][0]
+    assert np.abs(_image(alone["images"][0]).astype(int) - _image(crowd["images"][0])).max() <= 2
+
+
+def test_serve_config_in_cluster_is_valid_and_bad_arguments_name_the_field():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(Path("cluster/serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    application = schema.applications[0]
+    assert application.import_path == "jobs.serve:app" and schema.http_options.host == "127.0.0.1"
+    ServeArgs.model_validate(application.args)
+    assert {d["name"] for d in config["applications"][0]["deployments"]} == {"Sampler", "Ingress"}
+    with pytest.raises(ValueError, match="max_samples"):
+        app({"model": "m", "max_samples": 0})
+    with pytest.raises(ValueError, match="model"):
+        app({})
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Debian's chromium is needed for the browser test (`make test` installs it)")
+    return path
+
+
+def test_web_page_in_headless_chromium(service):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), headless=True,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page()
+        outside = []
+        page.on("request", lambda request: None if request.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                else outside.append(request.url))
+        page.goto(service + "/")
+        page.wait_for_function("document.getElementById('steps').value !== ''")
+        page.fill("#prompt", PROMPT)
+        page.fill("#steps", "3")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('result').naturalWidth > 0", timeout=60_000)
+        assert page.eval_on_selector("#result", "img => img.naturalWidth") == 32
+        assert page.inner_text("#caption") == PROMPT
+        assert page.inner_text("#error") == ""
+
+        page.fill("#steps", "0")  # the server's refusal is shown, the page keeps working
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('error').textContent !== ''")
+        assert "steps" in page.inner_text("#error")
+        browser.close()
+    assert outside == []
