@@ -17,7 +17,8 @@ venv: $(BIN)/activate
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
+		echo "make: could not install chromium; the browser test will fail and say so" >&2
 
 test: venv chromium
 	RAY_AUTH_MODE=token $(BIN)/python -m pytest -q

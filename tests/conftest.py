@@ -5,6 +5,8 @@ import os
 
 # Ray reads its auth mode when imported: token auth on, the same for every process the tests start.
 os.environ["RAY_AUTH_MODE"] = "token"
+# Serve kills an HTTP proxy that is not ready within 5 s; on two busy cores starting one can take longer.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

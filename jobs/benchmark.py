@@ -1,0 +1,486 @@
+"""Speed, measured side by side in one run: each subcommand prints one JSON object (targets beside figures).
+
+    python jobs/benchmark.py train --preset demo              # samples/s, FLOPs, measured matmul peak, MFU, memory
+    python jobs/benchmark.py overhead --preset demo           # bare PyTorch loop vs TorchTrainer(1 worker), A/B/A/B
+    python jobs/benchmark.py loader --data data/demo/train    # shard reader vs training speed; RSS at 1x and 10x shards
+    python jobs/benchmark.py sampling --preset demo --model runs/<run>/model
+    python jobs/benchmark.py convergence --config configs/demo.yaml --steps 1500
+    python jobs/benchmark.py serve --model runs/<run>/model   # Serve text-to-image, batching on vs off
+
+Figures are logged to MLflow (experiment psunet-benchmark) when --tracking-uri or MLFLOW_TRACKING_URI is
+set. No figure here is a test: tests only check that every field is present and positive.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from psunet.config import DiffusionConfig, preset  # noqa: E402
+from psunet.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
+from psunet.model import PSUNet, forward_flops  # noqa: E402
+
+TARGETS = {
+    "cpu": {"mfu": 0.60, "overhead_ratio_max": 1.05, "loader_headroom": 20.0, "guidance_batching_speedup": 1.6,
+            "serve_batching_speedup_16_clients": 3.0},
+    "cuda": {"mfu": 0.45, "overhead_ratio_max": 1.05, "loader_headroom": 20.0, "guidance_batching_speedup": 1.6,
+             "serve_batching_speedup_16_clients": 3.0},
+}
+
+
+def device_of(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def matmul_peak(device: torch.device, seconds: float = 2.0) -> float:
+    """Measured FLOP/s of a large square matmul in the training dtype (the denominator of MFU)."""
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=training_dtype(device))
+    b = torch.randn(size, size, device=device, dtype=training_dtype(device))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(4):
+            a @ b
+        count += 4
+        sync(device)
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+class StepTimer:
+    """Training steps of one model on one fixed synthetic batch (the data path is measured by `loader`)."""
+
+    def __init__(self, model_config, batch_size: int, device: torch.device, seed: int = 0, wrap=None):
+        torch.manual_seed(seed)
+        self.device, self.model_config = device, model_config
+        model = PSUNet(model_config).to(device)
+        self.model = wrap(model) if wrap else model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.schedule = NoiseSchedule(DiffusionConfig())
+        self.latents = torch.randn(batch_size, *model_config.latent_shape, device=device)
+        self.text = torch.randn(batch_size, model_config.text_len, model_config.word_dim, device=device)
+        self.batch_size = batch_size
+
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = diffusion_loss(self.model, self.schedule, DiffusionConfig(), self.latents, self.text).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def seconds_per_step(self, steps: int, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            self.step()
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        return (time.perf_counter() - start) / steps
+
+
+def bench_train(args) -> dict:
+    device = device_of(args.device)
+    config = preset(args.preset)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = StepTimer(config, args.batch_size, device)
+    seconds = timer.seconds_per_step(args.steps)
+    forward = forward_flops(PSUNet(config))
+    samples_per_s = args.batch_size / seconds
+    achieved = samples_per_s * 3 * forward
+    peak = matmul_peak(device)
+    memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+    return {"preset": args.preset, "batch_size": args.batch_size, "device": str(device),
+            "dtype": str(training_dtype(device)).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "samples_per_s": samples_per_s, "step_ms": seconds * 1000, "forward_flops_per_sample": forward,
+            "train_flops_per_sample": 3 * forward, "achieved_flops": achieved, "matmul_peak_flops": peak,
+            "mfu": achieved / peak, "peak_memory_mb": memory, "target_mfu": TARGETS[device.type]["mfu"]}
+
+
+def _trainer_loop(config: dict) -> None:
+    """One TorchTrainer worker: the same StepTimer, its model prepared by Ray Train."""
+    import ray.train
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    timer = StepTimer(preset(config["preset"]), config["batch_size"], device,
+                      wrap=ray.train.torch.prepare_model)
+    seconds = timer.seconds_per_step(config["steps"])
+    with tempfile.TemporaryDirectory() as folder:  # Train V2 keeps the metrics of reports with a checkpoint
+        ray.train.report({"seconds_per_step": seconds}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def bench_overhead(args) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    device = device_of(args.device)
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="psunet-bench-")
+    bare, trainer = [], []
+    for round_ in range(args.rounds):  # A/B/A/B: drift hits both sides alike
+        bare.append(StepTimer(preset(args.preset), args.batch_size, device).seconds_per_step(args.steps))
+        result = TorchTrainer(
+            _trainer_loop, train_loop_config={"preset": args.preset, "batch_size": args.batch_size,
+                                              "steps": args.steps},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=device.type == "cuda",
+                                         resources_per_worker={"CPU": max(1, os.cpu_count() or 1)}),
+            run_config=RunConfig(name=f"overhead-{round_}", storage_path=storage)).fit()
+        trainer.append(result.metrics["seconds_per_step"])
+    bare_s, trainer_s = statistics.median(bare), statistics.median(trainer)
+    return {"preset": args.preset, "batch_size": args.batch_size, "device": str(device), "rounds": args.rounds,
+            "bare_step_ms": bare_s * 1000, "trainer_step_ms": trainer_s * 1000, "ratio": trainer_s / bare_s,
+            "target_ratio_max": TARGETS[device.type]["overhead_ratio_max"]}
+
+
+def _read_shards(folder: str, limit: int) -> dict:
+    """In a fresh process: read up to `limit` samples from a shard set, report speed and peak RSS."""
+    from psunet.data import ShardStream
+
+    start, count = time.perf_counter(), 0
+    for _ in ShardStream(folder, training=False, rank=0, world_size=1):
+        count += 1
+        if count >= limit:
+            break
+    return {"samples": count, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+
+
+def _replicated(folder: Path, times: int) -> Path:
+    """A shard set listing every shard `times` times (links, no copies): 10x the shards, same bytes on disk."""
+    from psunet.data import load_manifest, write_manifest
+
+    manifest = load_manifest(folder)
+    out = Path(tempfile.mkdtemp(prefix="psunet-shards-"))
+    shards = []
+    for copy in range(times):
+        for shard in manifest.shards:
+            name = f"r{copy:02d}-{Path(shard).name}"
+            (out / name).symlink_to(Path(manifest.resolve(folder, shard)).resolve())
+            shards.append(name)
+    assets = {"word_vectors": manifest.resolve(folder, manifest.word_vectors)}
+    if manifest.autoencoder_is_local:
+        assets["autoencoder"] = manifest.resolve(folder, manifest.autoencoder)
+    write_manifest(out, manifest.model_copy(update={"shards": shards, "samples": manifest.samples * times, **assets}))
+    return out
+
+
+def bench_loader(args) -> dict:
+    import multiprocessing
+
+    from psunet.data import load_manifest
+
+    folder = Path(args.data)
+    manifest = load_manifest(folder)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        one = pool.apply(_read_shards, (str(folder), manifest.samples))
+    ten_folder = _replicated(folder, 10)
+    with context.Pool(1) as pool:
+        ten = pool.apply(_read_shards, (str(ten_folder), 10 * manifest.samples))
+    config = preset(args.preset)
+    train_samples_per_s = args.batch_size / StepTimer(config, args.batch_size, device_of(args.device)
+                                                      ).seconds_per_step(args.steps)
+    reader = ten["samples"] / ten["seconds"]
+    return {"data": str(folder), "preset": args.preset, "reader_samples_per_s": reader,
+            "train_samples_per_s": train_samples_per_s, "headroom": reader / train_samples_per_s,
+            "samples_1x": one["samples"], "samples_10x": ten["samples"], "rss_mb_1x": one["peak_rss_mb"],
+            "rss_mb_10x": ten["peak_rss_mb"], "rss_ratio_10x_over_1x": ten["peak_rss_mb"] / one["peak_rss_mb"],
+            "target_headroom": TARGETS["cpu"]["loader_headroom"]}
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+@torch.no_grad()
+def bench_sampling(args) -> dict:
+    from psunet.pipeline import SamplerSettings
+    from psunet.sampling import joint_infill
+
+    from jobs.model_ref import load_pipeline
+
+    device = device_of(args.device)
+    pipe = load_pipeline(args.model, device=str(device)) if args.model else None
+    config = pipe.model_config if pipe else preset(args.preset)
+    model = pipe.model if pipe else PSUNet(config).to(device).eval()
+    diffusion = pipe.diffusion_config if pipe else DiffusionConfig()
+    forward = torch.compile(model) if args.compile else model
+    figures = {"preset": args.preset if not pipe else "model", "device": str(device), "compiled": args.compile,
+               "steps": args.sample_steps}
+    for batch in (1, 16, 64):
+        text = torch.randn(batch, config.text_len, config.word_dim, device=device)
+        seconds = _time(lambda: joint_infill(forward, config, diffusion, batch, text_known=text,
+                                             steps=args.sample_steps, device=device), 2, device)
+        figures[f"ms_per_step_batch{batch}"] = seconds / args.sample_steps * 1000
+    text = torch.randn(1, config.text_len, config.word_dim, device=device)
+    for name, scale in (("guided", 3.0), ("unguided", 1.0)):
+        out = joint_infill(forward, config, diffusion, 1, text_known=text, steps=args.sample_steps,
+                           guidance_scale=scale, device=device)
+        figures[f"evaluations_per_step_{name}"] = out.network_evaluations / args.sample_steps
+    image = torch.randn(1, *config.latent_shape, device=device)
+    times = torch.full((2, 1), 500, device=device)
+    pair = (torch.cat([image, image]), torch.cat([text, text]), torch.cat([times, times], dim=1))
+    together = _time(lambda: forward(*pair), 20, device)
+    apart = _time(lambda: (forward(image, text, times), forward(image, text, times)), 20, device)
+    figures.update({"batched_guidance_forward_ms": together * 1000, "two_forwards_ms": apart * 1000,
+                    "guidance_batching_speedup": apart / together,
+                    "target_guidance_batching_speedup": TARGETS[device.type]["guidance_batching_speedup"]})
+    if pipe:
+        settings = SamplerSettings(steps=args.sample_steps)
+        figures["text_to_image_latency_ms"] = _time(
+            lambda: pipe.text_to_image(["a small red circle on the left"], settings), 2, device) * 1000
+        figures["image_to_text_latency_ms"] = _time(
+            lambda: pipe.image_to_text(pipe.decode_images(image), settings), 2, device) * 1000
+    return figures
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float:
+    """First step at which a (step, value) curve is at or below `target`, linearly interpolated."""
+    previous = (0, math.inf)
+    for step, value in curve:
+        if value <= target:
+            if math.isinf(previous[1]):
+                return float(step)
+            fraction = (previous[1] - target) / (previous[1] - value)
+            return previous[0] + fraction * (step - previous[0])
+        previous = (step, value)
+    return math.inf
+
+
+def bench_convergence(args) -> dict:
+    """PS-U-Net vs its parameter-matched U-ViT-multi baseline: same data, seed, steps and evaluation."""
+    from jobs.config import load_config
+    from jobs.quality import text_to_image_accuracy
+    from jobs.train import Validator, lr_at
+    from psunet.config import baseline_of
+    from psunet.data import make_loader
+    from psunet.ema import EMA
+    from psunet.model import parameter_counts
+
+    device = device_of(args.device)
+    base = load_config(args.config, args.overrides).resolved()
+    validator = Validator(base, device)
+    curves, counts = {}, {}
+    for name, model_config in (("psunet", base.model), ("baseline", baseline_of(base.model))):
+        cfg = base.model_copy(update={"model": model_config})
+        torch.manual_seed(args.seed)
+        model = PSUNet(model_config).to(device)
+        counts[name] = parameter_counts(model)["total"]
+        ema = EMA(model, cfg.optim.ema_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                      weight_decay=cfg.optim.weight_decay)
+        schedule = NoiseSchedule(cfg.diffusion)
+        batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, model_config, training=True,
+                                   seed=args.seed, rank=0, world_size=1))
+        curve = []
+        for step in range(1, args.steps + 1):
+            batch = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg.optim)
+            loss = diffusion_loss(model, schedule, cfg.diffusion, batch["latent"].to(device),
+                                  batch["text"].to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.update(model)
+            if step % args.eval_every == 0 or step == args.steps:
+                point = {"step": step, **validator.loss(ema.model)}
+                if args.accuracy:
+                    accuracy, _ = text_to_image_accuracy(validator.make_pipeline(ema.model), validator.captions,
+                                                         validator.settings)
+                    point["t2i_accuracy"] = sum(v for k, v in accuracy.items() if k != "all") / (len(accuracy) - 1)
+                curve.append(point)
+                print(f"convergence: {name} step {step} " + " ".join(f"{k}={v:.4g}" for k, v in point.items()
+                                                                       if k != "step"), file=sys.stderr, flush=True)
+        curves[name] = curve
+    final = {name: curve[-1]["val_loss"] for name, curve in curves.items()}
+    target = max(final.values())  # both models reach the worse final loss within the budget
+    reach = {name: steps_to_reach([(p["step"], p["val_loss"]) for p in curve], target)
+             for name, curve in curves.items()}
+    plot = plot_curves(curves, Path(args.out_dir) / "convergence.png") if args.out_dir else None
+    figures = {"config": args.config, "steps": args.steps, "seed": args.seed,
+               "parameters_psunet": counts["psunet"], "parameters_baseline": counts["baseline"],
+               "parameter_gap": abs(counts["psunet"] - counts["baseline"]) / counts["baseline"],
+               "final_val_loss_psunet": final["psunet"], "final_val_loss_baseline": final["baseline"],
+               "target_val_loss": target, "steps_to_target_psunet": reach["psunet"],
+               "steps_to_target_baseline": reach["baseline"],
+               "step_ratio": reach["baseline"] / reach["psunet"], "curves": curves,
+               "plot": str(plot) if plot else None}
+    if args.accuracy:
+        figures.update({f"final_t2i_accuracy_{name}": curve[-1]["t2i_accuracy"] for name, curve in curves.items()})
+    return figures
+
+
+def plot_curves(curves: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("val_loss", "t2i_accuracy") if m in next(iter(curves.values()))[0]]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for name, curve in curves.items():
+            axis.plot([p["step"] for p in curve], [p[metric] for p in curve], marker="o", label=name)
+        axis.set_xlabel("step")
+        axis.set_ylabel(metric)
+        axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _load(url: str, clients: int, requests_total: int, steps: int) -> dict:
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(i: int) -> float:
+        start = time.perf_counter()
+        response = requests.post(url, json={"prompt": "a small red circle on the left", "seed": i, "steps": steps},
+                                 timeout=600)
+        response.raise_for_status()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = sorted(pool.map(call, range(requests_total)))
+    wall = time.perf_counter() - start
+    return {"requests_per_s": requests_total / wall, "p50_ms": 1000 * latencies[len(latencies) // 2],
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]}
+
+
+def bench_serve(args) -> dict:
+    import socket
+
+    import ray
+    from ray import serve
+
+    from jobs.serve import app
+
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    figures = {"model": args.model, "steps": args.sample_steps}
+    try:
+        for mode, batch in (("batching", 64), ("no_batching", 1)):
+            serve.run(app({"model": args.model, "max_batch_size": batch, "max_samples": 1}),
+                      name="bench", route_prefix="/")
+            url = f"http://127.0.0.1:{port}/v1/text-to-image"
+            for clients in (1, 4, 16):
+                result = _load(url, clients, max(args.requests, 2 * clients), args.sample_steps)
+                figures.update({f"{mode}_{clients}c_{key}": value for key, value in result.items()})
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+    figures["batching_speedup_16_clients"] = (figures["batching_16c_requests_per_s"]
+                                              / figures["no_batching_16c_requests_per_s"])
+    figures["target_batching_speedup_16_clients"] = TARGETS["cpu"]["serve_batching_speedup_16_clients"]
+    return figures
+
+
+def log_to_mlflow(uri: str, command: str, figures: dict) -> str:
+    import mlflow
+
+    from jobs.tracking import experiment_id
+
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(experiment_id(client, "psunet-benchmark", "runs"), run_name=command,
+                            tags={"psunet.benchmark": command})
+    for key, value in figures.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            client.log_metric(run.info.run_id, key, float(value))
+        elif isinstance(value, str):
+            client.log_param(run.info.run_id, key, value[:500])
+    if figures.get("plot"):
+        client.log_artifact(run.info.run_id, figures["plot"])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+COMMANDS = {"train": bench_train, "overhead": bench_overhead, "loader": bench_loader, "sampling": bench_sampling,
+            "convergence": bench_convergence, "serve": bench_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--preset", default="demo", help="model preset (train, overhead, loader, sampling)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps; convergence: training steps")
+    parser.add_argument("--rounds", type=int, default=2, help="overhead: A/B rounds")
+    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--data", help="loader: a shard folder")
+    parser.add_argument("--model", help="sampling (end-to-end latency), serve: model folder or MLflow URI")
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--compile", action="store_true", help="sampling: torch.compile the model")
+    parser.add_argument("--requests", type=int, default=32, help="serve: requests per client count")
+    parser.add_argument("--config", default="configs/demo.yaml", help="convergence: training config")
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
+                        help="convergence: skip text->image accuracy (non-demo data)")
+    parser.add_argument("--out-dir", default="runs/benchmark", help="convergence: where the curves PNG goes")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    parser.add_argument("overrides", nargs="*", help="convergence: section.field=value for the config")
+    args = parser.parse_intermixed_args(argv)
+    for name in ("batch_size", "steps", "rounds", "sample_steps", "requests", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.command == "loader" and not args.data:
+        parser.error("loader needs --data <shard folder>")
+    if args.command == "serve" and not args.model:
+        parser.error("serve needs --model <folder or runs:/<id>/model>")
+    try:
+        figures = {"benchmark": args.command, **COMMANDS[args.command](args),
+                   "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                   "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"benchmark: error: {exc}", file=sys.stderr)
+        return 2
+    if args.tracking_uri:
+        figures["mlflow_run_id"] = log_to_mlflow(args.tracking_uri, args.command, figures)
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

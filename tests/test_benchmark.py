@@ -1,0 +1,82 @@
+"""jobs/benchmark.py: every subcommand runs on the tiny preset and prints one JSON object with every field present
+and positive. No timing thresholds: the figures themselves live in BENCHMARKS.md."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jobs.benchmark import steps_to_reach
+
+pytestmark = pytest.mark.ray
+
+FIELDS = {
+    "train": ["samples_per_s", "step_ms", "forward_flops_per_sample", "train_flops_per_sample", "achieved_flops",
+              "matmul_peak_flops", "mfu", "peak_memory_mb", "target_mfu"],
+    "overhead": ["bare_step_ms", "trainer_step_ms", "ratio", "target_ratio_max"],
+    "loader": ["reader_samples_per_s", "train_samples_per_s", "headroom", "samples_1x", "samples_10x", "rss_mb_1x",
+               "rss_mb_10x", "rss_ratio_10x_over_1x", "target_headroom"],
+    "sampling": ["ms_per_step_batch1", "ms_per_step_batch16", "ms_per_step_batch64", "evaluations_per_step_guided",
+                 "evaluations_per_step_unguided", "batched_guidance_forward_ms", "two_forwards_ms",
+                 "guidance_batching_speedup", "text_to_image_latency_ms", "image_to_text_latency_ms"],
+    "convergence": ["parameters_psunet", "parameters_baseline", "final_val_loss_psunet", "final_val_loss_baseline",
+                    "target_val_loss", "steps_to_target_psunet", "steps_to_target_baseline", "step_ratio",
+                    "final_t2i_accuracy_psunet", "final_t2i_accuracy_baseline"],
+    "serve": [f"{mode}_{clients}c_{key}" for mode in ("batching", "no_batching") for clients in (1, 4, 16)
+              for key in ("requests_per_s", "p50_ms", "p99_ms")] + ["batching_speedup_16_clients"],
+}
+
+
+def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
+    small = ["--preset", "tiny", "--batch-size", "4", "--steps", "2"]
+    return {
+        "train": small,
+        "overhead": small + ["--rounds", "1"],
+        "loader": small + ["--data", f"{demo_set}/train"],
+        "sampling": ["--preset", "tiny", "--model", str(tiny_model), "--sample-steps", "2"],
+        "convergence": ["--config", "configs/tiny.yaml", "--steps", "4", "--eval-every", "2", "--out-dir",
+                        str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
+        "serve": ["--model", str(tiny_model), "--sample-steps", "2", "--requests", "2"],
+    }[command]
+
+
+@pytest.mark.parametrize("command", FIELDS)
+def test_benchmark_prints_json_with_every_field_positive(command, demo_set, tiny_model, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "jobs/benchmark.py", command, *_arguments(command, demo_set, tiny_model,
+                                                                                      tmp_path), "--tracking-uri", uri],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == command
+    for field in FIELDS[command]:
+        assert field in figures, field
+        value = figures[field]
+        assert isinstance(value, (int, float)) and math.isfinite(value), (field, value)
+        # accuracies are fractions (0 is possible after a few steps); everything else is a positive measure
+        assert 0 <= value <= 1 if "accuracy" in field else value > 0, (field, value)
+    if command == "sampling":
+        assert figures["evaluations_per_step_guided"] == 2 and figures["evaluations_per_step_unguided"] == 1
+    if command == "loader":
+        assert figures["samples_10x"] == 10 * figures["samples_1x"]
+    if command == "convergence":
+        assert abs(figures["parameters_psunet"] - figures["parameters_baseline"]) / figures["parameters_baseline"] < 0.02
+        assert [p["step"] for p in figures["curves"]["psunet"]] == [2, 4]
+        assert (tmp_path / "convergence.png").stat().st_size > 0
+
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(figures["mlflow_run_id"])
+    assert run.data.tags["psunet.benchmark"] == command
+    assert run.data.metrics[FIELDS[command][0]] == pytest.approx(figures[FIELDS[command][0]])
+
+
+def test_steps_to_reach_interpolates_and_says_never():
+    curve = [(10, 4.0), (20, 2.0), (30, 1.0)]
+    assert steps_to_reach(curve, 3.0) == 15.0
+    assert steps_to_reach(curve, 5.0) == 10.0
+    assert steps_to_reach(curve, 0.5) == math.inf
