@@ -248,3 +248,17 @@ def test_web_page_in_headless_chromium(service):
         assert "steps" in page.inner_text("#error")
         browser.close()
     assert outside == []
+
+
+def test_a_request_over_the_time_limit_gets_504_and_the_service_stays_healthy(service, tiny_model):
+    from ray import serve
+
+    serve.run(app({"model": str(tiny_model), "request_timeout_s": 0.01, "batch_wait_timeout_s": 0.2}),
+              name="hurried", route_prefix="/hurried")
+    try:
+        response = requests.post(f"{service}/hurried/v1/text-to-image", json={"prompt": PROMPT, "steps": 40})
+        assert response.status_code == 504 and "timed out after 0.01 s" in response.json()["error"]
+        assert requests.get(f"{service}/hurried/healthz").status_code == 200
+    finally:
+        serve.delete("hurried")
+    assert requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 2}).status_code == 200
