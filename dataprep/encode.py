@@ -189,8 +189,10 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
     latent_shape = None
     for split in splits:
         (out / split).mkdir(parents=True, exist_ok=True)
+        # a whole-second mtime: a fractional one makes tarfile add a PAX header to every member, which
+        # doubles the headers the reader parses (and a fixed one makes the shards reproducible)
         writers[split] = wds.ShardWriter(str(out / split / f"{split}-%06d.tar"), maxcount=settings.samples_per_shard,
-                                         verbose=0)
+                                         verbose=0, mtime=0)
     try:
         for batch in dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
             for i, key in enumerate(batch["key"]):
