@@ -19,7 +19,6 @@ import base64
 import binascii
 import io
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from ray import serve
 
 from psunet.config import StrictModel
 from psunet.diffusion import SCHEDULERS
+from psunet.sampling import MAX_STEPS, validate_settings
 
 PAGE = Path(__file__).with_name("serve_page.html")
 
@@ -143,10 +143,6 @@ def decode_image(data: str, field: str, max_side: int) -> Image.Image:
     except (OSError, SyntaxError):
         raise RequestError(f"{field}: the image data is truncated or corrupt") from None
     return image
-
-
-async def _awaited(response):
-    return await response
 
 
 def _error(message: str, status: int = 422) -> JSONResponse:
@@ -376,7 +372,7 @@ class Ingress:
             return _error(str(exc), exc.status)
         response = self.sampler.run.remote(job)
         try:
-            output = await asyncio.wait_for(_awaited(response), self.args.request_timeout_s)
+            output = await asyncio.wait_for(response, self.args.request_timeout_s)
         except asyncio.TimeoutError:
             response.cancel()
             return _error(f"timed out after {self.args.request_timeout_s:g} s", 504)
@@ -399,10 +395,12 @@ class Ingress:
         if steps > a.max_steps:
             raise RequestError(f"steps: {steps} is over the server limit of {a.max_steps}")
         scheduler = body.scheduler or a.default_scheduler
-        if scheduler not in SCHEDULERS:
-            raise RequestError(f"scheduler: unknown name {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         guidance = a.default_guidance_scale if body.guidance_scale is None else body.guidance_scale
-        if not math.isfinite(guidance) or guidance > 100:
+        try:
+            validate_settings(steps, guidance, scheduler, MAX_STEPS)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        if guidance > 100:
             raise RequestError(f"guidance_scale: {guidance} is outside [0, 100]")
         rows = body.num_samples
         job = Job(rows, steps, scheduler, [body.seed + i for i in range(rows)], [guidance] * rows)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from psunet.autoencoder import Autoencoder
-from psunet.checkpoint import load_model
+from psunet.checkpoint import load_model, load_state
 from psunet.config import DiffusionConfig, ModelConfig
 from psunet.model import PSUNet
 from psunet.sampling import SampleOutput, joint_infill
@@ -85,8 +85,7 @@ class Pipeline:
         codec = TextCodec(vectors, model_config.text_len)
         if codec.dim != model_config.word_dim:
             raise ValueError(f"word vectors are {codec.dim}-d but the model's word_dim is {model_config.word_dim}")
-        state = folder / "state.json"
-        step = json.loads(state.read_text()).get("step") if state.is_file() else None
+        step = load_state(folder).get("step") if (folder / "state.json").is_file() else None
         return cls(model, model_config, diffusion_config, codec, Autoencoder.load(autoencoder_ref, device=device),
                    training_step=step)
 
