@@ -5,11 +5,13 @@ BIN := $(VENV)/bin
 
 .PHONY: venv chromium test test-fast demo demo-stop serve clean
 
-$(BIN)/activate:
+# re-run when pyproject.toml changes, so an existing environment gets new dependencies
+$(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[test]"
+	touch $(BIN)/activate
 
 venv: $(BIN)/activate
 

@@ -5,6 +5,9 @@
     python jobs/benchmark.py loader --data data/demo/train    # shard reader vs training speed; RSS at 1x and 10x shards
     python jobs/benchmark.py sampling --preset demo --model runs/<run>/model
     python jobs/benchmark.py convergence --config configs/demo.yaml --steps 1500
+    python jobs/benchmark.py convergence --against ode --steps 1000 model.shared_depth=7 model.ode_solver=midpoint
+    python jobs/benchmark.py convergence --against experts --experts 2 --steps 1500 --branch-at 1000
+    python jobs/benchmark.py paint --model runs/<run>/model   # paint-with-words: objects landing in the region
     python jobs/benchmark.py serve --model runs/<run>/model   # Serve text-to-image, batching on vs off
 
 Figures are logged to MLflow (experiment psunet-benchmark) when --tracking-uri or MLFLOW_TRACKING_URI is
@@ -280,67 +283,194 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float:
     return math.inf
 
 
-def bench_convergence(args) -> dict:
-    """PS-U-Net vs its parameter-matched U-ViT-multi baseline: same data, seed, steps and evaluation."""
-    from jobs.config import load_config
-    from jobs.quality import text_to_image_accuracy
-    from jobs.train import Validator, lr_at
-    from psunet.config import baseline_of
+def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, evaluate=None,
+              eval_every: int = 0, name: str = "") -> tuple[PSUNet, list[dict]]:
+    """Train `model` in this process with the training job's own step (jobs.train.train_step) and lr schedule,
+    for `steps` steps (cfg.branch.time_range limits the times); returns (EMA model, evaluation curve)."""
+    from jobs.train import lr_at, train_step
     from psunet.data import make_loader
     from psunet.ema import EMA
+
+    optim = cfg.optim.model_copy(update={"steps": steps, "warmup_steps": min(cfg.optim.warmup_steps, steps - 1)})
+    ema = EMA(model, cfg.optim.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    schedule = NoiseSchedule(cfg.diffusion)
+    batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True, seed=seed,
+                               rank=0, world_size=1))
+    curve = []
+    for step in range(steps):
+        train_step(model, model, optimizer, ema, schedule, cfg, next(batches), lr_at(step, optim), device)
+        if evaluate and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            curve.append({"step": step + 1, **evaluate(ema.model)})
+            print(f"convergence: {name} step {step + 1} " + " ".join(
+                f"{k}={v:.4g}" for k, v in curve[-1].items() if k != "step"), file=sys.stderr, flush=True)
+    return ema.model, curve
+
+
+def activation_mb(model: PSUNet, batch_size: int, device: torch.device) -> float:
+    """MB of tensors saved for backward in one training forward: the activation memory of a step, any device."""
+    c = model.config
+    saved = 0
+
+    def pack(tensor):
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    latents = torch.randn(batch_size, *c.latent_shape, device=device)
+    text = torch.randn(batch_size, c.text_len, c.word_dim, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(latents, text, torch.randint(0, 1000, (batch_size,), device=device))
+    out.eps_image.sum().backward()
+    model.zero_grad(set_to_none=True)
+    return saved / 2**20
+
+
+def sampling_ms_per_step(model, config, diffusion, batch: int, device: torch.device, steps: int = 10) -> float:
+    from psunet.sampling import joint_infill
+
+    text = torch.randn(batch, config.text_len, config.word_dim, device=device)
+    with torch.no_grad():
+        seconds = _time(lambda: joint_infill(model, config, diffusion, batch, text_known=text, steps=steps,
+                                             device=device), 2, device)
+    return seconds / steps * 1000
+
+
+def bench_convergence(args) -> dict:
+    """PS-U-Net against another model on the same data, seed, steps and evaluation.
+
+    --against baseline: the parameter-matched U-ViT-multi; ode: the same model with neural-ODE shared blocks;
+    experts: K experts branched from a base trained to --branch-at, against one model fine-tuned from the same
+    base for the same steps (the K = 1 control).
+    """
+    from jobs.config import load_config
+    from jobs.quality import text_to_image_accuracy
+    from jobs.train import Validator
+    from psunet.config import baseline_of
     from psunet.model import parameter_counts
 
     device = device_of(args.device)
     base = load_config(args.config, args.overrides).resolved()
     validator = Validator(base, device)
-    curves, counts = {}, {}
-    for name, model_config in (("psunet", base.model), ("baseline", baseline_of(base.model))):
+
+    def evaluate(model) -> dict:
+        point = validator.loss(model)
+        if args.accuracy:
+            accuracy, _ = text_to_image_accuracy(validator.make_pipeline(model), validator.captions,
+                                                 validator.settings)
+            point["t2i_accuracy"] = sum(v for k, v in accuracy.items() if k != "all") / (len(accuracy) - 1)
+        return point
+
+    if args.against == "experts":
+        return _experts_against_one(args, base, device, evaluate)
+    other = baseline_of(base.model) if args.against == "baseline" else \
+        base.model.model_copy(update={"block_type": "ode"})
+    names = ("psunet", args.against)
+    curves, figures = {}, {"config": args.config, "against": args.against, "steps": args.steps, "seed": args.seed}
+    for name, model_config in zip(names, (base.model, other)):
         cfg = base.model_copy(update={"model": model_config})
         torch.manual_seed(args.seed)
         model = PSUNet(model_config).to(device)
-        counts[name] = parameter_counts(model)["total"]
-        ema = EMA(model, cfg.optim.ema_decay)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                      weight_decay=cfg.optim.weight_decay)
-        schedule = NoiseSchedule(cfg.diffusion)
-        batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, model_config, training=True,
-                                   seed=args.seed, rank=0, world_size=1))
-        curve = []
-        for step in range(1, args.steps + 1):
-            batch = next(batches)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg.optim)
-            loss = diffusion_loss(model, schedule, cfg.diffusion, batch["latent"].to(device),
-                                  batch["text"].to(device)).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ema.update(model)
-            if step % args.eval_every == 0 or step == args.steps:
-                point = {"step": step, **validator.loss(ema.model)}
-                if args.accuracy:
-                    accuracy, _ = text_to_image_accuracy(validator.make_pipeline(ema.model), validator.captions,
-                                                         validator.settings)
-                    point["t2i_accuracy"] = sum(v for k, v in accuracy.items() if k != "all") / (len(accuracy) - 1)
-                curve.append(point)
-                print(f"convergence: {name} step {step} " + " ".join(f"{k}={v:.4g}" for k, v in point.items()
-                                                                       if k != "step"), file=sys.stderr, flush=True)
-        curves[name] = curve
+        figures[f"parameters_{name}"] = parameter_counts(model)["total"]
+        figures[f"activation_mb_{name}"] = activation_mb(model, cfg.optim.batch_size, device)
+        ema_model, curves[name] = train_for(cfg, model, args.steps, args.seed, device, evaluate, args.eval_every,
+                                            name)
+        for batch in (1, 16):
+            figures[f"sampling_ms_per_step_batch{batch}_{name}"] = sampling_ms_per_step(
+                ema_model, model_config, cfg.diffusion, batch, device)
     final = {name: curve[-1]["val_loss"] for name, curve in curves.items()}
     target = max(final.values())  # both models reach the worse final loss within the budget
     reach = {name: steps_to_reach([(p["step"], p["val_loss"]) for p in curve], target)
              for name, curve in curves.items()}
-    plot = plot_curves(curves, Path(args.out_dir) / "convergence.png") if args.out_dir else None
-    figures = {"config": args.config, "steps": args.steps, "seed": args.seed,
-               "parameters_psunet": counts["psunet"], "parameters_baseline": counts["baseline"],
-               "parameter_gap": abs(counts["psunet"] - counts["baseline"]) / counts["baseline"],
-               "final_val_loss_psunet": final["psunet"], "final_val_loss_baseline": final["baseline"],
-               "target_val_loss": target, "steps_to_target_psunet": reach["psunet"],
-               "steps_to_target_baseline": reach["baseline"],
-               "step_ratio": reach["baseline"] / reach["psunet"], "curves": curves,
-               "plot": str(plot) if plot else None}
+    plot = plot_curves(curves, Path(args.out_dir) / f"convergence_{args.against}.png") if args.out_dir else None
+    other_name = names[1]
+    figures.update({
+        "parameter_gap": abs(figures["parameters_psunet"] - figures[f"parameters_{other_name}"])
+        / figures[f"parameters_{other_name}"],
+        **{f"final_val_loss_{name}": value for name, value in final.items()}, "target_val_loss": target,
+        **{f"steps_to_target_{name}": value for name, value in reach.items()},
+        "step_ratio": reach[other_name] / reach["psunet"], "curves": curves, "plot": str(plot) if plot else None})
     if args.accuracy:
         figures.update({f"final_t2i_accuracy_{name}": curve[-1]["t2i_accuracy"] for name, curve in curves.items()})
+    return figures
+
+
+def _experts_against_one(args, base, device: torch.device, evaluate) -> dict:
+    """Base to --branch-at steps; then K = 1 (one model) and K = --experts branches, each fine-tuned for the
+    remaining steps from the base's EMA weights on its interval; both sample at one model's cost per step."""
+    from psunet.experts import ExpertEnsemble, binary_split
+
+    if not 0 < args.branch_at < args.steps:
+        raise ValueError(f"--branch-at must be in (0, --steps={args.steps}), got {args.branch_at}")
+    torch.manual_seed(args.seed)
+    base_model, _ = train_for(base, PSUNet(base.model).to(device), args.branch_at, args.seed, device)
+    base_weights = {k: v.clone() for k, v in base_model.state_dict().items()}
+    figures = {"config": args.config, "against": "experts", "steps": args.steps, "branch_at": args.branch_at,
+               "seed": args.seed, **{f"base_{k}": v for k, v in evaluate(base_model).items()}}
+    tuned = args.steps - args.branch_at
+    for count in (1, args.experts):
+        intervals = binary_split(base.diffusion.num_train_timesteps, count)
+        ensemble = ExpertEnsemble(base.model, intervals).to(device)
+        for i, interval in enumerate(intervals):
+            cfg = base.model_copy(update={"branch": base.branch.model_copy(update={"time_range": interval})})
+            expert = PSUNet(base.model).to(device)
+            expert.load_state_dict(base_weights)
+            ema_model, _ = train_for(cfg, expert, tuned, args.seed + 1 + i, device)
+            ensemble.experts[i].load_state_dict(ema_model.state_dict())
+        point = evaluate(ensemble.eval())
+        name = "one_model" if count == 1 else f"experts{count}"
+        result = {"intervals": intervals, "training_steps": args.branch_at + count * tuned,
+                  "sampling_ms_per_step_batch1": sampling_ms_per_step(ensemble, base.model, base.diffusion, 1, device),
+                  **point}
+        figures.update({f"{name}_{k}": v for k, v in result.items()})
+        print(f"convergence: {name} " + json.dumps(result), file=sys.stderr, flush=True)
+    return figures
+
+
+PAINT_REGIONS = {"left": (0, 8, 16, 24), "right": (16, 8, 32, 24), "top": (8, 0, 24, 16), "bottom": (8, 16, 24, 32)}
+
+
+def bench_paint(args) -> dict:
+    """Paint-with-words on demo data: prompts with the position left blank ("a small red circle [?] the [?]"),
+    a box for the colour word at one of four positions; the fraction of samples whose object of that colour
+    the attribute reader finds at that position, per paint weight (0 = no bias), same seeds throughout."""
+    import numpy as np
+
+    from dataprep import shapes
+    from jobs.model_ref import load_pipeline
+    from psunet.pipeline import SamplerSettings
+
+    device = device_of(args.device)
+    pipe = load_pipeline(args.model, device=str(device))
+    size = pipe.resolution
+    prompts, places = [], []
+    for i in range(args.samples):
+        colour = shapes.COLOURS[i % len(shapes.COLOURS)]
+        shape = shapes.SHAPES[(i // len(shapes.COLOURS)) % len(shapes.SHAPES)]
+        prompts.append(f"a small {colour} {shape} [?] the [?]")
+        places.append(list(PAINT_REGIONS)[i % len(PAINT_REGIONS)])
+    paint = []
+    for place in places:
+        x0, y0, x1, y1 = (v * size // 32 for v in PAINT_REGIONS[place])
+        region = np.zeros((size, size), dtype=bool)
+        region[y0:y1, x0:x1] = True
+        paint.append([(2, region)])
+    settings = SamplerSettings(steps=args.sample_steps, seed=args.seed)
+    seeds = [args.seed + i for i in range(args.samples)]
+    figures = {"model": args.model, "samples": args.samples, "steps": args.sample_steps,
+               "paint_fraction": args.paint_fraction}
+    for weight in args.paint_weights:
+        hits = 0
+        for start in range(0, args.samples, 64):
+            rows = slice(start, start + 64)
+            result = pipe.infill(prompts=prompts[rows], settings=settings, seeds=seeds[rows],
+                                 paint=paint[rows] if weight > 0 else None, paint_weight=weight,
+                                 paint_fraction=args.paint_fraction)
+            for image, prompt, place in zip(result.images, prompts[rows], places[rows]):
+                colour = prompt.split()[2]
+                hits += any(o.colour == colour and o.position == place for o in shapes.read_attributes(image))
+        figures[f"in_region_weight_{weight:g}"] = hits / args.samples
+        print(f"paint: weight {weight:g}: {hits}/{args.samples} objects in their region", file=sys.stderr, flush=True)
     return figures
 
 
@@ -435,7 +565,7 @@ def log_to_mlflow(uri: str, command: str, figures: dict) -> str:
 
 
 COMMANDS = {"train": bench_train, "overhead": bench_overhead, "loader": bench_loader, "sampling": bench_sampling,
-            "convergence": bench_convergence, "serve": bench_serve}
+            "convergence": bench_convergence, "serve": bench_serve, "paint": bench_paint}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,20 +585,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32, help="serve: requests per client count")
     parser.add_argument("--config", default="configs/demo.yaml", help="convergence: training config")
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--against", choices=("baseline", "ode", "experts"), default="baseline",
+                        help="convergence: the U-ViT-multi baseline, neural-ODE shared blocks, or K experts")
+    parser.add_argument("--experts", type=int, default=2, help="convergence --against experts: K")
+    parser.add_argument("--branch-at", type=int, help="convergence --against experts: base steps (default 2/3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                         help="convergence: skip text->image accuracy (non-demo data)")
+    parser.add_argument("--samples", type=int, default=64, help="paint: samples per weight")
+    parser.add_argument("--paint-weights", type=lambda text: [float(v) for v in text.split(",")], default=[0, 1, 4],
+                        help="paint: comma-separated weights w (0 = no bias)")
+    parser.add_argument("--paint-fraction", type=float, default=1.0, help="paint: share of steps with the bias")
     parser.add_argument("--out-dir", default="runs/benchmark", help="convergence: where the curves PNG goes")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     parser.add_argument("overrides", nargs="*", help="convergence: section.field=value for the config")
     args = parser.parse_intermixed_args(argv)
-    for name in ("batch_size", "steps", "rounds", "sample_steps", "requests", "eval_every"):
+    if args.branch_at is None:
+        args.branch_at = 2 * args.steps // 3
+    for name in ("batch_size", "steps", "rounds", "sample_steps", "requests", "eval_every", "samples", "experts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.command == "loader" and not args.data:
         parser.error("loader needs --data <shard folder>")
-    if args.command == "serve" and not args.model:
-        parser.error("serve needs --model <folder or runs:/<id>/model>")
+    if args.command in ("serve", "paint") and not args.model:
+        parser.error(f"{args.command} needs --model <folder or runs:/<id>/model>")
     try:
         figures = {"benchmark": args.command, **COMMANDS[args.command](args),
                    "torch": torch.__version__, "cpu_count": os.cpu_count(),

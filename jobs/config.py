@@ -6,6 +6,7 @@
     optim:      {steps: 2000, batch_size: 64, lr: 3.0e-4}
     schedule:   {checkpoint_every: 200, validate_every: 200}
     run:        {name: demo, storage_path: runs, num_workers: 2}
+    branch:     {init_from: runs/demo/model, time_range: [0, 500]}   # fine-tune a trained model on some times
 
 Everything is validated before any Ray worker starts; an error names the field.
 """
@@ -68,6 +69,13 @@ class RunConfig(StrictModel):
     experiment: str = "psunet"
 
 
+class BranchConfig(StrictModel):
+    """Start from a trained model, and optionally train on an interval of diffusion times only (an expert)."""
+
+    init_from: str | None = Field(None, description="model or checkpoint folder whose weights start this run")
+    time_range: tuple[int, int] | None = Field(None, description="[start, end): the diffusion times trained on")
+
+
 class TrainJobConfig(StrictModel):
     model: ModelConfig
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
@@ -75,11 +83,20 @@ class TrainJobConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    branch: BranchConfig = Field(default_factory=BranchConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainJobConfig":
         if self.optim.warmup_steps >= self.optim.steps and self.optim.steps > 1:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be < optim.steps={self.optim.steps}")
+        if self.branch.time_range is not None:
+            start, end = self.branch.time_range
+            if not 0 <= start < end <= self.diffusion.num_train_timesteps:
+                raise ValueError(f"branch.time_range={[start, end]} must satisfy 0 <= start < end <= "
+                                 f"diffusion.num_train_timesteps={self.diffusion.num_train_timesteps}")
+            if self.diffusion.independent_timesteps:
+                raise ValueError("branch.time_range needs one diffusion time per sample; "
+                                 "diffusion.independent_timesteps must be false")
         return self
 
     def resolved(self) -> "TrainJobConfig":
@@ -92,7 +109,9 @@ class TrainJobConfig(StrictModel):
             "val": str(Path(self.data.val).resolve()) if self.data.val else None,
         })
         run = self.run.model_copy(update={"storage_path": storage, "mlflow_tracking_uri": uri})
-        return self.model_copy(update={"data": data, "run": run})
+        branch = self.branch.model_copy(update={
+            "init_from": str(Path(self.branch.init_from).resolve()) if self.branch.init_from else None})
+        return self.model_copy(update={"data": data, "run": run, "branch": branch})
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:

@@ -6,6 +6,11 @@
     python jobs/sample.py --model MODEL --out DIR --prompt "a [?] circle on the [?]"        # fill the blanks
     python jobs/sample.py --model MODEL --out DIR --image shape.png --mask mask.png         # image region
     python jobs/sample.py --model MODEL --out DIR --image shape.png --mask mask.png --prompt "a [?] square"
+    python jobs/sample.py --model MODEL --out DIR --prompt "a small red circle" --paint red=0,0,16,32  # paint
+
+--paint WORD=REGION (repeatable) steers a prompt word (the word, or its index in the prompt) into a
+region: a box x0,y0,x1,y1 in pixels (end exclusive) or a mask image (white = the word goes here),
+for every prompt; --paint-weight and --paint-fraction set the bias strength and the share of steps.
 
 MODEL is a checkpoint or model folder, or an MLflow URI such as runs:/<run id>/model.
 A mask is an image the size of its image: white (>= 128) marks pixels to generate, black pixels
@@ -68,6 +73,23 @@ def read_mask(path: str, image_path: str, size: int, resize: bool) -> np.ndarray
     except UnidentifiedImageError as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
     return read_image(path, size, resize, mode="L") >= 128
+
+
+def read_paint(spec: str, size: int, resize: bool) -> tuple[int | str, np.ndarray]:
+    """WORD=x0,y0,x1,y1 or WORD=mask.png -> (word or index, (size, size) bool region)."""
+    word, sep, region_spec = spec.partition("=")
+    if not sep or not word or not region_spec:
+        raise ValueError(f"--paint {spec!r} must look like WORD=x0,y0,x1,y1 or WORD=mask.png")
+    word = int(word) if word.isdigit() else word
+    box = region_spec.split(",")
+    if len(box) == 4 and all(v.strip().isdigit() for v in box):
+        x0, y0, x1, y1 = (int(v) for v in box)
+        if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+            raise ValueError(f"--paint {spec!r}: box must lie inside the {size}x{size} image with x0 < x1, y0 < y1")
+        region = np.zeros((size, size), dtype=bool)
+        region[y0:y1, x0:x1] = True
+        return word, region
+    return word, read_image(region_spec, size, resize, mode="L") >= 128
 
 
 def broadcast(name: str, values: list, count: int) -> list:
@@ -142,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", action="append", help="an image file (repeatable)")
     parser.add_argument("--mask", action="append", help="a mask per image: white = generate (repeatable)")
     parser.add_argument("--generate", type=int, help="this many unconditional (image, caption) pairs")
+    parser.add_argument("--paint", action="append", help="WORD=x0,y0,x1,y1 or WORD=mask.png: paint-with-words")
+    parser.add_argument("--paint-weight", type=float, default=1.0, help="paint-with-words strength w")
+    parser.add_argument("--paint-fraction", type=float, default=1.0, help="share of the steps with the bias")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scheduler", default="dpmsolver++", help="dpmsolver++, ddim or ddpm")
@@ -166,18 +191,25 @@ def main(argv: list[str] | None = None) -> int:
         images = np.stack([read_image(p, size, args.resize) for p in job["images"]]) if job["images"] else None
         masks = np.stack([read_mask(m, i, size, args.resize) for m, i in zip(job["masks"], job["images"])]) \
             if job["masks"] else None
+        if args.paint and not job["prompts"]:
+            raise ValueError("--paint needs --prompt: it steers where a prompt's words go")
+        paint = [[read_paint(spec, size, args.resize) for spec in args.paint]] * job["count"] if args.paint \
+            else None
         print(f"sample: {job['count']} sample(s) in one batch, {settings.steps} {settings.scheduler} steps, "
               f"guidance {settings.guidance_scale}, on {pipe.device}", flush=True)
         started = time.perf_counter()
         result = pipe.infill(prompts=job["prompts"] or None, images=images, image_masks=masks,
-                             count=args.generate, settings=settings)
+                             count=args.generate, settings=settings, paint=paint,
+                             paint_weight=args.paint_weight, paint_fraction=args.paint_fraction)
         seconds = time.perf_counter() - started
         for i, words in enumerate(result.unknown_words):
             if words:
                 print(f"sample: prompt {i}: not in the vocabulary, sampled as <unk>: {', '.join(words)}",
                       file=sys.stderr)
+        paint_meta = {"paint": args.paint, "paint_weight": args.paint_weight,
+                      "paint_fraction": args.paint_fraction} if args.paint else {}
         write_results(out, result, job, settings, {"model": args.model, "weights": args.weights,
-                                                   "seconds": round(seconds, 3)})
+                                                   "seconds": round(seconds, 3), **paint_meta})
     except (ValueError, FileNotFoundError) as exc:
         print(f"sample: error: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@
     serve run jobs.serve:app model=runs:/<run id>/model max_samples=4
     serve deploy cluster/serve.yaml                          # replicas, autoscaling, GPUs on a cluster
 
-Endpoints: POST /v1/text-to-image, /v1/image-to-text, /v1/generate, /v1/infill; GET /healthz,
+Endpoints: POST /v1/text-to-image, /v1/image-to-text, /v1/generate, /v1/infill (the first and the
+last take paint-with-words regions for prompt words); GET /healthz,
 /v1/model, /v1/stats (batching counters), / (web page). Every request becomes rows of one
 `Pipeline.infill` call; `@serve.batch` gathers concurrent requests, groups them by what the sampler
 must share (steps, scheduler, which inputs are given) and runs each group as ONE batched call, with
@@ -73,7 +74,23 @@ class Options(BaseModel):
     scheduler: str | None = Field(None, description=f"one of {', '.join(SCHEDULERS)}")
 
 
-class TextToImage(Options):
+class PaintRegion(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    word: int | str = Field(description="the prompt's word, or its index in the prompt (0 = first word)")
+    box: list[int] | None = Field(None, description="[x0, y0, x1, y1] in pixels at the model's resolution")
+    mask: str | None = Field(None, description="PNG base64 at the model's resolution; white = the word goes here")
+
+
+class Painting(BaseModel):
+    """Paint-with-words fields shared by the requests that take a prompt."""
+
+    paint: list[PaintRegion] | None = Field(None, description="regions for prompt words (eDiff-I paint-with-words)")
+    paint_weight: float = Field(1.0, ge=0, le=100, allow_inf_nan=False, description="bias strength w")
+    paint_fraction: float = Field(1.0, gt=0, le=1, description="share of the steps (the noisiest) with the bias")
+
+
+class TextToImage(Options, Painting):
     prompt: str = Field(description="a caption; [?] marks a word to fill in")
     response_format: Literal["json", "png"] = Field("json", description="png: the image itself (num_samples 1)")
 
@@ -87,7 +104,7 @@ class Generate(Options):
     pass
 
 
-class Infill(Options):
+class Infill(Options, Painting):
     prompt: str | None = Field(None, description="partial caption with [?] blanks (omit: caption unknown)")
     image: str | None = Field(None, description="PNG/JPEG base64 (omit: image unknown)")
     mask: str | None = Field(None, description="PNG base64 the image's size; white = generate, black = keep")
@@ -114,10 +131,15 @@ class Job:
     prompts: list[str] | None = None
     images: np.ndarray | None = None  # (rows, H, W, 3) uint8 at the model's resolution
     masks: np.ndarray | None = None  # (rows, H, W) bool, True = generate
+    paint: list | None = None  # per row: [(word, (H, W) bool region), ...]
+    paint_weight: float = 1.0
+    paint_fraction: float = 1.0
 
     @property
     def group(self) -> tuple:
-        return self.steps, self.scheduler, self.prompts is not None, self.images is not None, self.masks is not None
+        painting = (self.paint_weight, self.paint_fraction) if self.paint is not None else None
+        return (self.steps, self.scheduler, self.prompts is not None, self.images is not None, self.masks is not None,
+                painting)
 
 
 def decode_image(data: str, field: str, max_side: int) -> Image.Image:
@@ -182,7 +204,8 @@ class Sampler:
                 "diffusion_config": pipe.diffusion_config.model_dump(mode="json"),
                 "parameters": sum(p.numel() for p in pipe.model.parameters()),
                 "vocabulary_size": len(pipe.codec.vocab), "training_step": pipe.training_step,
-                "resolution": pipe.resolution, "device": str(pipe.device)}
+                "resolution": pipe.resolution, "device": str(pipe.device),
+                "experts": [list(pair) for pair in getattr(pipe.model, "intervals", [])] or None}
 
     def stats(self) -> dict:
         return {"model_calls": self.calls, "requests_per_call": dict(self.requests_per_call),
@@ -200,6 +223,12 @@ class Sampler:
                     self.pipe.check_prompts(job.prompts[:1])
             except ValueError as exc:
                 results[index] = {"error": "prompt: " + str(exc).removeprefix("prompt 0 ")}
+                continue
+            try:
+                if job.paint is not None:
+                    self.pipe.paint_regions(job.prompts[:1], job.paint[:1], job.paint_weight, job.paint_fraction)
+            except ValueError as exc:
+                results[index] = {"error": str(exc).replace("prompt 0", "the prompt")}
                 continue
             groups.setdefault(job.group, []).append(index)
         for members in groups.values():
@@ -223,7 +252,9 @@ class Sampler:
             images=concat("images"), image_masks=concat("masks"),
             count=sum(j.rows for j in jobs) if first.prompts is None and first.images is None else None,
             settings=SamplerSettings(steps=first.steps, scheduler=first.scheduler),
-            seeds=[s for j in jobs for s in j.seeds], guidance_scales=[g for j in jobs for g in j.guidance_scales])
+            seeds=[s for j in jobs for s in j.seeds], guidance_scales=[g for j in jobs for g in j.guidance_scales],
+            paint=None if first.paint is None else [p for j in jobs for p in j.paint],
+            paint_weight=first.paint_weight, paint_fraction=first.paint_fraction)
         self.calls += 1
         self.requests_per_call[len(jobs)] += 1
         self.rows_per_call[sum(j.rows for j in jobs)] += 1
@@ -340,7 +371,7 @@ class Ingress:
     async def text_to_image(self, body: TextToImage):
         if body.response_format == "png" and body.num_samples != 1:
             return _error("response_format: png returns one image; use json for num_samples > 1")
-        answer = await self._serve(body, prompt=body.prompt)
+        answer = await self._serve(body, prompt=body.prompt, paint=body)
         if isinstance(answer, Response):
             return answer
         if body.response_format == "png":
@@ -362,12 +393,16 @@ class Ingress:
             return _error("give a prompt, an image, or both (use /v1/generate for neither)")
         if body.mask is not None and body.image is None:
             return _error("mask: given without an image")
-        return await self._serve(body, prompt=body.prompt, image=body.image, mask=body.mask, resize=body.resize)
+        return await self._serve(body, prompt=body.prompt, image=body.image, mask=body.mask, resize=body.resize,
+                                 paint=body)
 
     async def _serve(self, body: Options, prompt: str | None = None, image: str | None = None,
-                     mask: str | None = None, resize: bool = False, keep: tuple[str, ...] = ("images", "captions")):
+                     mask: str | None = None, resize: bool = False, keep: tuple[str, ...] = ("images", "captions"),
+                     paint: Painting | None = None):
         try:
             job = await self._job(body, prompt, image, mask, resize)
+            if paint is not None and paint.paint is not None:
+                await self._add_paint(job, paint, resize)
         except RequestError as exc:
             return _error(str(exc), exc.status)
         response = self.sampler.run.remote(job)
@@ -426,6 +461,36 @@ class Ingress:
                 generate = np.asarray(painted.convert("L").resize((size, size), Image.NEAREST)) > 127
                 job.masks = np.repeat(generate[None], rows, axis=0)
         return job
+
+
+    async def _add_paint(self, job: Job, body: Painting, resize: bool) -> None:
+        """Regions as (H, W) bool masks at the model's resolution; word checks happen in the Sampler."""
+        if job.prompts is None:
+            raise RequestError("paint: needs a prompt (it steers where the prompt's words go)")
+        if not body.paint:
+            raise RequestError("paint: empty list; leave it out for no painting")
+        size = (await self.model_info())["resolution"]
+        pairs = []
+        for i, region in enumerate(body.paint):
+            where = f"paint.{i}"
+            if (region.box is None) == (region.mask is None):
+                raise RequestError(f"{where}: give a box or a mask (one of them)")
+            if region.box is not None:
+                x0, y0, x1, y1 = region.box if len(region.box) == 4 else (None,) * 4
+                if x0 is None or not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+                    raise RequestError(f"{where}.box: must be [x0, y0, x1, y1] inside the {size}x{size} image "
+                                       f"with x0 < x1 and y0 < y1, got {region.box}")
+                area = np.zeros((size, size), dtype=bool)
+                area[y0:y1, x0:x1] = True
+            else:
+                picture = decode_image(region.mask, f"{where}.mask", self.args.max_image_side)
+                if picture.size != (size, size) and not resize:
+                    raise RequestError(f"{where}.mask: {picture.size[0]}x{picture.size[1]}, but this model takes "
+                                       f"{size}x{size}")
+                area = np.asarray(picture.convert("L").resize((size, size), Image.NEAREST)) > 127
+            pairs.append((region.word, area))
+        job.paint = [pairs] * job.rows
+        job.paint_weight, job.paint_fraction = body.paint_weight, body.paint_fraction
 
 
 def app(args: dict) -> serve.Application:

@@ -2,6 +2,12 @@
 
     python jobs/train.py --config configs/demo.yaml [section.field=value ...]
     ray job submit --working-dir . -- python jobs/train.py --config configs/demo.yaml
+    python jobs/train.py --config configs/demo.yaml --init-from runs/demo/model --experts 2 optim.steps=500
+
+--init-from starts from a trained model's weights (fine-tuning). With --experts K (or --intervals
+0:300,300:1000) the base is copied into K experts (eDiff-I), each fine-tuned on its interval of
+diffusion times only, as K concurrent Ray Train runs; the finished experts are assembled into one
+model folder that sampling, evaluation and serving load like any other.
 
 Re-running the same command (same run.name and run.storage_path) resumes from the latest
 checkpoint and logs into the same MLflow run. A worker that dies is restarted from the last
@@ -27,10 +33,11 @@ import torch  # noqa: E402
 
 from jobs.config import TrainJobConfig, flatten, load_config  # noqa: E402
 from jobs.tracking import experiment_id  # noqa: E402
-from psunet.checkpoint import load_state, restore_training, save_checkpoint  # noqa: E402
+from psunet.checkpoint import load_state, restore_training, save_checkpoint, save_weights  # noqa: E402
 from psunet.data import load_manifest, make_loader  # noqa: E402
 from psunet.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
 from psunet.ema import EMA, _unwrap  # noqa: E402
+from psunet.experts import binary_split, check_intervals, parse_intervals  # noqa: E402
 from psunet.model import PSUNet  # noqa: E402
 from psunet.pipeline import ASSETS  # noqa: E402
 
@@ -46,6 +53,26 @@ def lr_at(step: int, optim) -> float:
     progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
     floor = optim.min_lr_ratio
     return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_step(model, net, optimizer, ema, schedule: NoiseSchedule, cfg: TrainJobConfig, batch: dict, lr: float,
+               device: torch.device, use_bf16: bool = False):
+    """One optimizer step on a batch: loss (bf16 autocast if asked), clipped gradients, AdamW, EMA.
+
+    `net` is what runs the forward (the model, its DDP wrapper or a compiled one); `model` owns the
+    parameters. With a branch time range, times are drawn from that interval only. Returns (loss, grad norm).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = diffusion_loss(net, schedule, cfg.diffusion, batch["latent"].to(device), batch["text"].to(device),
+                             time_range=cfg.branch.time_range)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(_unwrap(model).parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    ema.update(model)
+    return out, grad_norm
 
 
 def assets_for(manifest_folder: str) -> dict:
@@ -95,7 +122,7 @@ class Validator:
         generator = torch.Generator(device=self.device).manual_seed(1234)
         for batch in self.batches:
             out = diffusion_loss(model, self.schedule, self.cfg.diffusion, batch["latent"].to(self.device),
-                                 batch["text"].to(self.device), generator)
+                                 batch["text"].to(self.device), generator, time_range=self.cfg.branch.time_range)
             totals["val_loss"] += out.loss.item()
             totals["val_loss_image"] += out.loss_image.item()
             totals["val_loss_text"] += out.loss_text.item()
@@ -134,6 +161,8 @@ def train_loop(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.optim.seed)
     model = PSUNet(cfg.model)
+    if cfg.branch.init_from:
+        model.load_state_dict(initial_weights(cfg.branch.init_from))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     model = model.to(device)
@@ -164,17 +193,9 @@ def train_loop(loop_config: dict) -> None:
         ray.train.report({"step": step}, checkpoint=None)
     window_start, window_samples = time.perf_counter(), 0
     while step < cfg.optim.steps:
-        batch = next(batches)
         lr = lr_at(step, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = diffusion_loss(net, schedule, cfg.diffusion, batch["latent"].to(device), batch["text"].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        ema.update(model)
+        out, grad_norm = train_step(model, net, optimizer, ema, schedule, cfg, next(batches), lr, device,
+                                    use_bf16)
         step += 1
         samples_seen += cfg.optim.batch_size * world
         window_samples += cfg.optim.batch_size * world
@@ -187,7 +208,9 @@ def train_loop(loop_config: dict) -> None:
             window_start, window_samples = time.perf_counter(), 0
         save_now = step % cfg.schedule.checkpoint_every == 0 or step == cfg.optim.steps
         validate_now = step % cfg.schedule.validate_every == 0 or save_now
-        sample_now = step % cfg.schedule.sample_every == 0 or step == cfg.optim.steps
+        # an expert alone samples badly outside its interval: its samples come from the assembled ensemble
+        sample_now = (step % cfg.schedule.sample_every == 0 or step == cfg.optim.steps) \
+            and cfg.branch.time_range is None
         if rank == 0:
             if validate_now:
                 metrics.update(validator.loss(ema.model))
@@ -213,6 +236,31 @@ def train_loop(loop_config: dict) -> None:
                     (Path(folder) / ASSETS).write_text(json.dumps(assets_for(cfg.data.train), indent=2))
                     report_checkpoint = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report({"step": step, **metrics}, checkpoint=report_checkpoint)
+
+
+def initial_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The weights a branch starts from: a checkpoint's live weights, or a model folder's EMA weights."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    return load_file(str(path if path.is_file() else Path(folder) / "ema.safetensors"))
+
+
+def check_base(cfg: TrainJobConfig) -> None:
+    """--init-from must name a single trained model of exactly this model config."""
+    folder = Path(cfg.branch.init_from)
+    if not (folder / "config.json").is_file() or not any((folder / n).is_file()
+                                                         for n in ("model.safetensors", "ema.safetensors")):
+        raise FileNotFoundError(f"--init-from {folder}: not a model or checkpoint folder "
+                                "(needs config.json and model.safetensors or ema.safetensors)")
+    base = json.loads((folder / "config.json").read_text())
+    if "experts" in base:
+        raise ValueError(f"--init-from {folder}: is an expert ensemble; branch from a single model")
+    differ = [f"model.{k}: base {v!r}, config {getattr(cfg.model, k)!r}" for k, v in base["model"].items()
+              if getattr(cfg.model, k, v) != v and k != "grad_checkpoint"]
+    if differ:
+        raise ValueError(f"--init-from {folder}: the base model's shape differs from this config: "
+                         + "; ".join(differ))
 
 
 def _param_spread(model) -> float:
@@ -266,6 +314,93 @@ def bundle_model(checkpoint_folder: str, out: Path) -> Path:
     return out
 
 
+def assemble_experts(checkpoint_folders: list[str], intervals: list[tuple[int, int]], out: Path) -> Path:
+    """One model folder from K finished expert runs: their EMA weights as experts.<i>.*, the intervals in
+    config.json, the assets of the first (all branches share the base's data)."""
+    from safetensors.torch import load_file
+
+    bundle_model(checkpoint_folders[0], out)
+    weights = {f"experts.{i}.{name}": tensor for i, folder in enumerate(checkpoint_folders)
+               for name, tensor in load_file(str(Path(folder) / "ema.safetensors")).items()}
+    save_weights(out / "ema.safetensors", weights)
+    config = json.loads((out / "config.json").read_text())
+    config["experts"] = {"intervals": [list(pair) for pair in intervals]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    steps = [load_state(folder)["step"] for folder in checkpoint_folders]
+    (out / "state.json").write_text(json.dumps({"step": max(steps), "expert_steps": steps}))
+    return out
+
+
+def expert_configs(cfg: TrainJobConfig, intervals: list[tuple[int, int]]) -> list[TrainJobConfig]:
+    """One branch run per expert: named <run>-expert<i>, trained on its interval only."""
+    return [cfg.model_copy(update={
+        "run": cfg.run.model_copy(update={"name": f"{cfg.run.name}-expert{i}"}),
+        "branch": cfg.branch.model_copy(update={"time_range": tuple(interval)})})
+        for i, interval in enumerate(intervals)]
+
+
+def _fit_expert(config: dict, run_id: str) -> tuple[str, dict]:
+    """A Ray task: one expert's TorchTrainer, fitted; returns (final checkpoint path, last metrics)."""
+    result = make_trainer(TrainJobConfig.model_validate(config), run_id).fit()
+    if result.error:
+        raise result.error
+    return result.checkpoint.path, result.metrics
+
+
+def run_experts(cfg: TrainJobConfig, intervals: list[tuple[int, int]]):
+    """Branch training: K concurrent Ray Train runs (one MLflow child run each), then one assembled model."""
+    import mlflow
+    import ray
+
+    cfg = cfg.resolved()
+    preflight(cfg)
+    intervals = check_intervals(intervals, cfg.diffusion.num_train_timesteps)
+    Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
+    parent = mlflow_run(cfg)
+    client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
+    client.log_param(parent, "experts.intervals", json.dumps(intervals))
+    branches = expert_configs(cfg, intervals)
+    ray.init(ignore_reinit_error=True)
+    fit = ray.remote(num_cpus=0)(_fit_expert)
+    print(f"train: {len(branches)} experts from {cfg.branch.init_from}, intervals {intervals}, "
+          f"{cfg.optim.steps} steps each -> {cfg.run.storage_path}/{cfg.run.name}-expert<i>; "
+          f"MLflow {cfg.run.mlflow_tracking_uri} run {parent}", flush=True)
+    pending = {fit.remote(branch.model_dump(mode="json"),
+                          mlflow_run(branch, tags={"mlflow.parentRunId": parent})): i
+               for i, branch in enumerate(branches)}
+    finished: dict[int, tuple[str, dict]] = {}
+    while pending:
+        [done], _ = ray.wait(list(pending))
+        i = pending.pop(done)
+        finished[i] = ray.get(done)
+        print(f"train: expert {i} {list(intervals[i])} done at step {finished[i][1].get('step')}, "
+              f"val_loss={finished[i][1].get('val_loss', float('nan')):.4g}", flush=True)
+    model_folder = assemble_experts([finished[i][0] for i in range(len(branches))], intervals,
+                                    Path(cfg.run.storage_path) / cfg.run.name / "model")
+    metrics = evaluate_ensemble(cfg, model_folder, client, parent)
+    client.log_artifacts(parent, str(model_folder), "model")
+    client.set_terminated(parent)
+    return finished, parent, model_folder, metrics
+
+
+def evaluate_ensemble(cfg: TrainJobConfig, model_folder: Path, client, run_id: str) -> dict[str, float]:
+    """Validation loss over all times and sample grids of the assembled ensemble, logged to the parent run."""
+    import mlflow
+
+    from psunet.checkpoint import load_model
+
+    ensemble = load_model(model_folder)[0]
+    validator = Validator(cfg.model_copy(update={"branch": cfg.branch.model_copy(update={"time_range": None})}),
+                          torch.device("cpu"))
+    metrics = validator.loss(ensemble)
+    with tempfile.TemporaryDirectory() as folder:
+        metrics.update(validator.samples(ensemble, Path(folder)))
+        client.log_artifacts(run_id, folder, "samples/ensemble")
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
+    return metrics
+
+
 def preflight(cfg: TrainJobConfig) -> None:
     """Everything that can be checked before a worker starts: shards exist and fit the model."""
     for folder in filter(None, (cfg.data.train, cfg.data.val)):
@@ -278,6 +413,8 @@ def preflight(cfg: TrainJobConfig) -> None:
     assets = assets_for(cfg.data.train)
     if not Path(assets["word_vectors"]).is_file():
         raise FileNotFoundError(f"word vectors named by the shards are missing: {assets['word_vectors']}")
+    if cfg.branch.init_from:
+        check_base(cfg)
 
 
 def make_trainer(cfg: TrainJobConfig, run_id: str, callbacks: list | None = None):
@@ -337,10 +474,16 @@ def fetch_final_samples(client, run_id: str, step: int, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("--init-from", help="start from this trained model or checkpoint folder")
+    parser.add_argument("--experts", type=int, help="with --init-from: K experts over a binary split of the times")
+    parser.add_argument("--intervals", help="with --init-from: the experts' intervals, e.g. 0:300,300:1000")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.steps=500")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = args.overrides + ([f"branch.init_from={args.init_from}"] if args.init_from else [])
+        cfg = load_config(args.config, overrides)
+        if args.experts is not None or args.intervals:
+            return main_experts(cfg, args)
         result, run_id, model_folder, samples_folder = run(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
@@ -350,6 +493,22 @@ def main(argv: list[str] | None = None) -> int:
                "best_checkpoint": best.path if best else None, "model": str(model_folder),
                "samples": str(samples_folder),
                **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t", "ddp_"))}}
+    print("train: done " + json.dumps(summary), flush=True)
+    return 0
+
+
+def main_experts(cfg: TrainJobConfig, args) -> int:
+    if not args.init_from:
+        raise ValueError("--experts / --intervals branch a trained model: give --init-from <model folder>")
+    if args.experts is not None and args.intervals:
+        raise ValueError("give --experts K or --intervals, not both")
+    times = cfg.diffusion.num_train_timesteps
+    intervals = check_intervals(parse_intervals(args.intervals), times) if args.intervals else \
+        binary_split(times, args.experts)
+    finished, run_id, model_folder, metrics = run_experts(cfg, intervals)
+    summary = {"run_id": run_id, "model": str(model_folder),
+               "experts": [{"interval": list(intervals[i]), "checkpoint": path, "step": m.get("step"),
+                            "val_loss": m.get("val_loss")} for i, (path, m) in sorted(finished.items())], **metrics}
     print("train: done " + json.dumps(summary), flush=True)
     return 0
 

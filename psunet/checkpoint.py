@@ -7,7 +7,8 @@ A checkpoint folder holds
                             optimizer state (param groups, hyper-parameters) goes in state.json
     rng.safetensors         torch CPU (and CUDA) generator states
     state.json              step, EMA update count, data position, optimizer groups
-    config.json             the model and diffusion configs (and anything else the caller adds)
+    config.json             the model and diffusion configs (and anything else the caller adds); an
+                            expert ensemble adds "experts": {"intervals": [[start, end), ...]}
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from psunet.config import DiffusionConfig, ModelConfig
+from psunet.experts import ExpertEnsemble, check_intervals
 from psunet.model import PSUNet
 
 
@@ -92,8 +94,18 @@ def restore_training(folder: str | Path, model: torch.nn.Module, optimizer: torc
     return state, load_file(str(folder / "ema.safetensors"), device=str(device))
 
 
+def build_model(config: dict) -> tuple[PSUNet | ExpertEnsemble, ModelConfig, DiffusionConfig]:
+    """An untrained model for a config.json dict: a PSUNet, or an ExpertEnsemble when it names experts."""
+    model_config = ModelConfig.model_validate(config["model"])
+    diffusion_config = DiffusionConfig.model_validate(config["diffusion"])
+    if "experts" in config:
+        intervals = check_intervals(config["experts"]["intervals"], diffusion_config.num_train_timesteps)
+        return ExpertEnsemble(model_config, intervals), model_config, diffusion_config
+    return PSUNet(model_config), model_config, diffusion_config
+
+
 def load_model(folder: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
-               ) -> tuple[PSUNet, ModelConfig, DiffusionConfig, dict]:
+               ) -> tuple[PSUNet | ExpertEnsemble, ModelConfig, DiffusionConfig, dict]:
     """A ready-to-sample model from a checkpoint folder: (model in eval mode, configs, full config dict).
 
     Refuses a folder whose weights do not fit its config, naming the mismatched tensors.
@@ -105,9 +117,7 @@ def load_model(folder: str | Path, weights: str = "ema", device: str | torch.dev
         if not (folder / name).is_file():
             raise FileNotFoundError(f"checkpoint {folder} has no {name}")
     config = json.loads((folder / "config.json").read_text())
-    model_config = ModelConfig.model_validate(config["model"])
-    diffusion_config = DiffusionConfig.model_validate(config["diffusion"])
-    model = PSUNet(model_config)
+    model, model_config, diffusion_config = build_model(config)
     state = load_file(str(folder / f"{weights}.safetensors"))
     expected = model.state_dict()
     bad = sorted(set(expected) ^ set(state)) + [

@@ -33,6 +33,12 @@ class ModelConfig(StrictModel):
     shared_depth: int = Field(3, ge=1, description="shared blocks: in-blocks + mid block + out-blocks (odd)")
     conv_head: bool = Field(True, description="3x3 conv after unpatchifying the image head")
     grad_checkpoint: bool = False
+    block_type: Literal["discrete", "ode"] = Field(
+        "discrete", description="ode: each half of the shared U (its in-blocks, its out-blocks) is one weight-tied "
+        "block integrated as a neural ODE (cU-Net), one unit of ODE time per block it replaces")
+    ode_solver: str = Field("rk4", description="a torchdiffeq method; fixed-step ones use ode_steps")
+    ode_steps: int = Field(1, ge=1, description="fixed solver steps per replaced block")
+    ode_adjoint: bool = Field(False, description="backpropagate with the adjoint method (less memory, slower)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
@@ -44,6 +50,9 @@ class ModelConfig(StrictModel):
             )
         if self.width % self.heads:
             raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+        if self.ode_solver not in ode_solvers():
+            raise ValueError(f"ode_solver: torchdiffeq has no solver {self.ode_solver!r}; "
+                             f"choose one of {', '.join(ode_solvers())}")
         return self
 
     @property
@@ -53,6 +62,13 @@ class ModelConfig(StrictModel):
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.latent_channels, self.latent_size, self.latent_size)
+
+
+def ode_solvers() -> tuple[str, ...]:
+    """The torchdiffeq methods a block can use (scipy_solver needs options we do not pass)."""
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    return tuple(sorted(name for name in SOLVERS if name != "scipy_solver"))
 
 
 class DiffusionConfig(StrictModel):

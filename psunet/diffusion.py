@@ -72,13 +72,17 @@ def _masked_mean(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConfig,
                    image_latents: torch.Tensor, text_vectors: torch.Tensor,
-                   generator: torch.Generator | None = None) -> LossOutput:
-    """Epsilon-prediction MSE on both modalities with per-modality noise-replacement dropout."""
+                   generator: torch.Generator | None = None, time_range: tuple[int, int] | None = None) -> LossOutput:
+    """Epsilon-prediction MSE on both modalities with per-modality noise-replacement dropout.
+
+    time_range [start, end): draw the diffusion times from that interval only (an expert's branch training).
+    """
     batch, device = image_latents.shape[0], image_latents.device
     text_vectors = text_vectors * config.text_scale
+    start, end = time_range or (0, schedule.num_timesteps)
 
     def draw_times() -> torch.Tensor:
-        return torch.randint(0, schedule.num_timesteps, (batch,), device=device, generator=generator)
+        return torch.randint(start, end, (batch,), device=device, generator=generator)
 
     t_image = draw_times()
     t_text = draw_times() if config.independent_timesteps else t_image

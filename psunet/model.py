@@ -28,6 +28,25 @@ from torch.utils.checkpoint import checkpoint
 from psunet.config import ModelConfig
 
 
+@dataclass
+class PaintBias:
+    """Paint-with-words (eDiff-I) over the shared sequence: which (token, token) logits get a bias, and how much.
+
+    mask (B, 1, T, T) is 1 between a painted image-patch token and its word's token (both directions);
+    strength (B,) is w * log(1 + sigma) for each sample at this step (0: no bias for that sample).
+    """
+
+    mask: torch.Tensor
+    strength: torch.Tensor
+
+
+def paint_logit_bias(q: torch.Tensor, k: torch.Tensor, paint: PaintBias) -> torch.Tensor:
+    """The additive bias on scaled logits: w log(1+sigma) max(QK^T) M / sqrt(d), max per sample and head."""
+    scale = q.shape[-1] ** -0.5
+    logits_max = (q @ k.transpose(-2, -1)).amax(dim=(-2, -1), keepdim=True) * scale
+    return (paint.strength.view(-1, 1, 1, 1) * logits_max * paint.mask).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -35,11 +54,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, tokens: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, paint: PaintBias | None = None) -> torch.Tensor:
         batch, length, width = tokens.shape
         qkv = self.qkv(tokens).view(batch, length, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        bias = None if paint is None else paint_logit_bias(q, k, paint)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -56,11 +76,15 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
     def forward(self, tokens: torch.Tensor, skip: torch.Tensor | None = None,
-                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+                paint: PaintBias | None = None) -> torch.Tensor:
         if self.skip_proj is not None:
             tokens = self.skip_proj(torch.cat([tokens, skip], dim=-1))
-        tokens = tokens + self.attn(self.norm1(tokens), attn_bias)
-        return tokens + self.mlp(self.norm2(tokens))
+        return tokens + self.residual(tokens, paint)
+
+    def residual(self, tokens: torch.Tensor, paint: PaintBias | None = None) -> torch.Tensor:
+        """What the block adds to its input (attention, then MLP): the vector field of an ODE block."""
+        attended = self.attn(self.norm1(tokens), paint)
+        return attended + self.mlp(self.norm2(tokens + attended))
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -81,18 +105,77 @@ class UShape(nn.Module):
         self.mid_block = Block(width, heads, mlp_ratio) if with_mid else None
         self.out_blocks = nn.ModuleList(Block(width, heads, mlp_ratio, skip=True) for _ in range(n_in))
 
-    def run_in(self, tokens, run, attn_bias=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run_in(self, tokens, run, paint=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for block in self.in_blocks:
-            tokens = run(block, tokens, None, attn_bias)
+            tokens = run(block, tokens, None, paint)
             skips.append(tokens)
         if self.mid_block is not None:
-            tokens = run(self.mid_block, tokens, None, attn_bias)
+            tokens = run(self.mid_block, tokens, None, paint)
         return tokens, skips
 
-    def run_out(self, tokens, skips, run, attn_bias=None) -> torch.Tensor:
+    def run_out(self, tokens, skips, run, paint=None) -> torch.Tensor:
         for block in self.out_blocks:
-            tokens = run(block, tokens, skips.pop(), attn_bias)
+            tokens = run(block, tokens, skips.pop(), paint)
+        return tokens
+
+
+class BlockField(nn.Module):
+    """dx/ds = block.residual(x): one weight-tied block as the vector field of an ODE (autonomous in s)."""
+
+    def __init__(self, block: Block, paint: PaintBias | None):
+        super().__init__()
+        self.block, self.paint = block, paint
+
+    def forward(self, s: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.block.residual(tokens, self.paint)
+
+
+class ODEUShape(nn.Module):
+    """The U shape with neural-ODE halves (cU-Net): the n_in in-blocks become one weight-tied block integrated
+    over s in [0, n_in], the long skips are its states at s = 1..n_in; the n_in out-blocks become one weight-tied
+    block integrated over one unit after each skip merge (a skip projection per merge). The mid block stays.
+    Parameters: 3 blocks + n_in projections instead of 2 n_in + 1 blocks + n_in projections.
+    """
+
+    def __init__(self, n_in: int, width: int, heads: int, mlp_ratio: float, solver: str, steps: int,
+                 adjoint: bool):
+        super().__init__()
+        from torchdiffeq._impl.odeint import SOLVERS
+        from torchdiffeq._impl.solvers import FixedGridODESolver
+
+        self.n_in = n_in
+        self.in_block = Block(width, heads, mlp_ratio) if n_in else None
+        self.mid_block = Block(width, heads, mlp_ratio)
+        self.out_block = Block(width, heads, mlp_ratio) if n_in else None
+        self.skip_projs = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(n_in))
+        fixed = issubclass(SOLVERS[solver], FixedGridODESolver)
+        self.solver_options = {"method": solver, **({"options": {"step_size": 1.0 / steps}} if fixed
+                                                      else {"rtol": 1e-3, "atol": 1e-3})}
+        self.adjoint = adjoint
+
+    def _integrate(self, block: Block, tokens: torch.Tensor, until: int, paint) -> torch.Tensor:
+        """States at s = 0, 1, ..., until: (until + 1, B, T, W)."""
+        import torchdiffeq
+
+        grid = torch.arange(until + 1, device=tokens.device, dtype=tokens.dtype)
+        field = BlockField(block, paint)
+        if self.adjoint:
+            return torchdiffeq.odeint_adjoint(field, tokens, grid, adjoint_params=tuple(block.parameters()),
+                                              **self.solver_options)
+        return torchdiffeq.odeint(field, tokens, grid, **self.solver_options)
+
+    def run_in(self, tokens, run, paint=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        if self.n_in:
+            states = self._integrate(self.in_block, tokens, self.n_in, paint)
+            skips, tokens = list(states[1:]), states[-1]
+        return run(self.mid_block, tokens, None, paint), skips
+
+    def run_out(self, tokens, skips, run, paint=None) -> torch.Tensor:
+        for proj in self.skip_projs:
+            tokens = proj(torch.cat([tokens, skips.pop()], dim=-1))
+            tokens = self._integrate(self.out_block, tokens, 1, paint)[-1]
         return tokens
 
 
@@ -117,7 +200,11 @@ class PSUNet(nn.Module):
 
         self.image_specific = UShape(c.n_image, False, w, c.heads, c.mlp_ratio)
         self.text_specific = UShape(c.n_text, False, w, c.heads, c.mlp_ratio)
-        self.shared = UShape(c.shared_depth // 2, True, w, c.heads, c.mlp_ratio)
+        if c.block_type == "ode":
+            self.shared = ODEUShape(c.shared_depth // 2, w, c.heads, c.mlp_ratio, c.ode_solver, c.ode_steps,
+                                    c.ode_adjoint)
+        else:
+            self.shared = UShape(c.shared_depth // 2, True, w, c.heads, c.mlp_ratio)
 
         self.image_norm = nn.LayerNorm(w)
         self.image_head = nn.Linear(w, patch_dim)
@@ -148,10 +235,10 @@ class PSUNet(nn.Module):
         x = patches.reshape(b, side, side, c.latent_channels, p, p)
         return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c.latent_channels, c.latent_size, c.latent_size)
 
-    def _run(self, block: Block, tokens, skip, attn_bias):
+    def _run(self, block: Block, tokens, skip, paint):
         if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, tokens, skip, attn_bias, use_reentrant=False)
-        return block(tokens, skip, attn_bias)
+            return checkpoint(block, tokens, skip, paint, use_reentrant=False)
+        return block(tokens, skip, paint)
 
     def check_inputs(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor) -> None:
         c = self.config
@@ -173,12 +260,13 @@ class PSUNet(nn.Module):
             )
 
     def forward(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor,
-                attn_bias: torch.Tensor | None = None) -> ModelOutput:
+                paint: PaintBias | None = None) -> ModelOutput:
         """Predict the noise of both modalities.
 
         timesteps: (B,) one time per sample, or (2, B) = (image times, text times) for independent
-        per-modality times. attn_bias: optional additive attention bias over the shared sequence
-        [image time, text time, text, image], broadcastable to (B, heads, T, T); used only in the shared section.
+        per-modality times. paint: paint-with-words bias over the shared sequence [image time, text time,
+        text tokens, image tokens] (see shared_sequence_index); applied in the shared section only, the
+        one place where image and text tokens attend to each other.
         """
         self.check_inputs(image_latents, text_vectors, timesteps)
         w = self.config.width
@@ -194,8 +282,8 @@ class PSUNet(nn.Module):
         # shared sequence: [image-branch time, text-branch time, text tokens, image tokens]
         n_text = self.config.text_len
         tokens = torch.cat([image_tokens[:, :1], text_tokens[:, :1], text_tokens[:, 1:], image_tokens[:, 1:]], 1)
-        tokens, shared_skips = self.shared.run_in(tokens, self._run, attn_bias)
-        tokens = self.shared.run_out(tokens, shared_skips, self._run, attn_bias)
+        tokens, shared_skips = self.shared.run_in(tokens, self._run, paint)
+        tokens = self.shared.run_out(tokens, shared_skips, self._run, paint)
         text_out = tokens[:, 1:2 + n_text]
         image_out = torch.cat([tokens[:, :1], tokens[:, 2 + n_text:]], 1)
 

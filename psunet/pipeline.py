@@ -8,7 +8,8 @@
 Every task is `infill` (one `joint_infill` call) with a different known part and mask. Image masks
 are per pixel, True where the image is to be generated; a latent cell is known only when none of
 its pixels is to be generated, and known pixels are pasted back into the output unchanged. In a
-prompt, `[?]` marks a word to fill in; the given words come back unchanged.
+prompt, `[?]` marks a word to fill in; the given words come back unchanged. Paint-with-words steers
+where a prompt's word goes: `paint=[[("red", region)], ...]` with a (H, W) bool region per word.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from psunet.autoencoder import Autoencoder
 from psunet.checkpoint import load_model, load_state
 from psunet.config import DiffusionConfig, ModelConfig
 from psunet.model import PSUNet
+from psunet.paint import PaintWithWords
 from psunet.sampling import SampleOutput, joint_infill
 from psunet.text import BLANK, END, TextCodec, load_vectors, tokenize
+
+Paint = list[list[tuple[int | str, np.ndarray]]]  # per prompt: (word index or the word itself, (H, W) bool region)
 
 ASSETS = "assets.json"
 
@@ -105,13 +109,17 @@ class Pipeline:
     def infill(self, prompts: list[str] | None = None, images: np.ndarray | None = None,
                image_masks: np.ndarray | None = None, count: int | None = None,
                settings: SamplerSettings | None = None, seeds: list[int] | None = None,
-               guidance_scales: list[float] | None = None) -> InfillResult:
+               guidance_scales: list[float] | None = None, paint: Paint | None = None,
+               paint_weight: float = 1.0, paint_fraction: float = 1.0) -> InfillResult:
         """Complete whatever is missing, all in one batch.
 
         prompts: captions, possibly with [?] blanks; images: (B, H, W, 3) uint8 at the model's
         resolution; image_masks: (B, H, W) bool, True = generate (no mask: the image is fully known);
         count: batch size when nothing is given (unconditional pairs); seeds / guidance_scales: one
         per sample, in place of the settings' single value (a sample then does not depend on its batch).
+        paint: per prompt, (word, region) pairs: the word (its index in the prompt, or the word) is steered
+        into the region ((H, W) bool at the model's resolution) with strength paint_weight during the first
+        paint_fraction of the steps.
         """
         batch = self._batch_size(prompts, images, image_masks, count)
         known = {}
@@ -127,6 +135,8 @@ class Pipeline:
             if image_masks is not None:
                 pixel_masks = self._checked_masks(image_masks, images.shape[:3])
                 known["image_mask"] = self._latent_mask(pixel_masks)
+        if paint is not None:
+            known["paint"] = self.paint_regions(prompts, paint, paint_weight, paint_fraction)
         out = self.sample(batch, settings, seeds=seeds, guidance_scales=guidance_scales, **known)
         if images is None:
             generated = self.decode_images(out.image_latents)
@@ -181,6 +191,34 @@ class Pipeline:
         if batch < 1:
             raise ValueError("empty batch: " + ", ".join(sizes))
         return batch
+
+    def paint_regions(self, prompts: list[str] | None, paint: Paint, weight: float, fraction: float) -> PaintWithWords:
+        """Checked paint-with-words input: word indices inside their prompt, regions at the model's resolution."""
+        if prompts is None:
+            raise ValueError("paint needs prompts: it steers where a prompt's words go")
+        if len(paint) != len(prompts):
+            raise ValueError(f"paint: give one list of (word, region) pairs per prompt ({len(prompts)}), "
+                             f"got {len(paint)}")
+        size = self.resolution
+        regions = []
+        for i, (prompt, pairs) in enumerate(zip(prompts, paint)):
+            words = tokenize(prompt)[: self.model_config.text_len - 1]
+            checked = []
+            for word, region in pairs:
+                if isinstance(word, str):
+                    if word.lower() not in words:
+                        raise ValueError(f"paint: prompt {i} has no word {word!r} (words: {' '.join(words)})")
+                    word = words.index(word.lower())
+                if not isinstance(word, int) or isinstance(word, bool) or not 0 <= word < len(words):
+                    raise ValueError(f"paint: prompt {i}: word index {word!r} is outside the caption "
+                                     f"(0..{len(words) - 1}: {' '.join(words)})")
+                region = np.asarray(region)
+                if region.shape != (size, size) or region.dtype != bool:
+                    raise ValueError(f"paint: prompt {i}, word {word}: region must be a ({size}, {size}) bool mask "
+                                     f"(True = put the word here), got {region.dtype} {tuple(region.shape)}")
+                checked.append((word, torch.from_numpy(region)))
+            regions.append(checked)
+        return PaintWithWords(regions, weight=weight, fraction=fraction)
 
     def check_prompts(self, prompts: list[str]) -> list[str]:
         for i, prompt in enumerate(prompts):

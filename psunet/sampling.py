@@ -25,6 +25,8 @@ import torch
 
 from psunet.config import DiffusionConfig, ModelConfig
 from psunet.diffusion import NoiseSchedule, make_scheduler
+from psunet.model import PaintBias
+from psunet.paint import PaintWithWords, paint_mask
 
 MAX_STEPS = 1000
 
@@ -91,6 +93,7 @@ def joint_infill(
     scheduler: str = "dpmsolver++",
     seed: int | Sequence[int] = 0,
     device: torch.device | str = "cpu",
+    paint: PaintWithWords | None = None,
 ) -> SampleOutput:
     """Sample both modalities given any known parts.
 
@@ -99,6 +102,7 @@ def joint_infill(
     returns eps for both modalities (a PSUNet or anything with the same call).
     guidance_scale and seed are one value for the batch or one per sample; with a seed per sample,
     each sample's noise comes from its own generator, so it does not depend on its batch mates.
+    paint: paint-with-words regions for caption words (psunet.paint); the bias goes on the conditional pass.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -114,6 +118,9 @@ def joint_infill(
     text_known, text_mask = _known_and_mask(
         "text", text_known, text_mask, (b, c.text_len, c.word_dim), (b, c.text_len), device)
     text_mask = text_mask[..., None]
+    if paint is not None:
+        paint.check(c, b)
+        painted = paint_mask(c, paint, device)
     text_given, text_known = text_known, text_known * diffusion_config.text_scale
 
     generators = [torch.Generator(device=device).manual_seed(int(value)) for value in seeds]
@@ -150,7 +157,19 @@ def joint_infill(
             return known
         return mask * schedule.add_noise(known, noise(known.shape), times) + (1 - mask) * current
 
-    for t in image_scheduler.timesteps:
+    def paint_at(index: int, t, passes: int) -> dict:
+        """The model's paint argument at this step: the bias on the first (conditional) of `passes` halves."""
+        if paint is None:
+            return {}
+        alpha_bar = float(schedule.alphas_cumprod[int(t)])
+        strength = paint.strength(math.sqrt((1 - alpha_bar) / alpha_bar), index, steps)
+        if strength == 0:
+            return {}
+        strengths = torch.zeros(passes * b, device=device)
+        strengths[:b] = strength
+        return {"paint": PaintBias(mask=painted.repeat(passes, 1, 1, 1), strength=strengths)}
+
+    for index, t in enumerate(image_scheduler.timesteps):
         times = t.expand(b)
         image_in = conditional_input(image_known, image_mask, image, clean_image, times)
         text_in = conditional_input(text_known, text_mask, text, clean_text, times)
@@ -160,7 +179,7 @@ def joint_infill(
             text_unc = text_mask * noise(text.shape) + (1 - text_mask) * text
             times_unc = pair(last_time if clean_image else t, last_time if clean_text else t)
             out = model(torch.cat([image_in, image_unc]), torch.cat([text_in, text_unc]),
-                        torch.cat([times_cond, times_unc], dim=1))
+                        torch.cat([times_cond, times_unc], dim=1), **paint_at(index, t, 2))
             cond_image, unc_image = out.eps_image.float().chunk(2)
             cond_text, unc_text = out.eps_text.float().chunk(2)
             eps_image = unc_image + weight_image * (cond_image - unc_image)
@@ -169,7 +188,7 @@ def joint_infill(
         else:
             # draw what the guided pass draws, so a sample's noise stream does not depend on its batch mates
             noise(image_shape), noise(text.shape)
-            out = model(image_in, text_in, times_cond)
+            out = model(image_in, text_in, times_cond, **paint_at(index, t, 1))
             eps_image, eps_text = out.eps_image.float(), out.eps_text.float()
             evaluations += 1
         image = image_scheduler.step(eps_image, t, image if clean_image else image_in, generator=generator).prev_sample

@@ -27,6 +27,13 @@ FIELDS = {
                     "final_t2i_accuracy_psunet", "final_t2i_accuracy_baseline"],
     "serve": [f"{mode}_{clients}c_{key}" for mode in ("batching", "no_batching") for clients in (1, 4, 16)
               for key in ("requests_per_s", "p50_ms", "p99_ms")] + ["batching_speedup_16_clients"],
+    "convergence-ode": ["parameters_psunet", "parameters_ode", "activation_mb_psunet", "activation_mb_ode",
+                        "sampling_ms_per_step_batch1_psunet", "sampling_ms_per_step_batch1_ode",
+                        "sampling_ms_per_step_batch16_ode", "final_val_loss_ode", "final_t2i_accuracy_ode"],
+    "convergence-experts": ["base_val_loss", "base_t2i_accuracy", "one_model_val_loss", "one_model_t2i_accuracy",
+                            "one_model_training_steps", "experts2_val_loss", "experts2_t2i_accuracy",
+                            "experts2_training_steps", "experts2_sampling_ms_per_step_batch1"],
+    "paint": ["in_region_weight_0", "in_region_weight_4", "samples"],
 }
 
 
@@ -40,39 +47,53 @@ def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
         "convergence": ["--config", "configs/tiny.yaml", "--steps", "4", "--eval-every", "2", "--out-dir",
                         str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
         "serve": ["--model", str(tiny_model), "--sample-steps", "2", "--requests", "2"],
+        "convergence-ode": ["--against", "ode", "--config", "configs/tiny.yaml", "--steps", "2", "--eval-every", "2",
+                            "--out-dir", str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val",
+                            "model.shared_depth=5", "model.ode_solver=euler"],
+        "convergence-experts": ["--against", "experts", "--config", "configs/tiny.yaml", "--steps", "3",
+                                "--branch-at", "1", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
+        "paint": ["--model", str(tiny_model), "--sample-steps", "2", "--samples", "4", "--paint-weights", "0,4"],
     }[command]
 
 
-@pytest.mark.parametrize("command", FIELDS)
-def test_benchmark_prints_json_with_every_field_positive(command, demo_set, tiny_model, tmp_path):
+@pytest.mark.parametrize("case", FIELDS)
+def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_model, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run([sys.executable, "jobs/benchmark.py", command, *_arguments(command, demo_set, tiny_model,
-                                                                                      tmp_path), "--tracking-uri", uri],
+    arguments = _arguments(case, demo_set, tiny_model, tmp_path)
+    command = case.split("-")[0]
+    done = subprocess.run([sys.executable, "jobs/benchmark.py", command, *arguments, "--tracking-uri", uri],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"})
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["benchmark"] == command
-    for field in FIELDS[command]:
+    for field in FIELDS[case]:
         assert field in figures, field
         value = figures[field]
         assert isinstance(value, (int, float)) and math.isfinite(value), (field, value)
         # accuracies are fractions (0 is possible after a few steps); everything else is a positive measure
-        assert 0 <= value <= 1 if "accuracy" in field else value > 0, (field, value)
+        assert 0 <= value <= 1 if "accuracy" in field or "in_region" in field else value > 0, (field, value)
     if command == "sampling":
         assert figures["evaluations_per_step_guided"] == 2 and figures["evaluations_per_step_unguided"] == 1
     if command == "loader":
         assert figures["samples_10x"] == 10 * figures["samples_1x"]
-    if command == "convergence":
+    if figures.get("against") == "ode":
+        assert figures["parameters_ode"] < figures["parameters_psunet"]
+        assert (tmp_path / "convergence_ode.png").stat().st_size > 0
+    if figures.get("against") == "experts":
+        assert figures["one_model_intervals"] == [[0, 1000]] and figures["experts2_intervals"] == [[0, 500], [500, 1000]]
+        assert figures["experts2_training_steps"] == 1 + 2 * 2 and figures["one_model_training_steps"] == 1 + 2
+    if figures.get("against") == "baseline":
         assert abs(figures["parameters_psunet"] - figures["parameters_baseline"]) / figures["parameters_baseline"] < 0.02
         assert [p["step"] for p in figures["curves"]["psunet"]] == [2, 4]
-        assert (tmp_path / "convergence.png").stat().st_size > 0
+        assert (tmp_path / "convergence_baseline.png").stat().st_size > 0
 
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     run = client.get_run(figures["mlflow_run_id"])
     assert run.data.tags["psunet.benchmark"] == command
-    assert run.data.metrics[FIELDS[command][0]] == pytest.approx(figures[FIELDS[command][0]])
+    first = FIELDS[case][0]
+    assert run.data.metrics[first] == pytest.approx(figures[first])
 
 
 def test_steps_to_reach_interpolates_and_says_never():

@@ -69,6 +69,19 @@ def test_text_to_image_many_prompts_one_batch(tiny_model, inputs, tmp_path):
     assert sheet.width > inputs["resolution"] and sheet.height > inputs["resolution"]
 
 
+def test_paint_with_words_from_the_command_line(tiny_model, inputs, tmp_path):
+    prompt = ["--prompt", "a small red circle on the left", "--seed", "3"]
+    plain, painted, by_mask = tmp_path / "plain", tmp_path / "painted", tmp_path / "by_mask"
+    args = ["--model", str(tiny_model), *FAST, *prompt]
+    assert sample_main(args + ["--out", str(plain)]) == 0
+    assert sample_main(args + ["--out", str(painted), "--paint", "red=16,0,32,32", "--paint-weight", "8"]) == 0
+    assert sample_main(args + ["--out", str(by_mask), "--paint", f"2={inputs['mask']}", "--paint-weight", "8"]) == 0
+    assert _read(painted)["paint"] == ["red=16,0,32,32"] and _read(painted)["paint_weight"] == 8
+    assert not np.array_equal(_png(plain / "sample_000.png"), _png(painted / "sample_000.png"))
+    # the mask is the right half, word 2 is "red": the same request as the box
+    assert np.array_equal(_png(painted / "sample_000.png"), _png(by_mask / "sample_000.png"))
+
+
 def test_all_prompts_share_each_forward(tiny_model):
     pipe = load_pipeline(str(tiny_model))
     calls = []
@@ -181,6 +194,14 @@ BAD = [
     (["--generate", "0"], "--generate must be"),
     ([], "nothing to sample"),
     (["--prompt", "a", "--prompt", "b", "--image", "{image}", "--image", "{image}", "--image", "{image}"], "--prompt"),
+    (["--prompt", "a red circle", "--paint", "blue=0,0,16,16"], "prompt 0 has no word 'blue'"),
+    (["--prompt", "a red circle", "--paint", "3=0,0,16,16"], "word index 3 is outside the caption"),
+    (["--prompt", "a red circle", "--paint", "red=0,0,64,16"], "box must lie inside the 32x32 image"),
+    (["--prompt", "a red circle", "--paint", "red={big}"], "the model needs"),
+    (["--prompt", "a red circle", "--paint", "red"], "WORD=x0,y0,x1,y1"),
+    (["--prompt", "a red circle", "--paint", "red=0,0,16,16", "--paint-weight", "-2"], "paint weight"),
+    (["--prompt", "a red circle", "--paint", "red=0,0,16,16", "--paint-fraction", "1.5"], "paint fraction"),
+    (["--generate", "1", "--paint", "red=0,0,16,16"], "--paint needs --prompt"),
 ]
 
 

@@ -114,6 +114,23 @@ def test_image_to_text_generate_and_infill(service, tiny_model):
     assert resized.status_code == 200 and _image(resized.json()["images"][0]).shape == (32, 32, 3)
 
 
+def test_paint_with_words_moves_the_image_and_only_for_the_painted_request(service):
+    base = {"prompt": PROMPT, "steps": 3, "seed": 11}
+    plain = requests.post(f"{service}/v1/text-to-image", json=base).json()
+    right = {"word": "red", "box": [16, 0, 32, 32]}
+    painted = requests.post(f"{service}/v1/text-to-image", json={**base, "paint": [right], "paint_weight": 8}).json()
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[:, 16:] = 255
+    by_mask = requests.post(f"{service}/v1/text-to-image", json={
+        **base, "paint": [{"word": 2, "mask": _png(mask)}], "paint_weight": 8}).json()
+    assert painted["captions"] == [PROMPT]
+    assert np.abs(_image(painted["images"][0]).astype(int) - _image(plain["images"][0])).max() > 2
+    assert np.abs(_image(painted["images"][0]).astype(int) - _image(by_mask["images"][0])).max() <= 2
+    infilled = requests.post(f"{service}/v1/infill", json={"prompt": "a small red [?] on the left", "steps": 3,
+                                                           "paint": [right]})
+    assert infilled.status_code == 200 and len(infilled.json()["images"]) == 1
+
+
 def _bad_image_pair() -> dict:
     return {"image": _png(_picture()), "mask": _png(np.zeros((16, 16, 3), np.uint8))}
 
@@ -155,6 +172,23 @@ BAD_REQUESTS = [
     ("/v1/generate", {"num_samples": "3"}, 422, "num_samples"),
     ("/v1/generate", {"steps": None, "seed": True}, 422, "seed"),
     ("/v1/text-to-image", {"prompt": "a" * 300_000}, 413, "over the limit of 200000 bytes"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": "blue", "box": [0, 0, 16, 16]}]}, 422,
+     "the prompt has no word 'blue'"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 9, "box": [0, 0, 16, 16]}]}, 422,
+     "word index 9 is outside the caption"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2, "box": [0, 0, 40, 16]}]}, 422,
+     "paint.0.box: must be [x0, y0, x1, y1] inside the 32x32 image"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2, "box": [0, 0, 16]}]}, 422, "paint.0.box"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2, "mask": _png(_picture(16))}]}, 422,
+     "paint.0.mask: 16x16, but this model takes 32x32"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2}]}, 422, "give a box or a mask"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": []}, 422, "paint: empty list"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2, "box": [0, 0, 8, 8]}], "paint_weight": -1}, 422,
+     "paint_weight"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2, "box": [0, 0, 8, 8]}], "paint_fraction": 0}, 422,
+     "paint_fraction"),
+    ("/v1/infill", {"image": _png(_picture()), "paint": [{"word": 0, "box": [0, 0, 8, 8]}]}, 422,
+     "paint: needs a prompt"),
 ]
 
 
