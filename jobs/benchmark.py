@@ -244,10 +244,8 @@ def bench_sampling(args) -> dict:
     figures = {"preset": args.preset if not pipe else "model", "device": str(device), "compiled": args.compile,
                "steps": args.sample_steps}
     for batch in (1, 16, 64):
-        text = torch.randn(batch, config.text_len, config.word_dim, device=device)
-        seconds = _time(lambda: joint_infill(forward, config, diffusion, batch, text_known=text,
-                                             steps=args.sample_steps, device=device), 2, device)
-        figures[f"ms_per_step_batch{batch}"] = seconds / args.sample_steps * 1000
+        figures[f"ms_per_step_batch{batch}"] = sampling_ms_per_step(forward, config, diffusion, batch, device,
+                                                                     args.sample_steps)
     text = torch.randn(1, config.text_len, config.word_dim, device=device)
     for name, scale in (("guided", 3.0), ("unguided", 1.0)):
         out = joint_infill(forward, config, diffusion, 1, text_known=text, steps=args.sample_steps,

@@ -167,6 +167,11 @@ def decode_image(data: str, field: str, max_side: int) -> Image.Image:
     return image
 
 
+def mask_pixels(picture: Image.Image, size: int) -> np.ndarray:
+    """A mask image as (size, size) bool at the model's resolution: white (> 127) is True."""
+    return np.asarray(picture.convert("L").resize((size, size), Image.NEAREST)) > 127
+
+
 def _error(message: str, status: int = 422) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -458,8 +463,7 @@ class Ingress:
                 if painted.size != picture.size:
                     raise RequestError(f"mask: {painted.size[0]}x{painted.size[1]} but the image is "
                                        f"{picture.size[0]}x{picture.size[1]}")
-                generate = np.asarray(painted.convert("L").resize((size, size), Image.NEAREST)) > 127
-                job.masks = np.repeat(generate[None], rows, axis=0)
+                job.masks = np.repeat(mask_pixels(painted, size)[None], rows, axis=0)
         return job
 
 
@@ -487,7 +491,7 @@ class Ingress:
                 if picture.size != (size, size) and not resize:
                     raise RequestError(f"{where}.mask: {picture.size[0]}x{picture.size[1]}, but this model takes "
                                        f"{size}x{size}")
-                area = np.asarray(picture.convert("L").resize((size, size), Image.NEAREST)) > 127
+                area = mask_pixels(picture, size)
             pairs.append((region.word, area))
         job.paint = [pairs] * job.rows
         job.paint_weight, job.paint_fraction = body.paint_weight, body.paint_fraction

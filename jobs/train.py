@@ -297,12 +297,19 @@ def mlflow_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None) -> str:
 def bundle_model(checkpoint_folder: str, out: Path) -> Path:
     """A self-contained model folder: EMA weights, config, training step, word vectors and (local)
     autoencoder copied in."""
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    bundle_assets(checkpoint_folder, out)
     for name in ("ema.safetensors", "config.json"):
         shutil.copy2(Path(checkpoint_folder) / name, out / name)
     (out / "state.json").write_text(json.dumps({"step": load_state(checkpoint_folder)["step"]}))
+    return out
+
+
+def bundle_assets(checkpoint_folder: str, out: Path) -> None:
+    """A fresh folder `out` with the checkpoint's word vectors and (local) autoencoder and an assets.json
+    naming them relative to it."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     assets = json.loads((Path(checkpoint_folder) / ASSETS).read_text())
     shutil.copy2(assets["word_vectors"], out / "words.bin")
     bundled = {"word_vectors": "words.bin", "word_vectors_sha256": assets["word_vectors_sha256"],
@@ -311,7 +318,6 @@ def bundle_model(checkpoint_folder: str, out: Path) -> Path:
         shutil.copytree(assets["autoencoder"], out / "vae")
         bundled["autoencoder"] = "vae"
     (out / ASSETS).write_text(json.dumps(bundled, indent=2))
-    return out
 
 
 def assemble_experts(checkpoint_folders: list[str], intervals: list[tuple[int, int]], out: Path) -> Path:
@@ -319,11 +325,11 @@ def assemble_experts(checkpoint_folders: list[str], intervals: list[tuple[int, i
     config.json, the assets of the first (all branches share the base's data)."""
     from safetensors.torch import load_file
 
-    bundle_model(checkpoint_folders[0], out)
+    bundle_assets(checkpoint_folders[0], out)
     weights = {f"experts.{i}.{name}": tensor for i, folder in enumerate(checkpoint_folders)
                for name, tensor in load_file(str(Path(folder) / "ema.safetensors")).items()}
     save_weights(out / "ema.safetensors", weights)
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((Path(checkpoint_folders[0]) / "config.json").read_text())
     config["experts"] = {"intervals": [list(pair) for pair in intervals]}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     steps = [load_state(folder)["step"] for folder in checkpoint_folders]

@@ -28,6 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from psunet.config import ModelConfig
 
 
+# the shared sequence: [image-branch time, text-branch time, text tokens (L), image tokens (N)]
+TEXT_OFFSET = 2
+
+
 @dataclass
 class PaintBias:
     """Paint-with-words (eDiff-I) over the shared sequence: which (token, token) logits get a bias, and how much.
@@ -265,8 +269,8 @@ class PSUNet(nn.Module):
 
         timesteps: (B,) one time per sample, or (2, B) = (image times, text times) for independent
         per-modality times. paint: paint-with-words bias over the shared sequence [image time, text time,
-        text tokens, image tokens] (see shared_sequence_index); applied in the shared section only, the
-        one place where image and text tokens attend to each other.
+        text tokens, image tokens] (TEXT_OFFSET, psunet.paint.paint_mask); applied in the shared section only,
+        the one place where image and text tokens attend to each other.
         """
         self.check_inputs(image_latents, text_vectors, timesteps)
         w = self.config.width
@@ -284,8 +288,8 @@ class PSUNet(nn.Module):
         tokens = torch.cat([image_tokens[:, :1], text_tokens[:, :1], text_tokens[:, 1:], image_tokens[:, 1:]], 1)
         tokens, shared_skips = self.shared.run_in(tokens, self._run, paint)
         tokens = self.shared.run_out(tokens, shared_skips, self._run, paint)
-        text_out = tokens[:, 1:2 + n_text]
-        image_out = torch.cat([tokens[:, :1], tokens[:, 2 + n_text:]], 1)
+        text_out = tokens[:, 1:TEXT_OFFSET + n_text]
+        image_out = torch.cat([tokens[:, :1], tokens[:, TEXT_OFFSET + n_text:]], 1)
 
         image_out = self.image_specific.run_out(image_out, image_skips, self._run)
         text_out = self.text_specific.run_out(text_out, text_skips, self._run)

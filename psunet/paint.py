@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from psunet.config import ModelConfig
-
-# shared sequence: [image-branch time, text-branch time, text tokens (L), image tokens (N)]
-TEXT_OFFSET = 2
+from psunet.model import TEXT_OFFSET
 
 
 @dataclass

@@ -157,17 +157,20 @@ def joint_infill(
             return known
         return mask * schedule.add_noise(known, noise(known.shape), times) + (1 - mask) * current
 
-    def paint_at(index: int, t, passes: int) -> dict:
-        """The model's paint argument at this step: the bias on the first (conditional) of `passes` halves."""
+    passes = 2 if guided else 1
+    if paint is not None:
+        painted = painted.repeat(passes, 1, 1, 1)
+
+    def paint_at(index: int, t) -> dict:
+        """The model's paint argument at this step: the bias on the conditional pass (the first b rows)."""
         if paint is None:
             return {}
-        alpha_bar = float(schedule.alphas_cumprod[int(t)])
-        strength = paint.strength(math.sqrt((1 - alpha_bar) / alpha_bar), index, steps)
+        strength = paint.strength(float(schedule.snr(t.view(1))) ** -0.5, index, steps)  # sigma = 1 / sqrt(SNR)
         if strength == 0:
             return {}
         strengths = torch.zeros(passes * b, device=device)
         strengths[:b] = strength
-        return {"paint": PaintBias(mask=painted.repeat(passes, 1, 1, 1), strength=strengths)}
+        return {"paint": PaintBias(mask=painted, strength=strengths)}
 
     for index, t in enumerate(image_scheduler.timesteps):
         times = t.expand(b)
@@ -179,7 +182,7 @@ def joint_infill(
             text_unc = text_mask * noise(text.shape) + (1 - text_mask) * text
             times_unc = pair(last_time if clean_image else t, last_time if clean_text else t)
             out = model(torch.cat([image_in, image_unc]), torch.cat([text_in, text_unc]),
-                        torch.cat([times_cond, times_unc], dim=1), **paint_at(index, t, 2))
+                        torch.cat([times_cond, times_unc], dim=1), **paint_at(index, t))
             cond_image, unc_image = out.eps_image.float().chunk(2)
             cond_text, unc_text = out.eps_text.float().chunk(2)
             eps_image = unc_image + weight_image * (cond_image - unc_image)
@@ -188,7 +191,7 @@ def joint_infill(
         else:
             # draw what the guided pass draws, so a sample's noise stream does not depend on its batch mates
             noise(image_shape), noise(text.shape)
-            out = model(image_in, text_in, times_cond, **paint_at(index, t, 1))
+            out = model(image_in, text_in, times_cond, **paint_at(index, t))
             eps_image, eps_text = out.eps_image.float(), out.eps_text.float()
             evaluations += 1
         image = image_scheduler.step(eps_image, t, image if clean_image else image_in, generator=generator).prev_sample
