@@ -126,6 +126,11 @@ def bench_train(args) -> dict:
             "mfu": achieved / peak, "peak_memory_mb": memory, "target_mfu": TARGETS[device.type]["mfu"]}
 
 
+def _bare_loop(preset_name: str, batch_size: int, device: str, steps: int) -> float:
+    """In a fresh process, as a Train worker is: seconds per step of the bare loop."""
+    return StepTimer(preset(preset_name), batch_size, torch.device(device)).seconds_per_step(steps)
+
+
 def _trainer_loop(config: dict) -> None:
     """One TorchTrainer worker: the same StepTimer, its model prepared by Ray Train."""
     import ray.train
@@ -144,12 +149,16 @@ def bench_overhead(args) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import multiprocessing
+
     device = device_of(args.device)
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="psunet-bench-")
     bare, trainer = [], []
+    context = multiprocessing.get_context("spawn")
     for round_ in range(args.rounds):  # A/B/A/B: drift hits both sides alike
-        bare.append(StepTimer(preset(args.preset), args.batch_size, device).seconds_per_step(args.steps))
+        with context.Pool(1) as pool:  # not in this process, whose Ray driver threads the worker does not have
+            bare.append(pool.apply(_bare_loop, (args.preset, args.batch_size, str(device), args.steps)))
         result = TorchTrainer(
             _trainer_loop, train_loop_config={"preset": args.preset, "batch_size": args.batch_size,
                                               "steps": args.steps},
@@ -219,13 +228,30 @@ def bench_loader(args) -> dict:
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
     fn()
-    sync(device)
-    start = time.perf_counter()
+    seconds = []
     for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
         fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def _interleaved(first, second, rounds: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds of two calls timed alternately (drift and noise hit both alike)."""
+    first(), second()
+    times: tuple[list, list] = ([], [])
+    for _ in range(rounds):
+        for fn, out in ((first, times[0]), (second, times[1])):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 @torch.no_grad()
@@ -236,13 +262,17 @@ def bench_sampling(args) -> dict:
     from jobs.model_ref import load_pipeline
 
     device = device_of(args.device)
-    pipe = load_pipeline(args.model, device=str(device)) if args.model else None
+    pipe = load_pipeline(args.model, device=str(device), precision=args.precision) if args.model else None
     config = pipe.model_config if pipe else preset(args.preset)
     model = pipe.model if pipe else PSUNet(config).to(device).eval()
     diffusion = pipe.diffusion_config if pipe else DiffusionConfig()
-    forward = torch.compile(model) if args.compile else model
+    if args.compile:
+        model = torch.compile(model)
+        if pipe:
+            pipe.model = model
+    forward = pipe.denoise if pipe else model
     figures = {"preset": args.preset if not pipe else "model", "device": str(device), "compiled": args.compile,
-               "steps": args.sample_steps}
+               "precision": args.precision, "steps": args.sample_steps}
     for batch in (1, 16, 64):
         figures[f"ms_per_step_batch{batch}"] = sampling_ms_per_step(forward, config, diffusion, batch, device,
                                                                      args.sample_steps)
@@ -254,17 +284,17 @@ def bench_sampling(args) -> dict:
     image = torch.randn(1, *config.latent_shape, device=device)
     times = torch.full((2, 1), 500, device=device)
     pair = (torch.cat([image, image]), torch.cat([text, text]), torch.cat([times, times], dim=1))
-    together = _time(lambda: forward(*pair), 20, device)
-    apart = _time(lambda: (forward(image, text, times), forward(image, text, times)), 20, device)
+    together, apart = _interleaved(lambda: forward(*pair),
+                                   lambda: (forward(image, text, times), forward(image, text, times)), 100, device)
     figures.update({"batched_guidance_forward_ms": together * 1000, "two_forwards_ms": apart * 1000,
                     "guidance_batching_speedup": apart / together,
                     "target_guidance_batching_speedup": TARGETS[device.type]["guidance_batching_speedup"]})
     if pipe:
         settings = SamplerSettings(steps=args.sample_steps)
         figures["text_to_image_latency_ms"] = _time(
-            lambda: pipe.text_to_image(["a small red circle on the left"], settings), 2, device) * 1000
+            lambda: pipe.text_to_image(["a small red circle on the left"], settings), 5, device) * 1000
         figures["image_to_text_latency_ms"] = _time(
-            lambda: pipe.image_to_text(pipe.decode_images(image), settings), 2, device) * 1000
+            lambda: pipe.image_to_text(pipe.decode_images(image), settings), 5, device) * 1000
     return figures
 
 
@@ -330,7 +360,7 @@ def sampling_ms_per_step(model, config, diffusion, batch: int, device: torch.dev
     text = torch.randn(batch, config.text_len, config.word_dim, device=device)
     with torch.no_grad():
         seconds = _time(lambda: joint_infill(model, config, diffusion, batch, text_known=text, steps=steps,
-                                             device=device), 2, device)
+                                             device=device), 5, device)
     return seconds / steps * 1000
 
 
@@ -516,6 +546,7 @@ def bench_serve(args) -> dict:
     import socket
 
     import ray
+    import requests
     from ray import serve
 
     from jobs.serve import app
@@ -525,14 +556,20 @@ def bench_serve(args) -> dict:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    figures = {"model": args.model, "steps": args.sample_steps}
+    figures = {"model": args.model, "steps": args.sample_steps, "precision": args.precision}
     try:
         for mode, batch in (("batching", 64), ("no_batching", 1)):
-            serve.run(app({"model": args.model, "max_batch_size": batch, "max_samples": 1}),
-                      name="bench", route_prefix="/")
-            url = f"http://127.0.0.1:{port}/v1/text-to-image"
+            serve.run(app({"model": args.model, "max_batch_size": batch, "max_samples": 1, "num_cpus": args.serve_cpus,
+                           "precision": args.precision}), name="bench", route_prefix="/")
+            base = f"http://127.0.0.1:{port}"
+            figures["replica_threads"] = requests.get(f"{base}/v1/model", timeout=60).json()["threads"]
             for clients in (1, 4, 16):
-                result = _load(url, clients, max(args.requests, 2 * clients), args.sample_steps)
+                before = requests.get(f"{base}/v1/stats", timeout=60).json()
+                result = _load(f"{base}/v1/text-to-image", clients, max(args.requests, 4 * clients),
+                               args.sample_steps)
+                after = requests.get(f"{base}/v1/stats", timeout=60).json()
+                result["requests_per_forward"] = ((after["request_forwards"] - before["request_forwards"])
+                                                  / (after["forwards"] - before["forwards"]))
                 figures.update({f"{mode}_{clients}c_{key}": value for key, value in result.items()})
             serve.delete("bench")
     finally:
@@ -574,13 +611,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="demo", help="model preset (train, overhead, loader, sampling)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="timed training steps; convergence: training steps")
-    parser.add_argument("--rounds", type=int, default=2, help="overhead: A/B rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="overhead: A/B rounds")
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--data", help="loader: a shard folder")
     parser.add_argument("--model", help="sampling (end-to-end latency), serve: model folder or MLflow URI")
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--compile", action="store_true", help="sampling: torch.compile the model")
     parser.add_argument("--requests", type=int, default=32, help="serve: requests per client count")
+    parser.add_argument("--serve-cpus", type=float, help="serve: CPUs (= torch threads) of the model replica; "
+                        "default: the service's (all of the node's on CPU)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="sampling, serve: the denoiser's precision (bf16: GPUs, CPUs with native bf16)")
     parser.add_argument("--config", default="configs/demo.yaml", help="convergence: training config")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--against", choices=("baseline", "ode", "experts"), default="baseline",
@@ -607,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("loader needs --data <shard folder>")
     if args.command in ("serve", "paint") and not args.model:
         parser.error(f"{args.command} needs --model <folder or runs:/<id>/model>")
+    if args.precision != "fp32" and not args.model:
+        parser.error("--precision bf16 needs --model (the pipeline casts the model)")
     try:
         figures = {"benchmark": args.command, **COMMANDS[args.command](args),
                    "torch": torch.__version__, "cpu_count": os.cpu_count(),

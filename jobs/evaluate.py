@@ -231,7 +231,8 @@ def log_to_mlflow(uri: str, experiment: str, report: dict, files: list[Path], st
     run = client.create_run(experiment_id(client, experiment, storage),
                             run_name=f"evaluate-{Path(report['model'].rstrip('/')).name}")
     run_id = run.info.run_id
-    params = {"model": report["model"], "data": report["data"], "samples": report["samples"],
+    params = {"model": report["model"], "data": report["data"], "precision": report["precision"],
+              "samples": report["samples"],
               "scheduler": report["default"]["scheduler"], "guidance_scale": report["default"]["guidance_scale"],
               "steps": report["default"]["steps"], "fid": report["fid_note"][:500]}
     for key, value in params.items():
@@ -268,7 +269,8 @@ def run(args) -> dict:
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     manifest = load_manifest(args.data)
-    pipe = load_pipeline(args.model, weights=args.weights, device="cpu", tracking_uri=args.tracking_uri)
+    pipe = load_pipeline(args.model, weights=args.weights, device="cpu", tracking_uri=args.tracking_uri,
+                         precision=args.precision)
     manifest.check_model(pipe.model_config)
     fid, fid_note = fid_metric(args.fid, pipe)
     print(f"evaluate: {fid_note}", flush=True)
@@ -294,7 +296,8 @@ def run(args) -> dict:
     if samples == 0:
         raise ValueError(f"no readable samples in {args.data}")
     rows = combine(results, settings, demo, fid)
-    return {"model": args.model, "data": str(args.data), "samples": samples, "demo_metrics": demo,
+    return {"model": args.model, "data": str(args.data), "precision": args.precision, "samples": samples,
+            "demo_metrics": demo,
             "skipped": sum(r["skipped"] for r in results), "fid_note": fid_note,
             "seconds": round(time.perf_counter() - started, 1), "default": rows[0], "results": rows,
             "guidance_sweep": [r for r in rows if r["steps"] == base.steps and r["scheduler"] == base.scheduler],
@@ -327,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, help="shard groups = Ray tasks (default: one per shard)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--weights", default="ema", choices=["ema", "model"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the denoiser's precision")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else runs/)")
     parser.add_argument("--experiment", default="psunet-evaluate")
     parser.add_argument("--storage-path", default="runs", help="where the default MLflow store lives")

@@ -47,6 +47,6 @@ def local_model_folder(reference: str, tracking_uri: str | None = None) -> Path:
 
 
 def load_pipeline(reference: str, weights: str = "ema", device: str | None = None,
-                  tracking_uri: str | None = None) -> Pipeline:
+                  tracking_uri: str | None = None, precision: str = "fp32") -> Pipeline:
     return Pipeline.from_checkpoint(local_model_folder(reference, tracking_uri), weights=weights,
-                                    device=device or default_device())
+                                    device=device or default_device(), precision=precision)

@@ -6,10 +6,11 @@
 
 Endpoints: POST /v1/text-to-image, /v1/image-to-text, /v1/generate, /v1/infill (the first and the
 last take paint-with-words regions for prompt words); GET /healthz,
-/v1/model, /v1/stats (batching counters), / (web page). Every request becomes rows of one
-`Pipeline.infill` call; `@serve.batch` gathers concurrent requests, groups them by what the sampler
-must share (steps, scheduler, which inputs are given) and runs each group as ONE batched call, with
-a seed and guidance scale per row, so a sample does not depend on its batch mates.
+/v1/model, /v1/stats (batching counters), / (web page). Every request becomes rows of a sampler run
+(`Pipeline.start_infill`); the model deployment batches at the level of sampler steps: each forward
+carries every running request, each at its own step, and a request that arrives mid-way joins at the
+next step (continuous batching). Rows have their own seed and guidance scale, so a sample does not
+depend on its batch mates.
 Safety: binds 127.0.0.1 unless configured, body size limit, bounded samples/steps/image size, JSON
 only (no pickle, no code from requests), a per-request timeout.
 """
@@ -48,15 +49,18 @@ class ServeArgs(StrictModel):
     tracking_uri: str | None = None
     device: str | None = Field(None, description="default: cuda when the replica has a GPU, else cpu")
     num_gpus: float | None = Field(None, ge=0, description="per model replica; default: 1 if the cluster has GPUs")
-    num_cpus: float = Field(1, ge=0, description="per model replica")
+    num_cpus: float | None = Field(None, ge=0, description="per model replica, also its torch threads; default: 1 "
+                                                            "with a GPU, else all the CPUs of the largest node")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: GPUs and CPUs with native bf16")
     max_samples: int = Field(8, ge=1, le=256, description="most samples one request may ask for")
     max_steps: int = Field(100, ge=1, le=1000)
     max_prompt_chars: int = Field(300, ge=1)
     max_image_side: int = Field(2048, ge=8, description="largest uploaded image side before resizing")
     max_body_bytes: int = Field(8 << 20, ge=1024)
     request_timeout_s: float = Field(120, gt=0)
-    max_batch_size: int = Field(64, ge=1, description="samples per batched model call")
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_batch_size: int = Field(64, ge=1, description="most samples in one forward (all running requests together)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="when idle, how long to let a burst of requests "
+                                                                 "arrive before the first step")
     default_steps: int = Field(25, ge=1)
     default_guidance_scale: float = Field(3.0, ge=0)
     default_scheduler: str = "dpmsolver++"
@@ -121,7 +125,7 @@ class RequestError(ValueError):
 
 @dataclass
 class Job:
-    """One request as rows of one sampler call. The group key says which requests may share a call."""
+    """One request as rows of a sampler run. The group key says which requests may start as one run."""
 
     rows: int
     steps: int
@@ -186,7 +190,14 @@ def encode_png(image: np.ndarray) -> bytes:
 
 @serve.deployment(max_ongoing_requests=128)
 class Sampler:
-    """Holds the Pipeline; batches concurrent jobs into as few sampler calls as their settings allow."""
+    """Holds the Pipeline and samples every job under way together, one sampler step at a time.
+
+    Step-level (continuous) batching: each forward carries every running job, each at its own step;
+    a job that arrives while others run joins at their next step, and leaves as soon as its last
+    step is done. Jobs that arrive together and share what a run must share (steps, scheduler, which
+    inputs are given, paint settings) start as one run; a run has a seed and a guidance scale per row,
+    so a sample does not depend on its batch mates.
+    """
 
     def __init__(self, args: dict):
         import torch
@@ -196,63 +207,121 @@ class Sampler:
         self.args = ServeArgs.model_validate(args)
         device = self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = load_pipeline(self.args.model, weights=self.args.weights, device=device,
-                                  tracking_uri=self.args.tracking_uri)
-        self.run.set_max_batch_size(self.args.max_batch_size)
-        self.run.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self.calls = 0
-        self.requests_per_call: Counter[int] = Counter()
-        self.rows_per_call: Counter[int] = Counter()
+                                  tracking_uri=self.args.tracking_uri, precision=self.args.precision)
+        self.waiting: list[tuple[Job, asyncio.Future]] = []
+        self.arrived = asyncio.Event()
+        self.worker: asyncio.Task | None = None
+        self.forwards = self.request_forwards = 0
+        self.requests_per_forward: Counter[int] = Counter()
+        self.samples_per_forward: Counter[int] = Counter()
 
     def describe(self) -> dict:
+        import torch
+
         pipe = self.pipe
         return {"model_config": pipe.model_config.model_dump(mode="json"),
                 "diffusion_config": pipe.diffusion_config.model_dump(mode="json"),
                 "parameters": sum(p.numel() for p in pipe.model.parameters()),
                 "vocabulary_size": len(pipe.codec.vocab), "training_step": pipe.training_step,
-                "resolution": pipe.resolution, "device": str(pipe.device),
+                "resolution": pipe.resolution, "device": str(pipe.device), "precision": pipe.precision,
+                "threads": torch.get_num_threads(),
                 "experts": [list(pair) for pair in getattr(pipe.model, "intervals", [])] or None}
 
     def stats(self) -> dict:
-        return {"model_calls": self.calls, "requests_per_call": dict(self.requests_per_call),
-                "rows_per_call": dict(self.rows_per_call),
-                "largest_call_requests": max(self.requests_per_call, default=0)}
+        return {"forwards": self.forwards, "request_forwards": self.request_forwards,
+                "requests_per_forward": dict(self.requests_per_forward),
+                "samples_per_forward": dict(self.samples_per_forward),
+                "largest_forward_requests": max(self.requests_per_forward, default=0), "waiting": len(self.waiting)}
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05, batch_size_fn=lambda jobs: sum(j.rows for j in jobs))
-    async def run(self, jobs: list[Job]) -> list[dict]:
-        """Each job's output, or {"error": reason} for a job the model cannot take (its batch mates still run)."""
-        results: list[dict] = [{}] * len(jobs)
-        groups: dict[tuple, list[int]] = {}
-        for index, job in enumerate(jobs):
-            try:
-                if job.prompts is not None:
-                    self.pipe.check_prompts(job.prompts[:1])
-            except ValueError as exc:
-                results[index] = {"error": "prompt: " + str(exc).removeprefix("prompt 0 ")}
+    async def run(self, job: Job) -> dict:
+        """The job's output, or {"error": reason} when the model cannot take it."""
+        try:
+            if job.prompts is not None:
+                self.pipe.check_prompts(job.prompts[:1])
+        except ValueError as exc:
+            return {"error": "prompt: " + str(exc).removeprefix("prompt 0 ")}
+        try:
+            if job.paint is not None:
+                self.pipe.paint_regions(job.prompts[:1], job.paint[:1], job.paint_weight, job.paint_fraction)
+        except ValueError as exc:
+            return {"error": str(exc).replace("prompt 0", "the prompt")}
+        answer = asyncio.get_running_loop().create_future()
+        self.waiting.append((job, answer))
+        self.arrived.set()
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.get_running_loop().create_task(self._sample())
+        return await answer  # cancelled with the request (timeout): the job leaves at the next step
+
+    async def _sample(self) -> None:
+        """The step loop: admit waiting jobs, one forward for all running ones, answer those done."""
+        running: list[tuple[list[tuple[Job, asyncio.Future]], object]] = []  # (members, PendingInfill)
+        while True:
+            if not running:
+                if not self.waiting:
+                    self.arrived.clear()
+                    await self.arrived.wait()
+                await asyncio.sleep(self.args.batch_wait_timeout_s)  # idle: let a burst arrive together
+            running = [(members, pending) for members, pending in running
+                       if not all(answer.done() for _, answer in members)]  # every request gone: drop the run
+            running += await self._admit(sum(job.rows for members, _ in running for job, _ in members))
+            if not running:
                 continue
             try:
-                if job.paint is not None:
-                    self.pipe.paint_regions(job.prompts[:1], job.paint[:1], job.paint_weight, job.paint_fraction)
-            except ValueError as exc:
-                results[index] = {"error": str(exc).replace("prompt 0", "the prompt")}
+                await asyncio.to_thread(self.pipe.step, [pending.run for _, pending in running])
+            except Exception as exc:  # answer every request of this forward; keep serving the next ones
+                for members, _ in running:
+                    _answer(members, exc)
+                running = []
                 continue
-            groups.setdefault(job.group, []).append(index)
+            self.forwards += 1
+            self.requests_per_forward[sum(len(members) for members, _ in running)] += 1
+            self.request_forwards += sum(len(members) for members, _ in running)
+            self.samples_per_forward[sum(pending.run.batch_size for _, pending in running)] += 1
+            for members, pending in [entry for entry in running if entry[1].run.done]:
+                try:
+                    result = await asyncio.to_thread(self.pipe.finish_infill, pending)
+                except Exception as exc:
+                    _answer(members, exc)
+                    continue
+                start = 0
+                for job, answer in members:
+                    rows = slice(start, start + job.rows)
+                    start += job.rows
+                    _answer([(job, answer)], {"images": result.images[rows], "captions": result.captions[rows],
+                                              "unknown_words": result.unknown_words[rows],
+                                              "network_evaluations": result.network_evaluations})
+            running = [entry for entry in running if not entry[1].run.done]
+
+    async def _admit(self, running_samples: int) -> list:
+        """Start waiting jobs while the forward has room (max_batch_size samples; one job always fits)."""
+        admitted: list[tuple[Job, asyncio.Future]] = []
+        while self.waiting and (running_samples == 0 or
+                                running_samples + self.waiting[0][0].rows <= self.args.max_batch_size):
+            job, answer = self.waiting.pop(0)
+            if not answer.done():
+                admitted.append((job, answer))
+                running_samples += job.rows
+        groups: dict[tuple, list[tuple[Job, asyncio.Future]]] = {}
+        for entry in admitted:
+            groups.setdefault(entry[0].group, []).append(entry)
+        started = []
         for members in groups.values():
             try:
-                outputs = await asyncio.to_thread(self._run_group, [jobs[i] for i in members])
+                started.append((members, await asyncio.to_thread(self._start, [job for job, _ in members])))
             except ValueError as exc:  # the sampler refused these inputs: answer each request, keep serving
-                outputs = [{"error": str(exc)}] * len(members)
-            for index, output in zip(members, outputs):
-                results[index] = output
-        return results
+                _answer(members, {"error": str(exc)})
+            except Exception as exc:
+                _answer(members, exc)
+        return started
 
-    def _run_group(self, jobs: list[Job]) -> list[dict]:
-        """One Pipeline.infill call for jobs that share steps, scheduler and which inputs they give."""
+    def _start(self, jobs: list[Job]):
+        """One sampler run (Pipeline.start_infill) for jobs that share steps, scheduler and which inputs they give."""
         from psunet.pipeline import SamplerSettings
 
         first = jobs[0]
         concat = (lambda name: None if getattr(first, name) is None else
                   np.concatenate([getattr(j, name) for j in jobs]))
-        result = self.pipe.infill(
+        return self.pipe.start_infill(
             prompts=None if first.prompts is None else [p for j in jobs for p in j.prompts],
             images=concat("images"), image_masks=concat("masks"),
             count=sum(j.rows for j in jobs) if first.prompts is None and first.images is None else None,
@@ -260,17 +329,16 @@ class Sampler:
             seeds=[s for j in jobs for s in j.seeds], guidance_scales=[g for j in jobs for g in j.guidance_scales],
             paint=None if first.paint is None else [p for j in jobs for p in j.paint],
             paint_weight=first.paint_weight, paint_fraction=first.paint_fraction)
-        self.calls += 1
-        self.requests_per_call[len(jobs)] += 1
-        self.rows_per_call[sum(j.rows for j in jobs)] += 1
-        outputs, start = [], 0
-        for job in jobs:
-            rows = slice(start, start + job.rows)
-            start += job.rows
-            outputs.append({"images": result.images[rows], "captions": result.captions[rows],
-                            "unknown_words": result.unknown_words[rows],
-                            "network_evaluations": result.network_evaluations})
-        return outputs
+
+
+def _answer(members: list, outcome) -> None:
+    """Resolve each member's future with `outcome` (an exception or a result) unless it is gone."""
+    for _, answer in members:
+        if not answer.done():
+            if isinstance(outcome, BaseException):
+                answer.set_exception(outcome)
+            else:
+                answer.set_result(outcome)
 
 
 # ---- ingress -----------------------------------------------------------------------------------------------
@@ -497,18 +565,30 @@ class Ingress:
         job.paint_weight, job.paint_fraction = body.paint_weight, body.paint_fraction
 
 
-def app(args: dict) -> serve.Application:
-    """Application builder: `serve run jobs.serve:app model=...` or `import_path: jobs.serve:app` in a config."""
+def replica_resources(settings: ServeArgs) -> tuple[float, float]:
+    """(CPUs, GPUs) of the model replica: as given, else a GPU when the cluster has one, and 1 CPU with a GPU
+    or all the CPUs of the largest node without (Ray sets a replica's torch threads to its CPUs)."""
     import ray
 
+    live = ray.is_initialized()
+    gpus = settings.num_gpus
+    if gpus is None:
+        gpus = 1 if live and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    cpus = settings.num_cpus
+    if cpus is None:
+        nodes = ray.nodes() if live and not gpus else []
+        cpus = max([node["Resources"].get("CPU", 0) for node in nodes if node["Alive"]] + [1])
+    return cpus, gpus
+
+
+def app(args: dict) -> serve.Application:
+    """Application builder: `serve run jobs.serve:app model=...` or `import_path: jobs.serve:app` in a config."""
     try:
         settings = ServeArgs.model_validate(args)
     except ValidationError as exc:
         raise ValueError(f"invalid serve arguments:\n{exc}") from None
-    gpus = settings.num_gpus
-    if gpus is None:
-        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    cpus, gpus = replica_resources(settings)
     plain = json.loads(settings.model_dump_json())
-    sampler = Sampler.options(ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": gpus},
+    sampler = Sampler.options(ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
                               max_ongoing_requests=max(2 * settings.max_batch_size, 8)).bind(plain)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(sampler, plain)

@@ -5,11 +5,13 @@
     captions = pipe.image_to_text(images_uint8)
     result = pipe.infill(prompts=["a [?] circle on the [?]"], images=images, image_masks=masks)
 
-Every task is `infill` (one `joint_infill` call) with a different known part and mask. Image masks
-are per pixel, True where the image is to be generated; a latent cell is known only when none of
-its pixels is to be generated, and known pixels are pasted back into the output unchanged. In a
-prompt, `[?]` marks a word to fill in; the given words come back unchanged. Paint-with-words steers
+Every task is `infill` (one sampler run, psunet.sampling) with a different known part and mask.
+Image masks are per pixel, True where the image is to be generated; a latent cell is known only when
+none of its pixels is to be generated, and known pixels are pasted back into the output unchanged. In
+a prompt, `[?]` marks a word to fill in; the given words come back unchanged. Paint-with-words steers
 where a prompt's word goes: `paint=[[("red", region)], ...]` with a (H, W) bool region per word.
+A service interleaves infills: `start_infill` each, `step([...their runs])` until a run is done (one
+forward for all, each run at its own step), then `finish_infill`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from psunet.checkpoint import load_model, load_state
 from psunet.config import DiffusionConfig, ModelConfig
 from psunet.model import PSUNet
 from psunet.paint import PaintWithWords
-from psunet.sampling import SampleOutput, joint_infill
+from psunet.sampling import InfillRun, SampleOutput, step_together
 from psunet.text import BLANK, END, TextCodec, load_vectors, tokenize
 
 Paint = list[list[tuple[int | str, np.ndarray]]]  # per prompt: (word index or the word itself, (H, W) bool region)
 
 ASSETS = "assets.json"
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -51,6 +54,17 @@ class InfillResult:
 
 
 @dataclass
+class PendingInfill:
+    """An infill whose sampler run is under way (Pipeline.start_infill), with what decoding it needs."""
+
+    run: InfillRun
+    prompts: list[str] | None
+    images: np.ndarray | None
+    pixel_masks: np.ndarray | None
+    unknown_words: list[list[str]]
+
+
+@dataclass
 class Pipeline:
     model: PSUNet
     model_config: ModelConfig
@@ -59,6 +73,7 @@ class Pipeline:
     autoencoder: Autoencoder
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     training_step: int | None = None  # the step the weights were saved at, when the folder records it
+    precision: str = "fp32"  # bf16: the denoiser's weights and matmuls in bfloat16 (the sampler's state stays fp32)
 
     @property
     def device(self) -> torch.device:
@@ -71,13 +86,19 @@ class Pipeline:
         return self
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, weights: str = "ema", device: str = "cpu") -> "Pipeline":
+    def from_checkpoint(cls, folder: str | Path, weights: str = "ema", device: str = "cpu",
+                        precision: str = "fp32") -> "Pipeline":
         """Load a checkpoint folder whose `assets.json` names the autoencoder and the word vectors.
 
         Relative asset paths are resolved against the folder, so a bundled model folder is self-contained.
+        precision "bf16" casts the denoiser to bfloat16 (GPUs, and CPUs with native bf16 such as AVX512-BF16/AMX).
         """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         folder = Path(folder)
         model, model_config, diffusion_config, _ = load_model(folder, weights=weights, device=device)
+        if precision == "bf16":
+            model.to(torch.bfloat16)
         assets_path = folder / ASSETS
         if not assets_path.is_file():
             raise FileNotFoundError(f"checkpoint {folder} has no {ASSETS} (autoencoder and word vectors)")
@@ -91,16 +112,35 @@ class Pipeline:
             raise ValueError(f"word vectors are {codec.dim}-d but the model's word_dim is {model_config.word_dim}")
         step = load_state(folder).get("step") if (folder / "state.json").is_file() else None
         return cls(model, model_config, diffusion_config, codec, Autoencoder.load(autoencoder_ref, device=device),
-                   training_step=step)
+                   training_step=step, precision=precision)
+
+    def denoise(self, image: torch.Tensor, text: torch.Tensor, times: torch.Tensor, **options):
+        """One network evaluation in the pipeline's precision (what the sampler calls)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model(image, text, times, **options)
+
+    def start(self, batch_size: int, settings: SamplerSettings | None = None, seeds: list[int] | None = None,
+              guidance_scales: list[float] | None = None, **known) -> InfillRun:
+        """The sampler's run with these settings; `seeds` / `guidance_scales` (one per sample) override theirs."""
+        s = settings or self.settings
+        return InfillRun(self.model_config, self.diffusion_config, batch_size,
+                         guidance_scale=s.guidance_scale if guidance_scales is None else guidance_scales,
+                         steps=s.steps, scheduler=s.scheduler, seed=s.seed if seeds is None else seeds,
+                         device=self.device, **known)
+
+    def step(self, runs: list[InfillRun]) -> None:
+        """One forward of the denoiser for several runs, each at its own step (see sampling.step_together)."""
+        step_together(self.denoise, runs)
 
     def sample(self, batch_size: int, settings: SamplerSettings | None = None, seeds: list[int] | None = None,
                guidance_scales: list[float] | None = None, **known) -> SampleOutput:
-        """joint_infill with these settings; `seeds` / `guidance_scales` (one per sample) override theirs."""
-        s = settings or self.settings
-        return joint_infill(self.model, self.model_config, self.diffusion_config, batch_size,
-                            guidance_scale=s.guidance_scale if guidance_scales is None else guidance_scales,
-                            steps=s.steps, scheduler=s.scheduler, seed=s.seed if seeds is None else seeds,
-                            device=self.device, **known)
+        """joint_infill with these settings: `start(...)` taken through all its steps."""
+        return self.sample_to_end(self.start(batch_size, settings, seeds, guidance_scales, **known))
+
+    def sample_to_end(self, run: InfillRun) -> SampleOutput:
+        while not run.done:
+            self.step([run])
+        return run.result()
 
     @property
     def resolution(self) -> int:
@@ -121,6 +161,17 @@ class Pipeline:
         into the region ((H, W) bool at the model's resolution) with strength paint_weight during the first
         paint_fraction of the steps.
         """
+        return self.finish_infill(self.start_infill(prompts, images, image_masks, count, settings, seeds,
+                                                    guidance_scales, paint, paint_weight, paint_fraction))
+
+    def start_infill(self, prompts: list[str] | None = None, images: np.ndarray | None = None,
+                     image_masks: np.ndarray | None = None, count: int | None = None,
+                     settings: SamplerSettings | None = None, seeds: list[int] | None = None,
+                     guidance_scales: list[float] | None = None, paint: Paint | None = None,
+                     paint_weight: float = 1.0, paint_fraction: float = 1.0) -> PendingInfill:
+        """`infill`'s first half: inputs checked and encoded, the sampler's run started (no step taken).
+
+        Advance `pending.run` with `step` (with other runs or alone), then `finish_infill(pending)`."""
         batch = self._batch_size(prompts, images, image_masks, count)
         known = {}
         unknown_words: list[list[str]] = [[] for _ in range(batch)]
@@ -137,7 +188,13 @@ class Pipeline:
                 known["image_mask"] = self._latent_mask(pixel_masks)
         if paint is not None:
             known["paint"] = self.paint_regions(prompts, paint, paint_weight, paint_fraction)
-        out = self.sample(batch, settings, seeds=seeds, guidance_scales=guidance_scales, **known)
+        run = self.start(batch, settings, seeds=seeds, guidance_scales=guidance_scales, **known)
+        return PendingInfill(run, prompts, images, pixel_masks, unknown_words)
+
+    def finish_infill(self, pending: PendingInfill) -> InfillResult:
+        """`infill`'s second half: the run's remaining steps, if any, then images and captions decoded."""
+        out = self.sample_to_end(pending.run)
+        prompts, images, pixel_masks = pending.prompts, pending.images, pending.pixel_masks
         if images is None:
             generated = self.decode_images(out.image_latents)
         elif pixel_masks is None:  # a fully known image comes back as given
@@ -148,7 +205,7 @@ class Pipeline:
             captions = self._fill_blanks(prompts, out.text_vectors)
         else:
             captions = self.codec.decode(out.text_vectors)
-        return InfillResult(generated, captions, unknown_words, out.network_evaluations)
+        return InfillResult(generated, captions, pending.unknown_words, out.network_evaluations)
 
     def captions_for_latents(self, latents: torch.Tensor, settings: SamplerSettings | None = None) -> list[str]:
         """Captions for known image latents (B, C, h, w): image->text without decoding any image."""

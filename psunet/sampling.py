@@ -78,6 +78,168 @@ def _per_sample(name: str, value, batch: int) -> list:
     return values
 
 
+class InfillRun:
+    """One batch of samples going through the sampler's steps together: joint_infill, one step at a time.
+
+    `inputs()` gives this step's model inputs (the conditional and, when guided, the unconditional rows),
+    `advance(eps_image, eps_text)` takes the model's outputs for them and steps the schedulers; `done`
+    after `steps` steps, then `result()`. `step_together` puts several runs, at any of their steps, through
+    one forward (times are per sample), which is how a service lets requests join a batch mid-way.
+    Arguments as for joint_infill.
+    """
+
+    def __init__(self, model_config: ModelConfig, diffusion_config: DiffusionConfig, batch_size: int,
+                 image_known: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                 text_known: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                 guidance_scale: float | Sequence[float] = 3.0, steps: int = 25, scheduler: str = "dpmsolver++",
+                 seed: int | Sequence[int] = 0, device: torch.device | str = "cpu",
+                 paint: PaintWithWords | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        c, b = model_config, batch_size
+        scales = _per_sample("guidance_scale", guidance_scale, b)
+        seeds = _per_sample("seed", seed, b)
+        for scale in scales:
+            validate_settings(steps, scale, scheduler, diffusion_config.num_train_timesteps)
+        self.device = device = torch.device(device)
+        self.batch_size, self.steps, self.diffusion_config, self.paint = b, steps, diffusion_config, paint
+        self.image_shape = (b, *c.latent_shape)
+        self.image_known, self.image_mask = _known_and_mask(
+            "image", image_known, image_mask, self.image_shape, (b, 1, c.latent_size, c.latent_size), device)
+        text_known, text_mask = _known_and_mask(
+            "text", text_known, text_mask, (b, c.text_len, c.word_dim), (b, c.text_len), device)
+        self.text_mask = text_mask[..., None]
+        if paint is not None:
+            paint.check(c, b)
+        self.text_given, self.text_known = text_known, text_known * diffusion_config.text_scale
+
+        self.generators = [torch.Generator(device=device).manual_seed(int(value)) for value in seeds]
+        self.schedule = NoiseSchedule(diffusion_config)
+        self.image_scheduler = make_scheduler(scheduler, diffusion_config)
+        self.text_scheduler = make_scheduler(scheduler, diffusion_config)
+        self.image_scheduler.set_timesteps(steps, device=device)
+        self.text_scheduler.set_timesteps(steps, device=device)
+
+        self.image = self._noise(self.image_shape) * self.image_scheduler.init_noise_sigma
+        self.text = self._noise(self.text_known.shape) * self.text_scheduler.init_noise_sigma
+        anything_known = bool(self.image_mask.any() or self.text_mask.any())
+        self.guided = anything_known and any(scale != 1.0 for scale in scales)
+        weight = torch.tensor(scales, device=device, dtype=torch.float32)
+        self.weight_image, self.weight_text = weight.view(-1, 1, 1, 1), weight.view(-1, 1, 1)
+        self.clean_image = diffusion_config.independent_timesteps and bool(self.image_mask.all())
+        self.clean_text = diffusion_config.independent_timesteps and bool(self.text_mask.all())
+        self.passes = 2 if self.guided else 1
+        self.painted = None if paint is None else paint_mask(c, paint, device).repeat(self.passes, 1, 1, 1)
+        self.index, self.network_evaluations = 0, 0
+
+    @property
+    def rows(self) -> int:
+        """Rows this run puts into a forward: its samples, twice when guided."""
+        return self.passes * self.batch_size
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.steps
+
+    def _noise(self, shape) -> torch.Tensor:
+        if len(self.generators) == 1:
+            return torch.randn(shape, device=self.device, generator=self.generators[0])
+        return torch.cat([torch.randn((1, *shape[1:]), device=self.device, generator=g) for g in self.generators])
+
+    def _pair(self, time_image, time_text) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(time_image, device=self.device).expand(self.batch_size),
+                            torch.as_tensor(time_text, device=self.device).expand(self.batch_size)])
+
+    def _conditional_input(self, known, mask, current, clean: bool, times) -> torch.Tensor:
+        """One modality's conditional input: the known part clean or re-noised to `times`, the rest as sampled."""
+        if clean:
+            return known
+        return mask * self.schedule.add_noise(known, self._noise(known.shape), times) + (1 - mask) * current
+
+    def _paint_bias(self, t) -> PaintBias | None:
+        """The bias at this step, on the conditional pass (the first batch_size rows)."""
+        if self.paint is None:
+            return None
+        strength = self.paint.strength(float(self.schedule.snr(t.view(1))) ** -0.5, self.index, self.steps)
+        if strength == 0:  # sigma = 1 / sqrt(SNR) above
+            return None
+        strengths = torch.zeros(self.rows, device=self.device)
+        strengths[:self.batch_size] = strength
+        return PaintBias(mask=self.painted, strength=strengths)
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PaintBias | None]:
+        """(image, text, times (2, rows), paint bias or None): this step's model inputs, `rows` of them."""
+        if self.done:
+            raise RuntimeError("this run has done all its steps")
+        t = self.image_scheduler.timesteps[self.index]
+        times = t.expand(self.batch_size)
+        self._image_in = self._conditional_input(self.image_known, self.image_mask, self.image, self.clean_image,
+                                                 times)
+        self._text_in = self._conditional_input(self.text_known, self.text_mask, self.text, self.clean_text, times)
+        times_cond = self._pair(0 if self.clean_image else t, 0 if self.clean_text else t)
+        last_time = self.diffusion_config.num_train_timesteps - 1
+        image_unc = self.image_mask * self._noise(self.image_shape) + (1 - self.image_mask) * self.image
+        text_unc = self.text_mask * self._noise(self.text.shape) + (1 - self.text_mask) * self.text
+        paint = self._paint_bias(t)
+        if not self.guided:  # the unconditional noise is drawn all the same, so a sample's noise stream
+            return self._image_in, self._text_in, times_cond, paint  # does not depend on its batch mates
+        times_unc = self._pair(last_time if self.clean_image else t, last_time if self.clean_text else t)
+        return (torch.cat([self._image_in, image_unc]), torch.cat([self._text_in, text_unc]),
+                torch.cat([times_cond, times_unc], dim=1), paint)
+
+    def advance(self, eps_image: torch.Tensor, eps_text: torch.Tensor) -> None:
+        """Step the schedulers with the model's outputs for this run's rows of `inputs()`."""
+        eps_image, eps_text = eps_image.float(), eps_text.float()
+        if self.guided:
+            cond_image, unc_image = eps_image.chunk(2)
+            cond_text, unc_text = eps_text.chunk(2)
+            eps_image = unc_image + self.weight_image * (cond_image - unc_image)
+            eps_text = unc_text + self.weight_text * (cond_text - unc_text)
+        t = self.image_scheduler.timesteps[self.index]
+        generator = self.generators[0] if len(self.generators) == 1 else self.generators
+        self.image = self.image_scheduler.step(eps_image, t, self.image if self.clean_image else self._image_in,
+                                               generator=generator).prev_sample
+        self.text = self.text_scheduler.step(eps_text, t, self.text if self.clean_text else self._text_in,
+                                             generator=generator).prev_sample
+        self.network_evaluations += self.passes
+        self.index += 1
+
+    def result(self) -> SampleOutput:
+        """The samples, the known parts pasted back exactly."""
+        image = self.image_mask * self.image_known + (1 - self.image_mask) * self.image
+        text = self.text_mask * self.text_given + (1 - self.text_mask) * self.text / self.diffusion_config.text_scale
+        return SampleOutput(image_latents=image, text_vectors=text, network_evaluations=self.network_evaluations)
+
+
+@torch.no_grad()
+def step_together(model, runs: list[InfillRun]) -> None:
+    """One forward for several runs, each at its own step: every run advances one step.
+
+    A run with a paint bias at this step gets its bias; the others' rows get none (zero strength)."""
+    inputs = [run.inputs() for run in runs]
+    image, text = torch.cat([i[0] for i in inputs]), torch.cat([i[1] for i in inputs])
+    times = torch.cat([i[2] for i in inputs], dim=1)
+    options = {}
+    biases = [i[3] for i in inputs]
+    if any(bias is not None for bias in biases):
+        tokens = next(bias.mask.shape[-1] for bias in biases if bias is not None)  # one model: one token count
+        masks, strengths = [], []
+        for run, bias in zip(runs, biases):
+            if bias is None:
+                masks.append(torch.zeros(run.rows, 1, tokens, tokens, device=run.device))
+                strengths.append(torch.zeros(run.rows, device=run.device))
+            else:
+                masks.append(bias.mask)
+                strengths.append(bias.strength)
+        options["paint"] = PaintBias(mask=torch.cat(masks), strength=torch.cat(strengths))
+    out = model(image, text, times, **options)
+    start = 0
+    for run in runs:
+        rows = slice(start, start + run.rows)
+        run.advance(out.eps_image[rows], out.eps_text[rows])
+        start += run.rows
+
+
 @torch.no_grad()
 def joint_infill(
     model,
@@ -104,99 +266,8 @@ def joint_infill(
     each sample's noise comes from its own generator, so it does not depend on its batch mates.
     paint: paint-with-words regions for caption words (psunet.paint); the bias goes on the conditional pass.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    c, b = model_config, batch_size
-    scales = _per_sample("guidance_scale", guidance_scale, b)
-    seeds = _per_sample("seed", seed, b)
-    for scale in scales:
-        validate_settings(steps, scale, scheduler, diffusion_config.num_train_timesteps)
-    device = torch.device(device)
-    image_shape = (b, *c.latent_shape)
-    image_known, image_mask = _known_and_mask(
-        "image", image_known, image_mask, image_shape, (b, 1, c.latent_size, c.latent_size), device)
-    text_known, text_mask = _known_and_mask(
-        "text", text_known, text_mask, (b, c.text_len, c.word_dim), (b, c.text_len), device)
-    text_mask = text_mask[..., None]
-    if paint is not None:
-        paint.check(c, b)
-        painted = paint_mask(c, paint, device)
-    text_given, text_known = text_known, text_known * diffusion_config.text_scale
-
-    generators = [torch.Generator(device=device).manual_seed(int(value)) for value in seeds]
-    generator = generators[0] if len(generators) == 1 else generators
-    schedule = NoiseSchedule(diffusion_config)
-    image_scheduler = make_scheduler(scheduler, diffusion_config)
-    text_scheduler = make_scheduler(scheduler, diffusion_config)
-    image_scheduler.set_timesteps(steps, device=device)
-    text_scheduler.set_timesteps(steps, device=device)
-
-    def noise(shape):
-        if len(generators) == 1:
-            return torch.randn(shape, device=device, generator=generators[0])
-        return torch.cat([torch.randn((1, *shape[1:]), device=device, generator=g) for g in generators])
-
-    image = noise(image_shape) * image_scheduler.init_noise_sigma
-    text = noise(text_known.shape) * text_scheduler.init_noise_sigma
-    anything_known = bool(image_mask.any() or text_mask.any())
-    guided = anything_known and any(scale != 1.0 for scale in scales)
-    weight = torch.tensor(scales, device=device, dtype=torch.float32)
-    weight_image, weight_text = weight.view(-1, 1, 1, 1), weight.view(-1, 1, 1)
-    clean_image = diffusion_config.independent_timesteps and bool(image_mask.all())
-    clean_text = diffusion_config.independent_timesteps and bool(text_mask.all())
-    last_time = diffusion_config.num_train_timesteps - 1
-    evaluations = 0
-
-    def pair(time_image, time_text) -> torch.Tensor:
-        return torch.stack([torch.as_tensor(time_image, device=device).expand(b),
-                            torch.as_tensor(time_text, device=device).expand(b)])
-
-    def conditional_input(known, mask, current, clean: bool, times) -> torch.Tensor:
-        """One modality's conditional input: the known part clean or re-noised to `times`, the rest as sampled."""
-        if clean:
-            return known
-        return mask * schedule.add_noise(known, noise(known.shape), times) + (1 - mask) * current
-
-    passes = 2 if guided else 1
-    if paint is not None:
-        painted = painted.repeat(passes, 1, 1, 1)
-
-    def paint_at(index: int, t) -> dict:
-        """The model's paint argument at this step: the bias on the conditional pass (the first b rows)."""
-        if paint is None:
-            return {}
-        strength = paint.strength(float(schedule.snr(t.view(1))) ** -0.5, index, steps)  # sigma = 1 / sqrt(SNR)
-        if strength == 0:
-            return {}
-        strengths = torch.zeros(passes * b, device=device)
-        strengths[:b] = strength
-        return {"paint": PaintBias(mask=painted, strength=strengths)}
-
-    for index, t in enumerate(image_scheduler.timesteps):
-        times = t.expand(b)
-        image_in = conditional_input(image_known, image_mask, image, clean_image, times)
-        text_in = conditional_input(text_known, text_mask, text, clean_text, times)
-        times_cond = pair(0 if clean_image else t, 0 if clean_text else t)
-        if guided:
-            image_unc = image_mask * noise(image_shape) + (1 - image_mask) * image
-            text_unc = text_mask * noise(text.shape) + (1 - text_mask) * text
-            times_unc = pair(last_time if clean_image else t, last_time if clean_text else t)
-            out = model(torch.cat([image_in, image_unc]), torch.cat([text_in, text_unc]),
-                        torch.cat([times_cond, times_unc], dim=1), **paint_at(index, t))
-            cond_image, unc_image = out.eps_image.float().chunk(2)
-            cond_text, unc_text = out.eps_text.float().chunk(2)
-            eps_image = unc_image + weight_image * (cond_image - unc_image)
-            eps_text = unc_text + weight_text * (cond_text - unc_text)
-            evaluations += 2
-        else:
-            # draw what the guided pass draws, so a sample's noise stream does not depend on its batch mates
-            noise(image_shape), noise(text.shape)
-            out = model(image_in, text_in, times_cond, **paint_at(index, t))
-            eps_image, eps_text = out.eps_image.float(), out.eps_text.float()
-            evaluations += 1
-        image = image_scheduler.step(eps_image, t, image if clean_image else image_in, generator=generator).prev_sample
-        text = text_scheduler.step(eps_text, t, text if clean_text else text_in, generator=generator).prev_sample
-
-    image = image_mask * image_known + (1 - image_mask) * image
-    text = text_mask * text_given + (1 - text_mask) * text / diffusion_config.text_scale
-    return SampleOutput(image_latents=image, text_vectors=text, network_evaluations=evaluations)
+    run = InfillRun(model_config, diffusion_config, batch_size, image_known, image_mask, text_known, text_mask,
+                    guidance_scale, steps, scheduler, seed, device, paint)
+    while not run.done:
+        step_together(model, [run])
+    return run.result()

@@ -26,7 +26,8 @@ FIELDS = {
                     "target_val_loss", "steps_to_target_psunet", "steps_to_target_baseline", "step_ratio",
                     "final_t2i_accuracy_psunet", "final_t2i_accuracy_baseline"],
     "serve": [f"{mode}_{clients}c_{key}" for mode in ("batching", "no_batching") for clients in (1, 4, 16)
-              for key in ("requests_per_s", "p50_ms", "p99_ms")] + ["batching_speedup_16_clients"],
+              for key in ("requests_per_s", "p50_ms", "p99_ms", "requests_per_forward")]
+             + ["batching_speedup_16_clients", "replica_threads"],
     "convergence-ode": ["parameters_psunet", "parameters_ode", "activation_mb_psunet", "activation_mb_ode",
                         "sampling_ms_per_step_batch1_psunet", "sampling_ms_per_step_batch1_ode",
                         "sampling_ms_per_step_batch16_ode", "final_val_loss_ode", "final_t2i_accuracy_ode"],
@@ -46,7 +47,7 @@ def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
         "sampling": ["--preset", "tiny", "--model", str(tiny_model), "--sample-steps", "2"],
         "convergence": ["--config", "configs/tiny.yaml", "--steps", "4", "--eval-every", "2", "--out-dir",
                         str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
-        "serve": ["--model", str(tiny_model), "--sample-steps", "2", "--requests", "2"],
+        "serve": ["--model", str(tiny_model), "--sample-steps", "2", "--requests", "2", "--precision", "bf16"],
         "convergence-ode": ["--against", "ode", "--config", "configs/tiny.yaml", "--steps", "2", "--eval-every", "2",
                             "--out-dir", str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val",
                             "model.shared_depth=5", "model.ode_solver=euler"],
@@ -74,6 +75,9 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
         assert 0 <= value <= 1 if "accuracy" in field or "in_region" in field else value > 0, (field, value)
     if command == "sampling":
         assert figures["evaluations_per_step_guided"] == 2 and figures["evaluations_per_step_unguided"] == 1
+    if command == "serve":
+        assert figures["precision"] == "bf16" and figures["no_batching_16c_requests_per_forward"] == 1
+        assert figures["replica_threads"] == os.cpu_count()  # the replica gets the node's cores by default
     if command == "loader":
         assert figures["samples_10x"] == 10 * figures["samples_1x"]
     if figures.get("against") == "ode":

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from psunet.config import DiffusionConfig, preset
 from psunet.model import Attention, PaintBias, PSUNet, paint_logit_bias
 from psunet.paint import TEXT_OFFSET, PaintWithWords, paint_mask, token_region
-from psunet.sampling import joint_infill
+from psunet.sampling import InfillRun, joint_infill, step_together
 
 CONFIG = preset("tiny")  # 16 text tokens, 4x4 = 16 image tokens: shared sequence of 34
 LENGTH = TEXT_OFFSET + CONFIG.text_len + CONFIG.image_tokens
@@ -107,6 +107,20 @@ def test_painting_changes_the_samples_and_only_those_painted():
                            paint=PaintWithWords([[(0, left_half())], []], weight=4.0))
     assert not torch.allclose(plain.image_latents[0], painted.image_latents[0])
     assert torch.allclose(plain.image_latents[1], painted.image_latents[1], atol=1e-5)
+
+
+def test_a_painted_run_and_a_plain_one_share_forwards_and_give_what_they_give_alone():
+    model = PSUNet(CONFIG).eval()
+    text = torch.randn(2, 16, 16)
+    paint = PaintWithWords([[(0, left_half())]], weight=4.0, fraction=0.5)  # biased for the first 2 of 4 steps
+    settings = [dict(text_known=text[:1], steps=4, scheduler="ddim", seed=1, paint=paint),
+                dict(text_known=text[1:], steps=4, scheduler="ddim", seed=2)]
+    alone = [joint_infill(model, CONFIG, DiffusionConfig(), 1, **kw) for kw in settings]
+    runs = [InfillRun(CONFIG, DiffusionConfig(), 1, **kw) for kw in settings]
+    while not runs[0].done:
+        step_together(model, runs)
+    for run, expected in zip(runs, alone):
+        assert torch.allclose(run.result().image_latents, expected.image_latents, atol=1e-4)
 
 
 @pytest.mark.parametrize("paint, message", [

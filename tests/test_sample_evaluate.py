@@ -93,6 +93,21 @@ def test_all_prompts_share_each_forward(tiny_model):
     assert calls == [10, 10, 10]  # 5 prompts x (cond, uncond), 3 steps
 
 
+def test_bf16_precision_casts_the_denoiser_once_and_samples_close_to_fp32(tiny_model):
+    import torch
+
+    full, half = load_pipeline(str(tiny_model)), load_pipeline(str(tiny_model), precision="bf16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16} and half.precision == "bf16"
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    text = half.codec.encode(["a small red circle on the left"] * 2).vectors
+    outs = [pipe.sample(2, SamplerSettings(steps=4), seeds=[1, 2], text_known=text) for pipe in (full, half)]
+    assert outs[1].image_latents.dtype == torch.float32  # the sampler's state stays fp32
+    gap = (outs[0].image_latents - outs[1].image_latents).abs().mean() / outs[0].image_latents.abs().mean()
+    assert 0 < gap < 0.1
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        load_pipeline(str(tiny_model), precision="fp16")
+
+
 def test_image_to_text_keeps_the_image_and_writes_captions(tiny_model, inputs, tmp_path):
     out = tmp_path / "i2t"
     args = ["--model", str(tiny_model), "--out", str(out), *FAST]

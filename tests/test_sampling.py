@@ -7,7 +7,7 @@ import torch
 
 from psunet.config import DiffusionConfig, preset
 from psunet.model import PSUNet
-from psunet.sampling import joint_infill
+from psunet.sampling import InfillRun, joint_infill, step_together
 
 MODEL_CONFIG = preset("tiny")
 DIFFUSION = DiffusionConfig()
@@ -167,3 +167,27 @@ def test_a_fully_known_modality_is_clean_at_time_zero_only_for_independently_tim
     joint_infill(recording, MODEL_CONFIG, diffusion, 3, text_known=text, text_mask=half, steps=4)
     cond_text = recording.calls[0][0].chunk(2)[0]
     assert not torch.allclose(cond_text[half.bool()], text[half.bool()])
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim"])
+def test_runs_at_different_steps_share_forwards_and_give_what_they_give_alone(model, scheduler):
+    image, text = known_data(3)
+    first = dict(text_known=text[:2], steps=4, seed=[1, 2], guidance_scale=[3.0, 5.0], scheduler=scheduler)
+    second = dict(image_known=image[2:], steps=6, seed=7, scheduler=scheduler)  # image->text, another length
+    third = dict(steps=3, seed=9, scheduler=scheduler)  # unconditional: one pass, no guidance
+    alone = [joint_infill(model, MODEL_CONFIG, DIFFUSION, n, **kw) for n, kw in ((2, first), (1, second), (1, third))]
+    recording = RecordingModel(model)
+    runs = [InfillRun(MODEL_CONFIG, DIFFUSION, n, **kw) for n, kw in ((2, first), (1, second), (1, third))]
+    step_together(recording, runs[:1])  # the first run is one step ahead when the others join
+    while any(not run.done for run in runs):
+        step_together(recording, [run for run in runs if not run.done])
+    assert recording.batch_sizes == [4, 4 + 2 + 1, 4 + 2 + 1, 4 + 2 + 1, 2, 2, 2]
+    joined = recording.calls[1][1][0]  # image times of the first shared forward: each run at its own step
+    assert joined[:4].unique().numel() == 1 and bool((joined[4:] > joined[0]).all())
+    for run, expected in zip(runs, alone):
+        got = run.result()
+        assert got.network_evaluations == expected.network_evaluations
+        assert torch.allclose(got.image_latents, expected.image_latents, atol=1e-4)
+        assert torch.allclose(got.text_vectors, expected.text_vectors, atol=1e-4)
+    with pytest.raises(RuntimeError, match="done all its steps"):
+        runs[0].inputs()

@@ -35,7 +35,8 @@ def service(ray_local, tiny_model):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app({"model": str(tiny_model), "max_samples": 4, "max_steps": 50, "max_prompt_chars": 80,
-                   "max_image_side": 256, "max_body_bytes": 200_000, "batch_wait_timeout_s": 0.2}),
+                   "max_image_side": 256, "max_body_bytes": 200_000, "batch_wait_timeout_s": 0.2,
+                   "num_cpus": 1}),
               name="psunet", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -65,6 +66,7 @@ def test_health_model_page_and_openapi(service, tiny_model):
     assert info["resolution"] == 32 and info["parameters"] > 1000
     assert info["training_step"] == json.loads((tiny_model / "state.json").read_text())["step"]
     assert info["model_config"]["text_len"] == 16 and info["limits"]["max_samples"] == 4
+    assert info["precision"] == "fp32" and info["threads"] == 1  # num_cpus 1: one torch thread
     paths = requests.get(f"{service}/openapi.json").json()["paths"]
     assert {"/v1/text-to-image", "/v1/image-to-text", "/v1/generate", "/v1/infill", "/healthz", "/v1/model"} <= set(paths)
     page = requests.get(f"{service}/")
@@ -207,14 +209,14 @@ def test_wrong_method_and_path(service):
     assert requests.get(f"{service}/v1/nothing-here").status_code == 404
 
 
-def test_concurrent_requests_are_batched_and_grouped_by_settings(service):
+def test_concurrent_requests_share_forwards_each_at_its_own_step(service):
     before = requests.get(f"{service}/v1/stats").json()
 
     def call(i: int) -> tuple[dict, int]:
-        steps = 2 if i % 4 else 3  # two groups that must not share a sampler call
+        steps = 2 if i % 4 else 3  # runs of different lengths, in the same forwards
         body = {"prompt": PROMPT, "steps": steps, "seed": i}
         if i % 8 == 1:
-            body["guidance_scale"] = 1.0  # a guidance scale per row inside a shared call
+            body["guidance_scale"] = 1.0  # a guidance scale per row inside a shared run
         return requests.post(f"{service}/v1/text-to-image", json=body, timeout=300).json(), steps
 
     with ThreadPoolExecutor(16) as pool:
@@ -224,9 +226,10 @@ def test_concurrent_requests_are_batched_and_grouped_by_settings(service):
     assert all(answer["steps"] == steps and answer["network_evaluations_per_sample"] == 2 * steps
                for answer, steps in answers)
     after = requests.get(f"{service}/v1/stats").json()
-    calls = after["model_calls"] - before["model_calls"]
-    assert 2 <= calls < 64  # at least one call per steps group, far fewer than one per request
-    assert after["largest_call_requests"] > 1
+    request_steps = sum(steps for _, steps in answers)
+    assert after["request_forwards"] - before["request_forwards"] == request_steps  # each step in one forward
+    assert after["forwards"] - before["forwards"] < request_steps / 2  # far fewer than one per request step
+    assert after["largest_forward_requests"] > 1 and after["waiting"] == 0
 
     # a sample does not depend on its batch mates: request 5 alone gives the image it got in the crowd
     alone = requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 2, "seed": 5}).json()
@@ -245,6 +248,8 @@ def test_serve_config_in_cluster_is_valid_and_bad_arguments_name_the_field():
     assert {d["name"] for d in config["applications"][0]["deployments"]} == {"Sampler", "Ingress"}
     with pytest.raises(ValueError, match="max_samples"):
         app({"model": "m", "max_samples": 0})
+    with pytest.raises(ValueError, match="precision"):
+        app({"model": "m", "precision": "fp16"})
     with pytest.raises(ValueError, match="model"):
         app({})
 
@@ -287,7 +292,8 @@ def test_web_page_in_headless_chromium(service):
 def test_a_request_over_the_time_limit_gets_504_and_the_service_stays_healthy(service, tiny_model):
     from ray import serve
 
-    serve.run(app({"model": str(tiny_model), "request_timeout_s": 0.01, "batch_wait_timeout_s": 0.2}),
+    serve.run(app({"model": str(tiny_model), "request_timeout_s": 0.01, "batch_wait_timeout_s": 0.2,
+                  "num_cpus": 1}),
               name="hurried", route_prefix="/hurried")
     try:
         response = requests.post(f"{service}/hurried/v1/text-to-image", json={"prompt": PROMPT, "steps": 40})
@@ -296,3 +302,11 @@ def test_a_request_over_the_time_limit_gets_504_and_the_service_stays_healthy(se
     finally:
         serve.delete("hurried")
     assert requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 2}).status_code == 200
+
+
+def test_a_cpu_replica_takes_the_largest_node_s_cores_unless_told(ray_local):
+    from jobs.serve import ServeArgs, replica_resources
+
+    assert replica_resources(ServeArgs(model="m")) == (2, 0)  # the test cluster: one node, 2 CPUs, no GPU
+    assert replica_resources(ServeArgs(model="m", num_gpus=1)) == (1, 1)
+    assert replica_resources(ServeArgs(model="m", num_cpus=0.5)) == (0.5, 0)
