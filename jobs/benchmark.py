@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from psunet.config import DiffusionConfig, preset  # noqa: E402
-from psunet.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
+from psunet.diffusion import NoiseSchedule  # noqa: E402
 from psunet.model import PSUNet, forward_flops  # noqa: E402
 
 TARGETS = {
@@ -76,25 +76,29 @@ def matmul_peak(device: torch.device, seconds: float = 2.0) -> float:
 
 
 class StepTimer:
-    """Training steps of one model on one fixed synthetic batch (the data path is measured by `loader`)."""
+    """The training job's own step (jobs.train.train_step: loss, clipping, AdamW, EMA) with `cfg`, on one fixed
+    synthetic batch of cfg.optim.batch_size (the data path is measured by `loader`)."""
 
-    def __init__(self, model_config, batch_size: int, device: torch.device, seed: int = 0, wrap=None):
-        torch.manual_seed(seed)
-        self.device, self.model_config = device, model_config
-        model = PSUNet(model_config).to(device)
+    def __init__(self, cfg, device: torch.device, wrap=None):
+        from jobs.train import make_optimizer, uses_bf16
+        from psunet.ema import EMA
+
+        torch.manual_seed(cfg.optim.seed)
+        self.cfg, self.device, self.use_bf16 = cfg, device, uses_bf16(cfg, device)
+        model = PSUNet(cfg.model).to(device)
+        self.ema = EMA(model, cfg.optim.ema_decay)
+        self.optimizer = make_optimizer(model, cfg.optim)
+        self.schedule = NoiseSchedule(cfg.diffusion)
         self.model = wrap(model) if wrap else model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.schedule = NoiseSchedule(DiffusionConfig())
-        self.latents = torch.randn(batch_size, *model_config.latent_shape, device=device)
-        self.text = torch.randn(batch_size, model_config.text_len, model_config.word_dim, device=device)
-        self.batch_size = batch_size
+        batch, c = cfg.optim.batch_size, cfg.model
+        self.batch = {"latent": torch.randn(batch, *c.latent_shape, device=device),
+                      "text": torch.randn(batch, c.text_len, c.word_dim, device=device)}
 
     def step(self) -> None:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = diffusion_loss(self.model, self.schedule, DiffusionConfig(), self.latents, self.text).loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        from jobs.train import train_step
+
+        train_step(self.model, self.model, self.optimizer, self.ema, self.schedule, self.cfg, self.batch,
+                   self.cfg.optim.lr, self.device, self.use_bf16)
 
     def seconds_per_step(self, steps: int, warmup: int = 3) -> float:
         for _ in range(warmup):
@@ -107,14 +111,22 @@ class StepTimer:
         return (time.perf_counter() - start) / steps
 
 
+def timed_config(args):
+    """What train, overhead and loader time: the job's config (--config) with the --preset model and --batch-size."""
+    from jobs.config import load_config
+
+    cfg = load_config(args.config, [f"optim.batch_size={args.batch_size}"])
+    return cfg.model_copy(update={"model": preset(args.preset)})
+
+
 def bench_train(args) -> dict:
     device = device_of(args.device)
-    config = preset(args.preset)
+    cfg = timed_config(args)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timer = StepTimer(config, args.batch_size, device)
+    timer = StepTimer(cfg, device)
     seconds = timer.seconds_per_step(args.steps)
-    forward = forward_flops(PSUNet(config))
+    forward = forward_flops(PSUNet(cfg.model))
     samples_per_s = args.batch_size / seconds
     achieved = samples_per_s * 3 * forward
     peak = matmul_peak(device)
@@ -126,9 +138,11 @@ def bench_train(args) -> dict:
             "mfu": achieved / peak, "peak_memory_mb": memory, "target_mfu": TARGETS[device.type]["mfu"]}
 
 
-def _bare_loop(preset_name: str, batch_size: int, device: str, steps: int) -> float:
+def _bare_loop(config: dict, device: str, steps: int) -> float:
     """In a fresh process, as a Train worker is: seconds per step of the bare loop."""
-    return StepTimer(preset(preset_name), batch_size, torch.device(device)).seconds_per_step(steps)
+    from jobs.config import TrainJobConfig
+
+    return StepTimer(TrainJobConfig.model_validate(config), torch.device(device)).seconds_per_step(steps)
 
 
 def _trainer_loop(config: dict) -> None:
@@ -136,8 +150,9 @@ def _trainer_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    device = ray.train.torch.get_device()
-    timer = StepTimer(preset(config["preset"]), config["batch_size"], device,
+    from jobs.config import TrainJobConfig
+
+    timer = StepTimer(TrainJobConfig.model_validate(config["config"]), ray.train.torch.get_device(),
                       wrap=ray.train.torch.prepare_model)
     seconds = timer.seconds_per_step(config["steps"])
     with tempfile.TemporaryDirectory() as folder:  # Train V2 keeps the metrics of reports with a checkpoint
@@ -145,30 +160,31 @@ def _trainer_loop(config: dict) -> None:
 
 
 def bench_overhead(args) -> dict:
+    import multiprocessing
+
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    import multiprocessing
-
     device = device_of(args.device)
+    config = timed_config(args).model_dump(mode="json")
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="psunet-bench-")
     bare, trainer = [], []
     context = multiprocessing.get_context("spawn")
     for round_ in range(args.rounds):  # A/B/A/B: drift hits both sides alike
         with context.Pool(1) as pool:  # not in this process, whose Ray driver threads the worker does not have
-            bare.append(pool.apply(_bare_loop, (args.preset, args.batch_size, str(device), args.steps)))
+            bare.append(pool.apply(_bare_loop, (config, str(device), args.steps)))
         result = TorchTrainer(
-            _trainer_loop, train_loop_config={"preset": args.preset, "batch_size": args.batch_size,
-                                              "steps": args.steps},
+            _trainer_loop, train_loop_config={"config": config, "steps": args.steps},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=device.type == "cuda",
                                          resources_per_worker={"CPU": max(1, os.cpu_count() or 1)}),
             run_config=RunConfig(name=f"overhead-{round_}", storage_path=storage)).fit()
         trainer.append(result.metrics["seconds_per_step"])
-    bare_s, trainer_s = statistics.median(bare), statistics.median(trainer)
+    ratios = [b / a for a, b in zip(bare, trainer)]  # each round's pair is measured back to back
     return {"preset": args.preset, "batch_size": args.batch_size, "device": str(device), "rounds": args.rounds,
-            "bare_step_ms": bare_s * 1000, "trainer_step_ms": trainer_s * 1000, "ratio": trainer_s / bare_s,
+            "bare_step_ms": statistics.median(bare) * 1000, "trainer_step_ms": statistics.median(trainer) * 1000,
+            "ratio": statistics.median(ratios), "round_ratios": ratios,
             "target_ratio_max": TARGETS[device.type]["overhead_ratio_max"]}
 
 
@@ -216,9 +232,8 @@ def bench_loader(args) -> dict:
     ten_folder = _replicated(folder, 10)
     with context.Pool(1) as pool:
         ten = pool.apply(_read_shards, (str(ten_folder), 10 * manifest.samples))
-    config = preset(args.preset)
-    train_samples_per_s = args.batch_size / StepTimer(config, args.batch_size, device_of(args.device)
-                                                      ).seconds_per_step(args.steps)
+    timer = StepTimer(timed_config(args), device_of(args.device))
+    train_samples_per_s = args.batch_size / timer.seconds_per_step(args.steps)
     reader = ten["samples"] / ten["seconds"]
     return {"data": str(folder), "preset": args.preset, "reader_samples_per_s": reader,
             "train_samples_per_s": train_samples_per_s, "headroom": reader / train_samples_per_s,
@@ -315,13 +330,13 @@ def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, e
               eval_every: int = 0, name: str = "") -> tuple[PSUNet, list[dict]]:
     """Train `model` in this process with the training job's own step (jobs.train.train_step) and lr schedule,
     for `steps` steps (cfg.branch.time_range limits the times); returns (EMA model, evaluation curve)."""
-    from jobs.train import lr_at, train_step
+    from jobs.train import lr_at, make_optimizer, train_step
     from psunet.data import make_loader
     from psunet.ema import EMA
 
     optim = cfg.optim.model_copy(update={"steps": steps, "warmup_steps": min(cfg.optim.warmup_steps, steps - 1)})
     ema = EMA(model, cfg.optim.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    optimizer = make_optimizer(model, optim)
     schedule = NoiseSchedule(cfg.diffusion)
     batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True, seed=seed,
                                rank=0, world_size=1))
@@ -622,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                         "default: the service's (all of the node's on CPU)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="sampling, serve: the denoiser's precision (bf16: GPUs, CPUs with native bf16)")
-    parser.add_argument("--config", default="configs/demo.yaml", help="convergence: training config")
+    parser.add_argument("--config", default="configs/demo.yaml",
+                        help="training config: convergence trains with it; train, overhead, loader time its step")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--against", choices=("baseline", "ode", "experts"), default="baseline",
                         help="convergence: the U-ViT-multi baseline, neural-ODE shared blocks, or K experts")
