@@ -242,31 +242,26 @@ def bench_loader(args) -> dict:
             "target_headroom": TARGETS["cpu"]["loader_headroom"]}
 
 
+def _seconds(fn, device: torch.device) -> float:
+    """Seconds of one call, the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def _time(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
     fn()
-    seconds = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return statistics.median(_seconds(fn, device) for _ in range(repeats))
 
 
 def _interleaved(first, second, rounds: int, device: torch.device) -> tuple[float, float]:
     """Median seconds of two calls timed alternately (drift and noise hit both alike)."""
     first(), second()
-    times: tuple[list, list] = ([], [])
-    for _ in range(rounds):
-        for fn, out in ((first, times[0]), (second, times[1])):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    pairs = [(_seconds(first, device), _seconds(second, device)) for _ in range(rounds)]
+    return statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
 
 
 @torch.no_grad()

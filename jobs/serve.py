@@ -273,9 +273,10 @@ class Sampler:
                     _answer(members, exc)
                 running = []
                 continue
+            requests = sum(len(members) for members, _ in running)
             self.forwards += 1
-            self.requests_per_forward[sum(len(members) for members, _ in running)] += 1
-            self.request_forwards += sum(len(members) for members, _ in running)
+            self.requests_per_forward[requests] += 1
+            self.request_forwards += requests
             self.samples_per_forward[sum(pending.run.batch_size for _, pending in running)] += 1
             for members, pending in [entry for entry in running if entry[1].run.done]:
                 try:

@@ -28,7 +28,7 @@ from psunet.checkpoint import load_model, load_state
 from psunet.config import DiffusionConfig, ModelConfig
 from psunet.model import PSUNet
 from psunet.paint import PaintWithWords
-from psunet.sampling import InfillRun, SampleOutput, step_together
+from psunet.sampling import InfillRun, SampleOutput, run_to_end, step_together
 from psunet.text import BLANK, END, TextCodec, load_vectors, tokenize
 
 Paint = list[list[tuple[int | str, np.ndarray]]]  # per prompt: (word index or the word itself, (H, W) bool region)
@@ -135,12 +135,7 @@ class Pipeline:
     def sample(self, batch_size: int, settings: SamplerSettings | None = None, seeds: list[int] | None = None,
                guidance_scales: list[float] | None = None, **known) -> SampleOutput:
         """joint_infill with these settings: `start(...)` taken through all its steps."""
-        return self.sample_to_end(self.start(batch_size, settings, seeds, guidance_scales, **known))
-
-    def sample_to_end(self, run: InfillRun) -> SampleOutput:
-        while not run.done:
-            self.step([run])
-        return run.result()
+        return run_to_end(self.denoise, self.start(batch_size, settings, seeds, guidance_scales, **known))
 
     @property
     def resolution(self) -> int:
@@ -193,7 +188,7 @@ class Pipeline:
 
     def finish_infill(self, pending: PendingInfill) -> InfillResult:
         """`infill`'s second half: the run's remaining steps, if any, then images and captions decoded."""
-        out = self.sample_to_end(pending.run)
+        out = run_to_end(self.denoise, pending.run)
         prompts, images, pixel_masks = pending.prompts, pending.images, pending.pixel_masks
         if images is None:
             generated = self.decode_images(out.image_latents)

@@ -240,6 +240,13 @@ def step_together(model, runs: list[InfillRun]) -> None:
         start += run.rows
 
 
+def run_to_end(model, run: InfillRun) -> SampleOutput:
+    """The run's remaining steps, alone, then its result."""
+    while not run.done:
+        step_together(model, [run])
+    return run.result()
+
+
 @torch.no_grad()
 def joint_infill(
     model,
@@ -266,8 +273,5 @@ def joint_infill(
     each sample's noise comes from its own generator, so it does not depend on its batch mates.
     paint: paint-with-words regions for caption words (psunet.paint); the bias goes on the conditional pass.
     """
-    run = InfillRun(model_config, diffusion_config, batch_size, image_known, image_mask, text_known, text_mask,
-                    guidance_scale, steps, scheduler, seed, device, paint)
-    while not run.done:
-        step_together(model, [run])
-    return run.result()
+    return run_to_end(model, InfillRun(model_config, diffusion_config, batch_size, image_known, image_mask,
+                                       text_known, text_mask, guidance_scale, steps, scheduler, seed, device, paint))
