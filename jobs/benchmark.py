@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from psunet.config import DiffusionConfig, preset  # noqa: E402
 from psunet.diffusion import NoiseSchedule  # noqa: E402
 from psunet.model import PSUNet, forward_flops  # noqa: E402
+from psunet.settings import SamplerSettings  # noqa: E402
 
 TARGETS = {
     "cpu": {"mfu": 0.60, "overhead_ratio_max": 1.05, "loader_headroom": 20.0, "guidance_batching_speedup": 1.6,
@@ -266,7 +267,6 @@ def _interleaved(first, second, rounds: int, device: torch.device) -> tuple[floa
 
 @torch.no_grad()
 def bench_sampling(args) -> dict:
-    from psunet.pipeline import SamplerSettings
     from psunet.sampling import joint_infill
 
     from jobs.model_ref import load_pipeline
@@ -465,6 +465,53 @@ def _experts_against_one(args, base, device: torch.device, evaluate) -> dict:
     return figures
 
 
+def bench_objectives(args) -> dict:
+    """The training objectives side by side (`diffusion.timesteps`: shared, independent, slices): each trained
+    from the same seed, data order and steps with the job's own step, then evaluated on the same held-out
+    samples as jobs/evaluate.py does (text->image, image->text, caption infilling, joint coherence at each
+    guidance scale, the best scale per direction, FID with the autoencoder's features at the best
+    text->image scale), with the validation losses and conditional gaps."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from jobs.config import load_config
+    from jobs.evaluate import AutoencoderFeatures, best_guidance, combine, evaluate_group, frechet_distance
+    from jobs.train import Validator
+    from psunet.config import DiffusionConfig
+
+    device = device_of(args.device)
+    base = load_config(args.config, args.overrides).resolved()
+    if not base.data.val:
+        raise ValueError("objectives: the config needs data.val (held-out samples to evaluate on)")
+    settings = [SamplerSettings(steps=args.sample_steps, guidance_scale=scale) for scale in args.guidance_scales]
+    figures = {"config": args.config, "steps": args.steps, "seed": args.seed, "samples": args.samples,
+               "guidance_scales": args.guidance_scales}
+    for objective in args.objectives:
+        diffusion = DiffusionConfig.model_validate({**base.diffusion.model_dump(), "timesteps": objective})
+        cfg = base.model_copy(update={"diffusion": diffusion})
+        torch.manual_seed(args.seed)
+        started = time.perf_counter()
+        model, _ = train_for(cfg, PSUNet(cfg.model).to(device), args.steps, args.seed, device, name=objective)
+        seconds = time.perf_counter() - started
+        validator = Validator(cfg, device)
+        pipe = validator.make_pipeline(model.eval())
+        group = evaluate_group(pipe, cfg.data.val, 0, 1, args.samples, settings, demo=True, want_images=True,
+                               batch_size=64)
+        rows = combine([group], settings, True, None)
+        best = best_guidance(rows)
+        at = [row["guidance_scale_image"] for row in rows].index(best["t2i"]["guidance_scale_image"])
+        fid = frechet_distance(FrechetInceptionDistance(feature=AutoencoderFeatures(pipe)), group["real_images"],
+                               group["per_setting"][at]["t2i_images"])
+        metrics = {"train_seconds": seconds, **validator.loss(model), "fid_autoencoder_at_best_t2i": fid,
+                   "best": best, "by_guidance": {row["guidance_scale_image"]: row["metrics"] for row in rows}}
+        figures[objective] = metrics
+        figures.update({f"{objective}_t2i_mean_accuracy": best["t2i"]["mean_accuracy"],
+                        f"{objective}_i2t_mean_accuracy": best["i2t"]["mean_accuracy"],
+                        f"{objective}_val_loss": metrics["val_loss"], f"{objective}_fid": fid})
+        print(f"objectives: {objective} " + json.dumps({k: v for k, v in metrics.items() if k != "by_guidance"}),
+              file=sys.stderr, flush=True)
+    return figures
+
+
 PAINT_REGIONS = {"left": (0, 8, 16, 24), "right": (16, 8, 32, 24), "top": (8, 0, 24, 16), "bottom": (8, 16, 24, 32)}
 
 
@@ -476,7 +523,6 @@ def bench_paint(args) -> dict:
 
     from dataprep import shapes
     from jobs.model_ref import load_pipeline
-    from psunet.pipeline import SamplerSettings
 
     device = device_of(args.device)
     pipe = load_pipeline(args.model, device=str(device))
@@ -610,7 +656,8 @@ def log_to_mlflow(uri: str, command: str, figures: dict) -> str:
 
 
 COMMANDS = {"train": bench_train, "overhead": bench_overhead, "loader": bench_loader, "sampling": bench_sampling,
-            "convergence": bench_convergence, "serve": bench_serve, "paint": bench_paint}
+            "convergence": bench_convergence, "objectives": bench_objectives, "serve": bench_serve,
+            "paint": bench_paint}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -625,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--data", help="loader: a shard folder")
     parser.add_argument("--model", help="sampling (end-to-end latency), serve: model folder or MLflow URI")
-    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--sample-steps", type=int, default=SamplerSettings.model_fields["steps"].default)
     parser.add_argument("--compile", action="store_true", help="sampling: torch.compile the model")
     parser.add_argument("--requests", type=int, default=32, help="serve: requests per client count")
     parser.add_argument("--serve-cpus", type=float, help="serve: CPUs (= torch threads) of the model replica; "
@@ -642,7 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                         help="convergence: skip text->image accuracy (non-demo data)")
-    parser.add_argument("--samples", type=int, default=64, help="paint: samples per weight")
+    parser.add_argument("--samples", type=int, default=64, help="paint: samples per weight; objectives: held-out "
+                        "samples evaluated")
+    parser.add_argument("--objectives", type=lambda text: text.split(","), default=["shared", "independent", "slices"],
+                        help="objectives: the diffusion.timesteps settings compared")
+    parser.add_argument("--guidance-scales", type=lambda text: [float(v) for v in text.split(",")],
+                        default=[1.0, 3.0, 5.0, 7.0], help="objectives: the guidance sweep (both modalities)")
     parser.add_argument("--paint-weights", type=lambda text: [float(v) for v in text.split(",")], default=[0, 1, 4],
                         help="paint: comma-separated weights w (0 = no bias)")
     parser.add_argument("--paint-fraction", type=float, default=1.0, help="paint: share of steps with the bias")

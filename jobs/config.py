@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from jobs.tracking import tracking_uri
 from psunet.config import DiffusionConfig, ModelConfig, StrictModel, preset
+from psunet.settings import SamplerSettings
 
 
 class DataConfig(StrictModel):
@@ -55,7 +56,15 @@ class ScheduleConfig(StrictModel):
     samples: int = Field(8, ge=1, description="prompts / images per sample grid")
     demo_metrics: bool = Field(False, description="attribute-reader accuracy (demo data only)")
     sample_steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(3.0, ge=0)
+    guidance_scale: float = Field(3.0, ge=0, description="both modalities, unless set one by one below")
+    guidance_scale_image: float | None = Field(None, ge=0, description="text->image samples")
+    guidance_scale_text: float | None = Field(None, ge=0, description="image->text samples")
+
+    def sampler(self) -> SamplerSettings:
+        """The sampler settings of the validation samples."""
+        given = {"guidance_scale_image": self.guidance_scale_image, "guidance_scale_text": self.guidance_scale_text}
+        return SamplerSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale,
+                               **{key: value for key, value in given.items() if value is not None})
 
 
 class RunConfig(StrictModel):
@@ -87,6 +96,7 @@ class TrainJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainJobConfig":
+        self.schedule.sampler()  # its checks, before any worker starts
         if self.optim.warmup_steps >= self.optim.steps and self.optim.steps > 1:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be < optim.steps={self.optim.steps}")
         if self.branch.time_range is not None:
@@ -94,9 +104,9 @@ class TrainJobConfig(StrictModel):
             if not 0 <= start < end <= self.diffusion.num_train_timesteps:
                 raise ValueError(f"branch.time_range={[start, end]} must satisfy 0 <= start < end <= "
                                  f"diffusion.num_train_timesteps={self.diffusion.num_train_timesteps}")
-            if self.diffusion.independent_timesteps:
-                raise ValueError("branch.time_range needs one diffusion time per sample; "
-                                 "diffusion.independent_timesteps must be false")
+            if self.diffusion.timesteps == "independent":
+                raise ValueError("branch.time_range needs one noise level per sample; "
+                                 "diffusion.timesteps must be shared or slices, not independent")
         return self
 
     def resolved(self) -> "TrainJobConfig":

@@ -3,12 +3,13 @@
     python jobs/evaluate.py --model MODEL --data data/demo/val --out runs/eval.json \
         --guidance-scales 1,3,5 --steps-sweep 10,25
 
-Metrics for every sampler setting (the default, each --guidance-scales value at the default steps,
-each --steps-sweep value at the default guidance):
+Metrics for every sampler setting (the default, each --guidance-scales value at the default steps: a
+number sets both modalities' scales, image:text a pair; each --steps-sweep value at the default guidance):
   - demo data (captions the attribute reader understands, detected automatically): text->image and
-    image->text attribute accuracy (per attribute and all-correct) and the joint coherence of
+    image->text attribute accuracy (per attribute and all-correct), caption infilling (the colour word
+    blanked, the image given: is the filled word the image's colour) and the joint coherence of
     unconditional pairs (the image read back agrees with its own caption), each with a 95 % Wilson
-    interval from the number of samples;
+    interval from the number of samples, and the best guidance scale of each direction;
   - any data: BLEU-4 and ROUGE-L of image->text captions against the references (torchmetrics), and
     FID (torchmetrics FrechetInceptionDistance) of text->image images against the autoencoder's
     reconstructions of the held-out latents. --fid picks the feature extractor: inception (needs
@@ -39,10 +40,14 @@ from jobs.model_ref import load_pipeline  # noqa: E402
 from jobs.quality import mean_scores  # noqa: E402
 from jobs.tracking import experiment_id, tracking_uri  # noqa: E402
 from psunet.data import ShardStream, load_manifest  # noqa: E402
-from psunet.pipeline import Pipeline, SamplerSettings  # noqa: E402
-from psunet.sampling import validate_settings  # noqa: E402
+from psunet.text import BLANK  # noqa: E402
+from psunet.pipeline import Pipeline  # noqa: E402
+from psunet.settings import SamplerSettings  # noqa: E402
+from psunet.settings import parse_guidance  # noqa: E402
 
 DEMO_KEYS = (*shapes.ATTRIBUTES, "all")
+DEMO_TASKS = ("t2i", "i2t", "infill", "joint")
+MAX_TRAIN_TIMES = 1000
 
 
 def wilson_interval(fraction: float, count: int, z: float = 1.96) -> tuple[float, float]:
@@ -105,16 +110,24 @@ def fid_metric(choice: str, pipe: Pipeline):
     return FrechetInceptionDistance(feature=extractor, input_img_size=(3, size, size)), f"FID features: {path.name}"
 
 
-def sweep_settings(base: SamplerSettings, guidance_scales: list[float], steps_sweep: list[int]
-                   ) -> list[SamplerSettings]:
+def sweep_settings(base: SamplerSettings, guidance_scales: list, steps_sweep: list[int]) -> list[SamplerSettings]:
     """The default setting first, then the guidance sweep at default steps and the steps sweep, no repeats."""
-    candidates = [base] + [SamplerSettings(w, base.steps, base.scheduler, base.seed) for w in guidance_scales] \
-        + [SamplerSettings(base.guidance_scale, n, base.scheduler, base.seed) for n in steps_sweep]
+    candidates = [base] + [base.with_guidance(scale) for scale in guidance_scales] \
+        + [base.model_copy(update={"steps": n}) for n in steps_sweep]
     unique: list[SamplerSettings] = []
     for setting in candidates:
         if setting not in unique:
-            unique.append(setting)
+            unique.append(setting.check_for(MAX_TRAIN_TIMES))
     return unique
+
+
+def blank_colour(caption: str) -> str | None:
+    """The caption with its first colour word replaced by [?] (None when it names no colour)."""
+    words = caption.split()
+    for i, word in enumerate(words):
+        if word in shapes.COLOURS:
+            return " ".join(words[:i] + [BLANK] + words[i + 1:])
+    return None
 
 
 def evaluate_group(pipe: Pipeline, data: str, group: int, groups: int, limit: int, settings: list[SamplerSettings],
@@ -136,7 +149,7 @@ def evaluate_group(pipe: Pipeline, data: str, group: int, groups: int, limit: in
     real = np.concatenate([pipe.decode_images(latents[b]) for b in batches]) if want_images else None
     per_setting = []
     for setting in settings:
-        t2i_images, captions, joint_images, joint_captions = [], [], [], []
+        t2i_images, captions, joint_images, joint_captions, filled = [], [], [], [], []
         for b in batches:
             t2i_images.append(pipe.text_to_image(references[b], setting)[0])
             captions += pipe.captions_for_latents(latents[b], setting)
@@ -144,12 +157,15 @@ def evaluate_group(pipe: Pipeline, data: str, group: int, groups: int, limit: in
                 images, generated = pipe.generate(len(references[b]), setting)
                 joint_images.append(images)
                 joint_captions += generated
+                filled += pipe.captions_for_latents(latents[b], setting, prompts=[blank_colour(r) for r in references[b]])
         t2i_images = np.concatenate(t2i_images)
         result = {"captions": captions, "t2i_images": t2i_images if want_images else None}
         if demo:
             truth = [shapes.parse_caption(caption) for caption in references]
             result["t2i"] = [shapes.score(shapes.read_attributes(image), t) for image, t in zip(t2i_images, truth)]
             result["i2t"] = [shapes.score(shapes.parse_caption(c), t) for c, t in zip(captions, truth)]
+            result["infill"] = [{"colour": float(shapes.score(shapes.parse_caption(c), t)["colour"])}
+                                for c, t in zip(filled, truth)]
             result["joint"] = [shapes.score(shapes.read_attributes(image), shapes.parse_caption(caption))
                                for image, caption in zip(np.concatenate(joint_images), joint_captions)]
         per_setting.append(result)
@@ -184,39 +200,57 @@ def combine(groups: list[dict], settings: list[SamplerSettings], demo: bool, fid
         parts = [g["per_setting"][index] for g in groups]
         metrics, intervals = caption_scores([c for p in parts for c in p["captions"]], references), {}
         if demo:
-            for task in ("t2i", "i2t", "joint"):
+            for task in DEMO_TASKS:
                 scores = [s for p in parts for s in p[task]]
                 for key, value in mean_scores(scores).items():
                     metrics[f"{task}_{key}"] = value
                     intervals[f"{task}_{key}"] = list(wilson_interval(value, len(scores)))
         if fid is not None:
             metrics["fid"] = frechet_distance(fid, real, np.concatenate([p["t2i_images"] for p in parts]))
-        rows.append({"guidance_scale": setting.guidance_scale, "steps": setting.steps,
-                     "scheduler": setting.scheduler, "metrics": metrics, "intervals": intervals})
+        rows.append({**setting.model_dump(exclude={"seed"}), "metrics": metrics, "intervals": intervals})
     return rows
 
 
+def best_guidance(rows: list[dict]) -> dict:
+    """Each direction's best row of the guidance sweep: text->image by guidance_scale_image (mean of its
+    attribute accuracies), image->text by guidance_scale_text. A direction's score depends only on its own
+    modality's scale (the other modality is known), so the best pair is the two bests together."""
+    best = {}
+    for task, scale in (("t2i", "guidance_scale_image"), ("i2t", "guidance_scale_text")):
+        def mean_accuracy(row: dict) -> float:
+            return float(np.mean([row["metrics"][f"{task}_{key}"] for key in shapes.ATTRIBUTES]))
+
+        top = max(rows, key=mean_accuracy)
+        best[task] = {scale: top[scale], "mean_accuracy": mean_accuracy(top),
+                      **{key: top["metrics"][f"{task}_{key}"] for key in (*shapes.ATTRIBUTES, "all")}}
+    return best
+
+
 def plot_guidance(rows: list[dict], base: SamplerSettings, path: Path) -> Path | None:
-    """Metric vs guidance scale at the default steps; one panel per metric family."""
+    """Metric vs guidance scale at the default steps; one panel per metric family, each against the scale
+    of the modality it generates (the image's for text->image and FID, the text's for image->text)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = sorted((r for r in rows if r["steps"] == base.steps), key=lambda r: r["guidance_scale"])
+    sweep = sorted((r for r in rows if r["steps"] == base.steps),
+                   key=lambda r: (r["guidance_scale_image"], r["guidance_scale_text"]))
     if len(sweep) < 2:
         return None
-    families = {"text->image": [k for k in sweep[0]["metrics"] if k.startswith("t2i_")],
-                "image->text": [k for k in sweep[0]["metrics"] if k.startswith("i2t_") or k in ("bleu4", "rougeL")],
-                "FID": [k for k in sweep[0]["metrics"] if k == "fid"]}
-    families = {name: keys for name, keys in families.items() if keys}
+    metrics = sweep[0]["metrics"]
+    families = {"text->image": ([k for k in metrics if k.startswith("t2i_")], "image"),
+                "image->text": ([k for k in metrics if k.startswith(("i2t_", "infill_")) or k in ("bleu4", "rougeL")],
+                                "text"),
+                "FID": ([k for k in metrics if k == "fid"], "image")}
+    families = {name: family for name, family in families.items() if family[0]}
     figure, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
-    scales = [r["guidance_scale"] for r in sweep]
-    for axis, (name, keys) in zip(axes[0], families.items()):
+    for axis, (name, (keys, modality)) in zip(axes[0], families.items()):
+        scales = [r[f"guidance_scale_{modality}"] for r in sweep]
         for key in keys:
             axis.plot(scales, [r["metrics"][key] for r in sweep], marker="o", label=key)
         axis.set_title(name)
-        axis.set_xlabel("guidance scale")
+        axis.set_xlabel(f"{modality} guidance scale")
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
@@ -233,14 +267,15 @@ def log_to_mlflow(uri: str, experiment: str, report: dict, files: list[Path], st
     run_id = run.info.run_id
     params = {"model": report["model"], "data": report["data"], "precision": report["precision"],
               "samples": report["samples"],
-              "scheduler": report["default"]["scheduler"], "guidance_scale": report["default"]["guidance_scale"],
-              "steps": report["default"]["steps"], "fid": report["fid_note"][:500]}
+              **{key: report["default"][key] for key in ("scheduler", "spacing", "steps", "guidance_scale_image",
+                                                        "guidance_scale_text")},
+              "fid": report["fid_note"][:500]}
     for key, value in params.items():
         client.log_param(run_id, key, value)
     timestamp = int(time.time() * 1000)
     metrics = [mlflow.entities.Metric(key, value, timestamp, 0) for key, value in report["default"]["metrics"].items()]
     for row in report["results"]:
-        suffix = f"w{row['guidance_scale']:g}_steps{row['steps']}"
+        suffix = f"w{row['guidance_scale_image']:g}-{row['guidance_scale_text']:g}_steps{row['steps']}"
         metrics += [mlflow.entities.Metric(f"{key}.{suffix}", value, timestamp, 0)
                     for key, value in row["metrics"].items()]
     for start in range(0, len(metrics), 500):
@@ -262,10 +297,8 @@ def int_list(text: str) -> list[int]:
 def run(args) -> dict:
     import ray
 
-    base = SamplerSettings(args.guidance_scale, args.steps, args.scheduler, args.seed)
+    base = base_settings(args)
     settings = sweep_settings(base, args.guidance_scales, args.steps_sweep)
-    for setting in settings:
-        validate_settings(setting.steps, setting.guidance_scale, setting.scheduler, 1000)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     manifest = load_manifest(args.data)
@@ -296,20 +329,34 @@ def run(args) -> dict:
     if samples == 0:
         raise ValueError(f"no readable samples in {args.data}")
     rows = combine(results, settings, demo, fid)
+    guidance_sweep = [r for r in rows if r["steps"] == base.steps]
     return {"model": args.model, "data": str(args.data), "precision": args.precision, "samples": samples,
             "demo_metrics": demo,
             "skipped": sum(r["skipped"] for r in results), "fid_note": fid_note,
             "seconds": round(time.perf_counter() - started, 1), "default": rows[0], "results": rows,
-            "guidance_sweep": [r for r in rows if r["steps"] == base.steps and r["scheduler"] == base.scheduler],
-            "steps_sweep": [r for r in rows if r["guidance_scale"] == base.guidance_scale]}
+            "guidance_sweep": guidance_sweep,
+            "steps_sweep": [r for r in rows if (r["guidance_scale_image"], r["guidance_scale_text"]) == base.guidance],
+            "best_guidance": best_guidance(guidance_sweep) if demo else None}
+
+
+def base_settings(args) -> SamplerSettings:
+    """The default sampler setting from the command line (unset options keep SamplerSettings' defaults)."""
+    given = {"guidance_scale": args.guidance_scale, "guidance_scale_image": args.guidance_scale_image,
+             "guidance_scale_text": args.guidance_scale_text, "steps": args.steps, "scheduler": args.scheduler,
+             "spacing": args.spacing, "seed": args.seed}
+    return SamplerSettings(**{key: value for key, value in given.items() if value is not None})
 
 
 def print_table(report: dict) -> None:
-    keys = [k for k in report["default"]["metrics"] if k.endswith("_all") or k in ("bleu4", "rougeL", "fid")]
-    print("evaluate: " + "  ".join(["guidance", "steps", *keys]))
+    keys = [k for k in report["default"]["metrics"]
+            if k.split("_", 1)[-1] in ("shape", "colour", "all") or k in ("bleu4", "rougeL", "fid")]
+    print("evaluate: " + "  ".join(["w_image", "w_text", "steps", *keys]))
     for row in report["results"]:
         values = [f"{row['metrics'][k]:.3f}" for k in keys]
-        print("evaluate: " + "  ".join([f"{row['guidance_scale']:8g}", f"{row['steps']:5d}", *values]))
+        print("evaluate: " + "  ".join([f"{row['guidance_scale_image']:7g}", f"{row['guidance_scale_text']:6g}",
+                                        f"{row['steps']:5d}", *values]))
+    for task, best in (report.get("best_guidance") or {}).items():
+        print(f"evaluate: best {task}: " + ", ".join(f"{k} {v:.3g}" for k, v in best.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,11 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="held-out shard folder (with manifest.json)")
     parser.add_argument("--out", required=True, help="results JSON file (the plot PNG goes beside it)")
     parser.add_argument("--samples", type=int, default=256, help="held-out samples to use, at most")
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--scheduler", default="dpmsolver++")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scales", type=float_list, default=[], help="sweep, e.g. 1,2,3,5,7")
+    defaults = SamplerSettings()
+    parser.add_argument("--guidance-scale", type=float, help=f"both modalities (default {defaults.guidance_scale_image:g})")
+    parser.add_argument("--guidance-scale-image", type=float, help="the image's scale (text->image)")
+    parser.add_argument("--guidance-scale-text", type=float, help="the text's scale (image->text)")
+    parser.add_argument("--steps", type=int, help=f"sampler steps (default {defaults.steps})")
+    parser.add_argument("--scheduler", help=f"default {defaults.scheduler}")
+    parser.add_argument("--spacing", help=f"timestep spacing (default {defaults.spacing})")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--guidance-scales", type=parse_guidance, default=[],
+                        help="sweep, e.g. 1,2,3,5,7 (both modalities) or 5:2 (image:text)")
     parser.add_argument("--steps-sweep", type=int_list, default=[], help="sweep, e.g. 10,25,50")
     parser.add_argument("--fid", default="auto", help="auto, inception, autoencoder, none or a TorchScript file")
     parser.add_argument("--groups", type=int, help="shard groups = Ray tasks (default: one per shard)")
@@ -343,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot = plot_guidance(report["results"], SamplerSettings(args.guidance_scale, args.steps, args.scheduler),
-                         out.with_suffix(".png"))
+    plot = plot_guidance(report["results"], base_settings(args), out.with_suffix(".png"))
     report["plot"] = str(plot) if plot else None
     if not args.no_mlflow:
         uri = tracking_uri(args.tracking_uri, args.storage_path)

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dataprep import shapes
-from psunet.pipeline import Pipeline, SamplerSettings
+from psunet.pipeline import Pipeline
+from psunet.settings import SamplerSettings
 
 
 def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:

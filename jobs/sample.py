@@ -12,6 +12,11 @@
 region: a box x0,y0,x1,y1 in pixels (end exclusive) or a mask image (white = the word goes here),
 for every prompt; --paint-weight and --paint-fraction set the bias strength and the share of steps.
 
+--guidance-scale sets the classifier-free guidance of both modalities; --guidance-scale-image (how
+strongly a known caption steers the image) and --guidance-scale-text (how strongly a known image
+steers the caption) set one each, overriding --guidance-scale for it. --spacing spreads the steps over
+the training times. Defaults and checks: psunet.settings.SamplerSettings.
+
 MODEL is a checkpoint or model folder, or an MLflow URI such as runs:/<run id>/model.
 A mask is an image the size of its image: white (>= 128) marks pixels to generate, black pixels
 are kept exactly. One --image or --mask is used for every prompt; otherwise counts must match.
@@ -37,8 +42,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from jobs.model_ref import load_pipeline  # noqa: E402
 from jobs.quality import grid_png  # noqa: E402
-from psunet.pipeline import SamplerSettings  # noqa: E402
-from psunet.sampling import validate_settings  # noqa: E402
+from psunet.settings import SamplerSettings  # noqa: E402
 
 
 def read_image(path: str, size: int, resize: bool, mode: str = "RGB") -> np.ndarray:
@@ -128,6 +132,29 @@ def output_folder(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
 
 
+def add_sampler_options(parser: argparse.ArgumentParser) -> None:
+    """The sampler's options; their defaults and help come from SamplerSettings."""
+    fields = SamplerSettings.model_fields
+    image, text = fields["guidance_scale_image"], fields["guidance_scale_text"]
+    parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance of both modalities "
+                        f"(default: {image.default:g} image, {text.default:g} text)")
+    for modality, field in (("image", image), ("text", text)):
+        parser.add_argument(f"--guidance-scale-{modality}", type=float,
+                            help=f"{field.description}; overrides --guidance-scale")
+    for name, kind in (("steps", int), ("scheduler", str), ("spacing", str), ("seed", int)):
+        parser.add_argument(f"--{name}", type=kind, default=fields[name].default,
+                            help=f"{fields[name].description or name} (default: %(default)s)")
+
+
+def sampler_settings(args) -> SamplerSettings:
+    """The command line's sampler settings, checked (a ValueError names the field); a per-modality guidance
+    scale wins over --guidance-scale, one not given keeps SamplerSettings' default."""
+    scales = {"guidance_scale": args.guidance_scale, "guidance_scale_image": args.guidance_scale_image,
+              "guidance_scale_text": args.guidance_scale_text}
+    return SamplerSettings(steps=args.steps, scheduler=args.scheduler, spacing=args.spacing, seed=args.seed,
+                           **{name: scale for name, scale in scales.items() if scale is not None})
+
+
 def write_results(out: Path, result, job: dict, settings: SamplerSettings, meta: dict) -> None:
     """Everything into a hidden sibling folder first, then renamed into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +172,7 @@ def write_results(out: Path, result, job: dict, settings: SamplerSettings, meta:
                         "unknown_words": result.unknown_words[i]})
     (partial / "captions.txt").write_text("".join(caption + "\n" for caption in result.captions))
     (partial / "samples.json").write_text(json.dumps(
-        {**meta, "settings": vars(settings), "network_evaluations": result.network_evaluations,
+        {**meta, "settings": settings.model_dump(), "network_evaluations": result.network_evaluations,
          "samples": records}, indent=2))
     grid_png(result.images, result.captions, partial / "contact_sheet.png")
     if out.exists():
@@ -167,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paint", action="append", help="WORD=x0,y0,x1,y1 or WORD=mask.png: paint-with-words")
     parser.add_argument("--paint-weight", type=float, default=1.0, help="paint-with-words strength w")
     parser.add_argument("--paint-fraction", type=float, default=1.0, help="share of the steps with the bias")
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--scheduler", default="dpmsolver++", help="dpmsolver++, ddim or ddpm")
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampler_options(parser)
     parser.add_argument("--weights", default="ema", choices=["ema", "model"])
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -184,10 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = plan(args)
         output_folder(out, args.overwrite)
-        settings = SamplerSettings(guidance_scale=args.guidance_scale, steps=args.steps,
-                                   scheduler=args.scheduler, seed=args.seed)
-        # checked before the model loads; joint_infill checks steps against the model's schedule again
-        validate_settings(settings.steps, settings.guidance_scale, settings.scheduler, 1000)
+        # checked before the model loads; the sampler checks the steps against the model's schedule too
+        settings = sampler_settings(args)
         pipe = load_pipeline(args.model, weights=args.weights, device=args.device, tracking_uri=args.tracking_uri,
                              precision=args.precision)
         size = pipe.resolution
@@ -198,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--paint needs --prompt: it steers where a prompt's words go")
         paint = [[read_paint(spec, size, args.resize) for spec in args.paint]] * job["count"] if args.paint \
             else None
-        print(f"sample: {job['count']} sample(s) in one batch, {settings.steps} {settings.scheduler} steps, "
-              f"guidance {settings.guidance_scale}, on {pipe.device}", flush=True)
+        print(f"sample: {job['count']} sample(s) in one batch, {settings.describe()}, on {pipe.device}", flush=True)
         started = time.perf_counter()
         result = pipe.infill(prompts=job["prompts"] or None, images=images, image_masks=masks,
                              count=args.generate, settings=settings, paint=paint,

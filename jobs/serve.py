@@ -9,8 +9,9 @@ last take paint-with-words regions for prompt words); GET /healthz,
 /v1/model, /v1/stats (batching counters), / (web page). Every request becomes rows of a sampler run
 (`Pipeline.start_infill`); the model deployment batches at the level of sampler steps: each forward
 carries every running request, each at its own step, and a request that arrives mid-way joins at the
-next step (continuous batching). Rows have their own seed and guidance scale, so a sample does not
-depend on its batch mates.
+next step (continuous batching). Rows have their own seed and (image, text) guidance scales, so a
+sample does not depend on its batch mates. Sampler settings a request leaves out come from the
+service's `defaults` (SamplerSettings), and SamplerSettings checks them all.
 Safety: binds 127.0.0.1 unless configured, body size limit, bounded samples/steps/image size, JSON
 only (no pickle, no code from requests), a per-request timeout.
 """
@@ -31,14 +32,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 
 from psunet.config import StrictModel
 from psunet.diffusion import SCHEDULERS
-from psunet.sampling import MAX_STEPS, validate_settings
+from psunet.settings import MAX_STEPS, SamplerSettings
 
 PAGE = Path(__file__).with_name("serve_page.html")
+SETTINGS = SamplerSettings.model_fields
+GUIDANCE = ("guidance_scale_image", "guidance_scale_text")
+MAX_GUIDANCE = 100  # the service's bound on a guidance scale
 
 
 class ServeArgs(StrictModel):
@@ -53,7 +57,7 @@ class ServeArgs(StrictModel):
                                                             "with a GPU, else all the CPUs of the largest node")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: GPUs and CPUs with native bf16")
     max_samples: int = Field(8, ge=1, le=256, description="most samples one request may ask for")
-    max_steps: int = Field(100, ge=1, le=1000)
+    max_steps: int = Field(100, ge=1, le=MAX_STEPS)
     max_prompt_chars: int = Field(300, ge=1)
     max_image_side: int = Field(2048, ge=8, description="largest uploaded image side before resizing")
     max_body_bytes: int = Field(8 << 20, ge=1024)
@@ -61,21 +65,38 @@ class ServeArgs(StrictModel):
     max_batch_size: int = Field(64, ge=1, description="most samples in one forward (all running requests together)")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="when idle, how long to let a burst of requests "
                                                                  "arrive before the first step")
-    default_steps: int = Field(25, ge=1)
-    default_guidance_scale: float = Field(3.0, ge=0)
-    default_scheduler: str = "dpmsolver++"
+    defaults: SamplerSettings = Field(default_factory=SamplerSettings,
+                                      description="sampler settings for requests that leave them out; "
+                                                  "default_<setting>=value sets one (default_steps=10)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_defaults(cls, data):
+        """`default_<setting>` arguments (the command line's flat form; also the older arguments default_steps,
+        default_guidance_scale, default_scheduler) go into `defaults`."""
+        if not isinstance(data, dict) or not any(key.startswith("default_") for key in data):
+            return data
+        rest = {key: value for key, value in data.items() if not key.startswith("default_")}
+        flat = {key.removeprefix("default_"): value for key, value in data.items() if key.startswith("default_")}
+        return {**rest, "defaults": {**dict(rest.get("defaults") or {}), **flat}}
 
 
 # ---- requests -----------------------------------------------------------------------------------------------
 
 class Options(BaseModel):
+    """Sampler settings of a request; those left out are the server's defaults. SamplerSettings checks them."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     num_samples: int = Field(1, ge=1, description="bounded by the server's max_samples")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="sample i uses seed + i")
-    steps: int | None = Field(None, ge=1, description="sampler steps; bounded by the server's max_steps")
-    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
-    scheduler: str | None = Field(None, description=f"one of {', '.join(SCHEDULERS)}")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="sample i uses seed + i")
+    steps: int | None = Field(None, description="sampler steps; bounded by the server's max_steps")
+    scheduler: str | None = Field(None, description=SETTINGS["scheduler"].description)
+    spacing: str | None = Field(None, description=SETTINGS["spacing"].description)
+    guidance_scale: float | None = Field(None, description=f"both guidance scales (at most {MAX_GUIDANCE}), "
+                                                           "unless given one by one")
+    guidance_scale_image: float | None = Field(None, description=SETTINGS["guidance_scale_image"].description)
+    guidance_scale_text: float | None = Field(None, description=SETTINGS["guidance_scale_text"].description)
 
 
 class PaintRegion(BaseModel):
@@ -116,11 +137,32 @@ class Infill(Options, Painting):
 
 
 class RequestError(ValueError):
-    """A request the service refuses; `status` is the HTTP code."""
+    """A request the service refuses; `status` is the HTTP code, `fields` (when known) the fields at fault."""
 
-    def __init__(self, message: str, status: int = 422):
+    def __init__(self, message: str, status: int = 422, fields: list[str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.fields = status, fields
+
+    @classmethod
+    def naming(cls, problems: list[tuple[str, str]]) -> "RequestError":
+        """A 422 from (field, problem) pairs, each said once: "field: problem; ..."."""
+        problems = list(dict.fromkeys(problems))
+        return cls("; ".join(f"{field}: {problem}" for field, problem in problems),
+                   fields=list(dict.fromkeys(field for field, _ in problems)))
+
+    def response(self) -> JSONResponse:
+        body = {"error": str(self)} if self.fields is None else {"error": str(self), "fields": self.fields}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _problems(errors: list[dict], names: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(field, problem) for pydantic errors: the dotted location ("body" for the whole body), renamed by `names`."""
+    pairs = []
+    for error in errors:
+        where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+        problem = "unknown field" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        pairs.append(((names or {}).get(where, where), problem))
+    return pairs
 
 
 @dataclass
@@ -128,10 +170,7 @@ class Job:
     """One request as rows of a sampler run. The group key says which requests may start as one run."""
 
     rows: int
-    steps: int
-    scheduler: str
-    seeds: list[int]
-    guidance_scales: list[float]
+    settings: SamplerSettings  # the request's, checked; row i uses seed + i and the request's guidance
     prompts: list[str] | None = None
     images: np.ndarray | None = None  # (rows, H, W, 3) uint8 at the model's resolution
     masks: np.ndarray | None = None  # (rows, H, W) bool, True = generate
@@ -140,10 +179,20 @@ class Job:
     paint_fraction: float = 1.0
 
     @property
+    def seeds(self) -> list[int]:
+        return [self.settings.seed + i for i in range(self.rows)]
+
+    @property
+    def guidance_scales(self) -> list[tuple[float, float]]:
+        """(image, text) guidance scales, one pair per row."""
+        return [self.settings.guidance] * self.rows
+
+    @property
     def group(self) -> tuple:
         painting = (self.paint_weight, self.paint_fraction) if self.paint is not None else None
-        return (self.steps, self.scheduler, self.prompts is not None, self.images is not None, self.masks is not None,
-                painting)
+        run = self.settings
+        return (run.steps, run.scheduler, run.spacing, self.prompts is not None, self.images is not None,
+                self.masks is not None, painting)
 
 
 def decode_image(data: str, field: str, max_side: int) -> Image.Image:
@@ -177,7 +226,7 @@ def mask_pixels(picture: Image.Image, size: int) -> np.ndarray:
 
 
 def _error(message: str, status: int = 422) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return RequestError(message, status).response()
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -194,9 +243,9 @@ class Sampler:
 
     Step-level (continuous) batching: each forward carries every running job, each at its own step;
     a job that arrives while others run joins at their next step, and leaves as soon as its last
-    step is done. Jobs that arrive together and share what a run must share (steps, scheduler, which
-    inputs are given, paint settings) start as one run; a run has a seed and a guidance scale per row,
-    so a sample does not depend on its batch mates.
+    step is done. Jobs that arrive together and share what a run must share (steps, scheduler, spacing,
+    which inputs are given, paint settings) start as one run; a run has a seed and (image, text) guidance
+    scales per row, so a sample does not depend on its batch mates.
     """
 
     def __init__(self, args: dict):
@@ -316,9 +365,8 @@ class Sampler:
         return started
 
     def _start(self, jobs: list[Job]):
-        """One sampler run (Pipeline.start_infill) for jobs that share steps, scheduler and which inputs they give."""
-        from psunet.pipeline import SamplerSettings
-
+        """One sampler run (Pipeline.start_infill) for jobs that share steps, scheduler, spacing and which inputs they
+        give; each row keeps its own seed and guidance scales."""
         first = jobs[0]
         concat = (lambda name: None if getattr(first, name) is None else
                   np.concatenate([getattr(j, name) for j in jobs]))
@@ -326,7 +374,7 @@ class Sampler:
             prompts=None if first.prompts is None else [p for j in jobs for p in j.prompts],
             images=concat("images"), image_masks=concat("masks"),
             count=sum(j.rows for j in jobs) if first.prompts is None and first.images is None else None,
-            settings=SamplerSettings(steps=first.steps, scheduler=first.scheduler),
+            settings=first.settings,
             seeds=[s for j in jobs for s in j.seeds], guidance_scales=[g for j in jobs for g in j.guidance_scales],
             paint=None if first.paint is None else [p for j in jobs for p in j.paint],
             paint_weight=first.paint_weight, paint_fraction=first.paint_fraction)
@@ -350,18 +398,10 @@ api = FastAPI(title="psunet sampling service", version="1",
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"] if part != "body")
         if error["type"] == "json_invalid":
-            return JSONResponse({"error": f"malformed JSON: {error.get('ctx', {}).get('error', error['msg'])}"},
-                                status_code=400)
-        if error["type"] == "extra_forbidden":
-            problems.append(f"{where}: unknown field")
-        else:
-            problems.append(f"{where or 'body'}: {error['msg']}")
-    return JSONResponse({"error": "; ".join(problems), "fields": [p.split(":")[0] for p in problems]},
-                        status_code=422)
+            return _error(f"malformed JSON: {error.get('ctx', {}).get('error', error['msg'])}", 400)
+    return RequestError.naming(_problems(exc.errors())).response()
 
 
 class BodyLimit:
@@ -433,9 +473,7 @@ class Ingress:
         info = await self.model_info()
         limits = {k: getattr(self.args, k) for k in ("max_samples", "max_steps", "max_prompt_chars",
                                                        "max_image_side", "max_body_bytes", "request_timeout_s")}
-        defaults = {"steps": self.args.default_steps, "guidance_scale": self.args.default_guidance_scale,
-                    "scheduler": self.args.default_scheduler}
-        return {**info, "limits": limits, "defaults": defaults, "schedulers": list(SCHEDULERS)}
+        return {**info, "limits": limits, "defaults": self.args.defaults.model_dump(), "schedulers": list(SCHEDULERS)}
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
@@ -478,7 +516,7 @@ class Ingress:
             if paint is not None and paint.paint is not None:
                 await self._add_paint(job, paint, resize)
         except RequestError as exc:
-            return _error(str(exc), exc.status)
+            return exc.response()
         response = self.sampler.run.remote(job)
         try:
             output = await asyncio.wait_for(response, self.args.request_timeout_s)
@@ -487,8 +525,11 @@ class Ingress:
             return _error(f"timed out after {self.args.request_timeout_s:g} s", 504)
         if "error" in output:
             return _error(output["error"])
-        answer = {"captions": output["captions"], "seeds": job.seeds, "steps": job.steps,
-                  "scheduler": job.scheduler, "guidance_scale": job.guidance_scales[0],
+        run = job.settings
+        image_scale, text_scale = run.guidance
+        answer = {"captions": output["captions"], "seeds": job.seeds,
+                  **run.model_dump(include={"steps", "scheduler", "spacing", *GUIDANCE}),
+                  "guidance_scale": image_scale if image_scale == text_scale else None,  # null when they differ
                   "network_evaluations_per_sample": output["network_evaluations"]}
         if "images" in keep:
             answer["images"] = [base64.b64encode(encode_png(image)).decode() for image in output["images"]]
@@ -500,19 +541,8 @@ class Ingress:
         a = self.args
         if body.num_samples > a.max_samples:
             raise RequestError(f"num_samples: {body.num_samples} is over the server limit of {a.max_samples}")
-        steps = a.default_steps if body.steps is None else body.steps
-        if steps > a.max_steps:
-            raise RequestError(f"steps: {steps} is over the server limit of {a.max_steps}")
-        scheduler = body.scheduler or a.default_scheduler
-        guidance = a.default_guidance_scale if body.guidance_scale is None else body.guidance_scale
-        try:
-            validate_settings(steps, guidance, scheduler, MAX_STEPS)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        if guidance > 100:
-            raise RequestError(f"guidance_scale: {guidance} is outside [0, 100]")
         rows = body.num_samples
-        job = Job(rows, steps, scheduler, [body.seed + i for i in range(rows)], [guidance] * rows)
+        job = Job(rows, self._settings(body))
         if prompt is not None:
             if not prompt.strip():
                 raise RequestError("prompt: empty")
@@ -535,6 +565,24 @@ class Ingress:
                 job.masks = np.repeat(mask_pixels(painted, size)[None], rows, axis=0)
         return job
 
+    def _settings(self, body: Options) -> SamplerSettings:
+        """The request's sampler settings over the service's defaults, checked by SamplerSettings and the server's
+        limits. A refusal names the request's field: guidance_scale for a scale that came from it."""
+        given = body.model_dump(include={*SETTINGS, "guidance_scale"}, exclude_none=True)
+        steps = given.get("steps", self.args.defaults.steps)
+        if steps > self.args.max_steps:
+            raise RequestError(f"steps: {steps} is over the server limit of {self.args.max_steps}")
+        shared = "guidance_scale" in given
+        source = {name: "guidance_scale" if shared and name not in given else name for name in GUIDANCE}
+        inherited = self.args.defaults.model_dump(exclude=set(given) | (set(GUIDANCE) if shared else set()))
+        try:
+            settings = SamplerSettings.model_validate({**inherited, **given})
+        except ValidationError as exc:
+            raise RequestError.naming(_problems(exc.errors(), source)) from None
+        for name in GUIDANCE:
+            if getattr(settings, name) > MAX_GUIDANCE:
+                raise RequestError(f"{source[name]}: {getattr(settings, name)} is outside [0, {MAX_GUIDANCE}]")
+        return settings
 
     async def _add_paint(self, job: Job, body: Painting, resize: bool) -> None:
         """Regions as (H, W) bool masks at the model's resolution; word checks happen in the Sampler."""

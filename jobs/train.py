@@ -33,9 +33,9 @@ import torch  # noqa: E402
 
 from jobs.config import TrainJobConfig, flatten, load_config  # noqa: E402
 from jobs.tracking import experiment_id  # noqa: E402
-from psunet.checkpoint import load_state, restore_training, save_checkpoint, save_weights  # noqa: E402
+from psunet.checkpoint import load_state, restore_training, save_checkpoint, save_weights, upgrade_weights  # noqa: E402
 from psunet.data import load_manifest, make_loader  # noqa: E402
-from psunet.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
+from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss  # noqa: E402
 from psunet.ema import EMA, _unwrap  # noqa: E402
 from psunet.experts import binary_split, check_intervals, parse_intervals  # noqa: E402
 from psunet.model import PSUNet  # noqa: E402
@@ -100,7 +100,7 @@ class Validator:
     """Held-out loss, and on demo data attribute-reader accuracy and sample grids (rank 0 only)."""
 
     def __init__(self, cfg: TrainJobConfig, device: torch.device):
-        from psunet.pipeline import Pipeline, SamplerSettings
+        from psunet.pipeline import Pipeline
         from psunet.autoencoder import Autoencoder
         from psunet.text import TextCodec, load_vectors
 
@@ -112,7 +112,7 @@ class Validator:
         assets = assets_for(cfg.data.val or cfg.data.train)
         codec = TextCodec(load_vectors(assets["word_vectors"], assets["word_vectors_sha256"]), cfg.model.text_len)
         self.autoencoder = Autoencoder.load(assets["autoencoder"], device=str(device))
-        self.settings = SamplerSettings(guidance_scale=cfg.schedule.guidance_scale, steps=cfg.schedule.sample_steps)
+        self.settings = cfg.schedule.sampler()
         self.make_pipeline = lambda model: Pipeline(model, cfg.model, cfg.diffusion, codec, self.autoencoder,
                                                     self.settings)
         first = batches[0]
@@ -129,14 +129,20 @@ class Validator:
 
     @torch.no_grad()
     def loss(self, model) -> dict[str, float]:
-        totals = {"val_loss": 0.0, "val_loss_image": 0.0, "val_loss_text": 0.0}
+        """Held-out loss per modality, and the conditional gaps (what each modality's loss gains from the other)."""
+        totals = {"val_loss": 0.0, "val_loss_image": 0.0, "val_loss_text": 0.0, "val_gap_image": 0.0,
+                  "val_gap_text": 0.0}
         generator = torch.Generator(device=self.device).manual_seed(1234)
         for batch in self.batches:
-            out = diffusion_loss(model, self.schedule, self.cfg.diffusion, batch["latent"].to(self.device),
-                                 batch["text"].to(self.device), generator, time_range=self.cfg.branch.time_range)
+            latents, text = batch["latent"].to(self.device), batch["text"].to(self.device)
+            out = diffusion_loss(model, self.schedule, self.cfg.diffusion, latents, text, generator,
+                                 time_range=self.cfg.branch.time_range)
             totals["val_loss"] += out.loss.item()
             totals["val_loss_image"] += out.loss_image.item()
             totals["val_loss_text"] += out.loss_text.item()
+            gaps = conditional_gaps(model, self.schedule, self.cfg.diffusion, latents, text, generator)
+            totals["val_gap_image"] += gaps["gap_image"]
+            totals["val_gap_text"] += gaps["gap_text"]
         return {key: value / len(self.batches) for key, value in totals.items()}
 
     @torch.no_grad()
@@ -173,7 +179,9 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.optim.seed)
     model = PSUNet(cfg.model)
     if cfg.branch.init_from:
-        model.load_state_dict(initial_weights(cfg.branch.init_from))
+        weights = initial_weights(cfg.branch.init_from)
+        upgrade_weights(weights, model.state_dict())
+        model.load_state_dict(weights)
     optimizer = make_optimizer(model, cfg.optim)
     model = model.to(device)
     ema = EMA(model, cfg.optim.ema_decay)

@@ -3,6 +3,8 @@
     python jobs/tune.py train --sweep configs/sweeps/depths.yaml [--restart]
     python jobs/tune.py guidance --model MODEL --data data/demo/val --guidance-scales 1,2,3,5 \
         --steps 10,25 --schedulers dpmsolver++,ddim
+    python jobs/tune.py guidance --model MODEL --data data/demo/val --guidance-scales-image 1,3,5 \
+        --guidance-scales-text 1,3                               # a grid of image x text scales
 
 `train`: each trial runs a driver function that builds and fits a TorchTrainer from jobs/train.py
 (the Ray Train V2 pattern), so a trial may use several DDP workers; metrics reach Tune through
@@ -10,7 +12,9 @@ TuneReportCallback at every checkpoint. ASHA stops trials early on validation lo
 the grid / random search to the end. The objective is the validation loss or, on demo data, the
 text->image accuracy at the trial's best guidance scale. Running the same sweep name again
 continues an interrupted sweep (Tune's restore); --restart starts it over.
-`guidance`: no training, every (guidance scale, steps, scheduler) is a trial of the evaluation.
+`guidance`: no training, every (guidance scales, steps, scheduler) is a trial of the evaluation.
+--guidance-scales gives each trial one scale for both modalities; --guidance-scales-image /
+--guidance-scales-text replace it for their modality and make the sweep a grid of image x text scales.
 MLflow: one parent run per sweep, a nested child run per trial; the results table (CSV), a plot
 (PNG) and the best configuration as a training YAML go to the parent run and next to the sweep.
 """
@@ -34,8 +38,9 @@ from pydantic import Field, ValidationError, model_validator  # noqa: E402
 from jobs.config import TrainJobConfig, load_config  # noqa: E402
 from jobs.tracking import experiment_id, tracking_uri  # noqa: E402
 from psunet.config import StrictModel  # noqa: E402
+from psunet.settings import SamplerSettings  # noqa: E402
 
-EVAL_KEYS = ("eval.guidance_scale", "eval.steps")
+EVAL_KEYS = {"eval.guidance_scale": "guidance_scale", "eval.steps": "steps"}  # searched SamplerSettings fields
 SWEEP_TAG = "psunet.sweep"
 # a trial's driver only waits on its TorchTrainer; Tune refuses an empty resource request, so it asks for a sliver
 DRIVER_CPU = 0.01
@@ -93,8 +98,15 @@ class SchedulerSpec(StrictModel):
 
 class EvaluationSpec(StrictModel):
     guidance_scales: list[float] = Field(default_factory=lambda: [1.0, 3.0], min_length=1)
-    steps: int = Field(10, ge=1, le=1000)
+    steps: int = Field(10, description="sampler steps")
     samples: int = Field(32, ge=1, description="held-out prompts per guidance scale")
+
+    @model_validator(mode="after")
+    def _sampler_settings(self) -> "EvaluationSpec":
+        """Every evaluation setting must be valid SamplerSettings."""
+        for scale in self.guidance_scales:
+            SamplerSettings(guidance_scale=scale, steps=self.steps)
+        return self
 
 
 class SweepConfig(StrictModel):
@@ -171,9 +183,7 @@ def check_sweep(sweep: SweepConfig, cluster: dict) -> TrainJobConfig:
             raise ValueError(f"search: {key!r} is not a training config field (nor {' or '.join(EVAL_KEYS)})")
         if section == "model" and spec.values() is None:
             raise ValueError(f"search: {key} is a model shape; use grid, choice or randint, not a continuous range")
-    if "eval.steps" in sweep.search and any(v is None or not 1 <= int(v) <= 1000
-                                            for v in (sweep.search["eval.steps"].values() or [None])):
-        raise ValueError("search: eval.steps must list integers in [1, 1000]")
+    check_evaluation_search(sweep)
     structural = {key: spec.values() for key, spec in sweep.search.items() if key.startswith("model.")}
     manifest = load_manifest(base.data.train)
     for combination in itertools.product(*structural.values()):
@@ -193,6 +203,20 @@ def check_sweep(sweep: SweepConfig, cluster: dict) -> TrainJobConfig:
     return base
 
 
+def check_evaluation_search(sweep: SweepConfig) -> None:
+    """Refuse searched evaluation settings the sampler cannot use: every listed value (or range bound) must
+    make valid SamplerSettings, and eval.steps must list its values."""
+    if "eval.steps" in sweep.search and sweep.search["eval.steps"].values() is None:
+        raise ValueError("search: eval.steps must list whole numbers (grid, choice or randint)")
+    for key, field in EVAL_KEYS.items():
+        spec = sweep.search.get(key)
+        for value in (spec.values() or [*(spec.uniform or spec.loguniform)]) if spec else []:
+            try:
+                SamplerSettings(**{field: value})
+            except ValidationError as exc:
+                raise ValueError(f"search: {key}={value!r} is not a valid sampler setting:\n{exc}") from None
+
+
 def concurrent_trials(sweep: SweepConfig, base: TrainJobConfig, cluster: dict) -> int:
     per_trial = base.run.num_workers * base.run.cpus_per_worker + DRIVER_CPU
     fits = int(cluster.get("CPU", 0) // per_trial)
@@ -206,7 +230,7 @@ def demo_accuracy(model_folder: str, val: str, evaluation: EvaluationSpec, guida
     """Text->image accuracy (mean over the attributes) per guidance scale on held-out prompts, and the best."""
     from jobs.evaluate import held_out_captions
     from jobs.quality import text_to_image_accuracy
-    from psunet.pipeline import Pipeline, SamplerSettings
+    from psunet.pipeline import Pipeline
 
     pipe = Pipeline.from_checkpoint(model_folder)
     prompts = held_out_captions(val, evaluation.samples)
@@ -423,21 +447,57 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
+def guidance_axes(args) -> tuple[list[float], list[float] | None]:
+    """The image and the text guidance scales of the sweep; the text scales are None when each trial has one
+    scale for both modalities (--guidance-scales alone). --guidance-scales-image / --guidance-scales-text
+    replace --guidance-scales for their modality and make the sweep a grid of image x text scales."""
+    from jobs.evaluate import float_list
+
+    both = float_list(args.guidance_scales)
+    if args.guidance_scales_image is None and args.guidance_scales_text is None:
+        return both, None
+    image, text = (both if given is None else float_list(given)
+                   for given in (args.guidance_scales_image, args.guidance_scales_text))
+    return image, text
+
+
+def guidance_space(args) -> tuple[dict, int]:
+    """Tune's grid for the guidance sweep and its number of trials; every setting is checked first.
+    A trial's config is SamplerSettings fields, both guidance scales among them."""
+    from ray import tune
+
+    from jobs.evaluate import int_list
+
+    image, text = guidance_axes(args)
+    steps, schedulers = int_list(args.steps), [s for s in args.schedulers.split(",") if s]
+    if not image or text == [] or not steps or not schedulers:
+        raise ValueError("guidance search: the guidance scales, --steps and --schedulers each need a value")
+    pairs = [(scale, scale) for scale in image] if text is None else list(itertools.product(image, text))
+    for (scale_image, scale_text), count, scheduler in itertools.product(pairs, steps, schedulers):
+        SamplerSettings(guidance_scale_image=scale_image, guidance_scale_text=scale_text, steps=count,
+                        scheduler=scheduler)
+    space = {"guidance_scale_image": tune.grid_search(image),
+             "guidance_scale_text": tune.sample_from(lambda config: config["guidance_scale_image"]) if text is None
+             else tune.grid_search(text),
+             "steps": tune.grid_search(steps), "scheduler": tune.grid_search(schedulers)}
+    return space, len(pairs) * len(steps) * len(schedulers)
+
+
 def guidance_trial(config: dict, pipe, data: str, samples: int, demo: bool, parent_run_id: str, uri: str,
                    experiment: str, storage: str) -> None:
-    """One guidance/steps/scheduler setting of a trained model, evaluated on held-out samples."""
+    """One sampler setting (guidance scales, steps, scheduler) of a trained model, evaluated on held-out samples."""
     import mlflow
     import ray.tune
 
     from jobs.evaluate import combine, evaluate_group
-    from psunet.pipeline import SamplerSettings
 
-    setting = SamplerSettings(float(config["guidance_scale"]), int(config["steps"]), config["scheduler"], 0)
+    setting = SamplerSettings.model_validate(config)
     group = evaluate_group(pipe, data, 0, 1, samples, [setting], demo=demo, want_images=False, batch_size=64)
     metrics = combine([group], [setting], demo, None)[0]["metrics"]
     client = mlflow.MlflowClient(uri)
     run = client.create_run(experiment_id(client, experiment, storage),
-                            run_name=f"w{setting.guidance_scale:g}-steps{setting.steps}-{setting.scheduler}",
+                            run_name=f"image{setting.guidance_scale_image:g}-text{setting.guidance_scale_text:g}-"
+                                     f"steps{setting.steps}-{setting.scheduler}",
                             tags={"mlflow.parentRunId": parent_run_id})
     for key, value in config.items():
         client.log_param(run.info.run_id, key, value)
@@ -451,18 +511,11 @@ def run_guidance_sweep(args) -> dict:
     import ray
     from ray import tune
 
-    from jobs.evaluate import float_list, int_list
     from jobs.model_ref import load_pipeline
     from jobs.evaluate import held_out_captions, is_demo_data
     from psunet.data import load_manifest
-    from psunet.sampling import validate_settings
 
-    scales, steps = float_list(args.guidance_scales), int_list(args.steps)
-    schedulers = [s for s in args.schedulers.split(",") if s]
-    if not scales or not steps or not schedulers:
-        raise ValueError("guidance search: --guidance-scales, --steps and --schedulers each need a value")
-    for scale, count, scheduler in itertools.product(scales, steps, schedulers):
-        validate_settings(count, scale, scheduler, 1000)
+    space, trials = guidance_space(args)
     pipe = load_pipeline(args.model, device="cpu", tracking_uri=args.tracking_uri)
     load_manifest(args.data).check_model(pipe.model_config)
     uri = tracking_uri(args.tracking_uri, args.storage_path)
@@ -473,14 +526,12 @@ def run_guidance_sweep(args) -> dict:
     trainable = tune.with_parameters(guidance_trial, pipe=pipe, data=str(Path(args.data).resolve()),
                                      samples=args.samples, demo=is_demo_data(held_out_captions(args.data, 64)), parent_run_id=parent, uri=uri,
                                      experiment=args.experiment, storage=str(Path(args.storage_path).resolve()))
-    space = {"guidance_scale": tune.grid_search(scales), "steps": tune.grid_search(steps),
-             "scheduler": tune.grid_search(schedulers)}
     tuner_path = str(folder / "tune")
     if tune.Tuner.can_restore(tuner_path):
         tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(name="tune", storage_path=str(folder)))
-    grid = check_complete(tuner.fit(), len(scales) * len(steps) * len(schedulers))
+    grid = check_complete(tuner.fit(), trials)
     metric = "t2i_all" if any((r.metrics or {}).get("t2i_all") is not None for r in grid) else "bleu4"
     import pandas as pd
 
@@ -489,7 +540,8 @@ def run_guidance_sweep(args) -> dict:
                           for r in grid if not r.error])
     table_path = folder / "results.csv"
     table.to_csv(table_path, index=False)
-    plot = plot_results(table, ["guidance_scale", "steps"], metric, folder / "results.png")
+    plot = plot_results(table, ["guidance_scale_image", "guidance_scale_text", "steps"], metric,
+                        folder / "results.png")
     best = table.sort_values(metric, ascending=False).iloc[0]
     import mlflow
 
@@ -498,10 +550,9 @@ def run_guidance_sweep(args) -> dict:
         if path:
             client.log_artifact(parent, str(path))
     client.set_terminated(parent)
-    return {"sweep": args.name, "trials": len(table), "metric": metric, "best": {
-        "guidance_scale": float(best["guidance_scale"]), "steps": int(best["steps"]),
-        "scheduler": best["scheduler"], metric: float(best[metric])},
-        "results": str(table_path), "plot": str(plot) if plot else None, "mlflow_parent_run_id": parent}
+    return {"sweep": args.name, "trials": len(table), "metric": metric,
+            "best": {**{key: _plain(best[key]) for key in space}, metric: float(best[metric])},
+            "results": str(table_path), "plot": str(plot) if plot else None, "mlflow_parent_run_id": parent}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,13 +563,16 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="a sweep of training runs")
     train.add_argument("--sweep", required=True, help="sweep YAML (see configs/sweeps/)")
     train.add_argument("--restart", action="store_true", help="start the sweep over instead of continuing it")
-    guidance = commands.add_parser("guidance", help="guidance x steps x scheduler for a trained model")
+    guidance = commands.add_parser("guidance", help="guidance scales x steps x scheduler for a trained model")
     guidance.add_argument("--model", required=True)
     guidance.add_argument("--data", required=True, help="held-out shard folder")
     guidance.add_argument("--name", default="guidance")
-    guidance.add_argument("--guidance-scales", default="1,2,3,5")
+    guidance.add_argument("--guidance-scales", default="1,2,3,5", help="one scale for both modalities per trial")
+    for modality in ("image", "text"):
+        guidance.add_argument(f"--guidance-scales-{modality}",
+                              help=f"{modality} scales in place of --guidance-scales: a grid of image x text scales")
     guidance.add_argument("--steps", default="10,25")
-    guidance.add_argument("--schedulers", default="dpmsolver++")
+    guidance.add_argument("--schedulers", default=SamplerSettings.model_fields["scheduler"].default)
     guidance.add_argument("--samples", type=int, default=64)
     guidance.add_argument("--storage-path", default="runs")
     guidance.add_argument("--experiment", default="psunet-tune")

@@ -94,6 +94,13 @@ def restore_training(folder: str | Path, model: torch.nn.Module, optimizer: torc
     return state, load_file(str(folder / "ema.safetensors"), device=str(device))
 
 
+def upgrade_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Weights saved before the time tokens had their own embeddings get zero ones: the same function as before."""
+    for name, tensor in expected.items():
+        if name.endswith("time_pos") and name not in state:
+            state[name] = torch.zeros_like(tensor)
+
+
 def build_model(config: dict) -> tuple[PSUNet | ExpertEnsemble, ModelConfig, DiffusionConfig]:
     """An untrained model for a config.json dict: a PSUNet, or an ExpertEnsemble when it names experts."""
     model_config = ModelConfig.model_validate(config["model"])
@@ -120,6 +127,7 @@ def load_model(folder: str | Path, weights: str = "ema", device: str | torch.dev
     model, model_config, diffusion_config = build_model(config)
     state = load_file(str(folder / f"{weights}.safetensors"))
     expected = model.state_dict()
+    upgrade_weights(state, expected)
     bad = sorted(set(expected) ^ set(state)) + [
         f"{name} {tuple(state[name].shape)} != {tuple(tensor.shape)}"
         for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]

@@ -71,6 +71,24 @@ def ode_solvers() -> tuple[str, ...]:
     return tuple(sorted(name for name in SOLVERS if name != "scipy_solver"))
 
 
+class SliceWeights(StrictModel):
+    """How often each timestep slice is drawn under `timesteps: slices` (normalised to sum to 1)."""
+
+    joint: float = Field(0.2, ge=0, description="(t, t): both modalities noised to one time")
+    text_to_image: float = Field(0.4, ge=0, description="(t, 0): image noised, text clean (image given text)")
+    image_to_text: float = Field(0.4, ge=0, description="(0, t): image clean, text noised (text given image)")
+    independent: float = Field(0.0, ge=0, description="(t1, t2): one time per modality, drawn independently")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "SliceWeights":
+        if self.total() <= 0:
+            raise ValueError("slice_weights: at least one weight must be > 0")
+        return self
+
+    def total(self) -> float:
+        return self.joint + self.text_to_image + self.image_to_text + self.independent
+
+
 class DiffusionConfig(StrictModel):
     """Noise schedule and training objective."""
 
@@ -83,12 +101,35 @@ class DiffusionConfig(StrictModel):
     text_loss_weight: float = Field(1.0, ge=0)
     text_scale: float = Field(
         1.0, gt=0, description="word vectors are multiplied by this before noising: > 1 keeps words "
-        "recognisable at higher noise levels, so text and image commit at similar times (a per-modality SNR shift)"
+        "recognisable at higher noise levels (a per-modality SNR shift); the text is then not pure noise at the "
+        "last training time, while sampling starts it from N(0, I)"
     )
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting; None = off")
-    independent_timesteps: bool = Field(
-        False, description="one timestep per modality (UniDiffuser-style) instead of one shared"
-    )
+    text_target: Literal["epsilon", "sample"] = Field(
+        "epsilon", description="what the text head predicts: epsilon (the noise) or sample (the clean word vectors, "
+        "as Diffusion-LM does for embedded words); the loss and the sampler convert it to the noise either way")
+    timesteps: Literal["shared", "independent", "slices"] = Field(
+        "slices", description="shared: one time per sample for both modalities (the paper's joint-only training); "
+        "independent: one time per modality (UniDiffuser); slices: per sample one of joint (t, t), text given "
+        "(t, 0), image given (0, t) or independent, drawn with slice_weights: trains the conditionals the "
+        "sampler uses")
+    slice_weights: SliceWeights = Field(default_factory=SliceWeights)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_switch(cls, data):
+        """Configs written before `timesteps` existed said `independent_timesteps: true|false`."""
+        if isinstance(data, dict) and "independent_timesteps" in data:
+            data = dict(data)
+            legacy = data.pop("independent_timesteps")
+            if "timesteps" not in data:
+                data["timesteps"] = "independent" if legacy else "shared"
+        return data
+
+    @property
+    def conditions_clean(self) -> bool:
+        """Whether the model has learned a modality given clean at time 0 (and pure noise at the last time)."""
+        return self.timesteps != "shared"
 
 
 def baseline_of(config: ModelConfig) -> ModelConfig:

@@ -1,7 +1,7 @@
 """eDiff-I expert denoisers: K PS-U-Nets, each owning an interval of diffusion times.
 
 An ExpertEnsemble is called like one PSUNet. Each sample goes to the expert whose interval
-[start, end) holds its time; a sampling step (one time for the whole batch) therefore costs one
+[start, end) holds its noise level (a modality given clean or as pure noise does not count); a sampling step (one time for the whole batch) therefore costs one
 expert's forward, the same as a single model. Experts are made by branching: copy a trained base
 model into each and fine-tune each only on its interval (jobs/train.py --init-from --experts).
 
@@ -75,14 +75,25 @@ class ExpertEnsemble(nn.Module):
         """(B,) index of the expert that owns each time (an interval includes its start, excludes its end)."""
         return torch.bucketize(timesteps, self.starts.to(timesteps.dtype), right=True)
 
+    def routing_times(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) the time each sample is routed by, from (image times, text times).
+
+        A modality given clean (time 0) or as pure noise (the last time) is conditioning, not the noise level
+        being removed: the other modality's time counts. Two different noise levels have no one owner.
+        """
+        first, second = timesteps
+        last = self.intervals[-1][1] - 1
+        special_first = (first == 0) | (first == last)
+        special_second = (second == 0) | (second == last)
+        if bool(((first != second) & ~special_first & ~special_second).any()):
+            raise ValueError("expert denoisers route by one noise level per sample; got two different image and "
+                             "text times (diffusion.timesteps: independent is not supported with experts)")
+        return torch.where(special_first & ~special_second, second,
+                           torch.where(special_second & ~special_first, first, torch.minimum(first, second)))
+
     def forward(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor,
                 paint: PaintBias | None = None) -> ModelOutput:
-        times = timesteps
-        if timesteps.dim() == 2:
-            if not torch.equal(timesteps[0], timesteps[1]):
-                raise ValueError("expert denoisers route by one diffusion time per sample; got different image "
-                                 "and text times (diffusion.independent_timesteps is not supported with experts)")
-            times = timesteps[0]
+        times = self.routing_times(timesteps) if timesteps.dim() == 2 else timesteps
         index = self.expert_index(times)
         first = int(index[0])
         if bool((index == first).all()):

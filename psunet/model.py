@@ -199,6 +199,9 @@ class PSUNet(nn.Module):
         self.image_in = nn.Linear(patch_dim, w)
         self.text_in = nn.Linear(c.word_dim, w)
         self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
+        # one embedding per time token (image branch, text branch): without it the two times are
+        # interchangeable in the shared attention, which ignores order
+        self.time_pos = nn.Parameter(torch.zeros(1, 2, w))
         self.image_pos = nn.Parameter(torch.zeros(1, c.image_tokens, w))
         self.text_pos = nn.Parameter(torch.zeros(1, c.text_len, w))
 
@@ -225,6 +228,7 @@ class PSUNet(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.image_pos, std=0.02)
+        nn.init.trunc_normal_(self.time_pos, std=0.02)
         nn.init.trunc_normal_(self.text_pos, std=0.02)
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
@@ -275,8 +279,8 @@ class PSUNet(nn.Module):
         self.check_inputs(image_latents, text_vectors, timesteps)
         w = self.config.width
         times = timesteps if timesteps.dim() == 2 else timesteps.expand(2, -1)
-        time_image = self.time_mlp(timestep_embedding(times[0], w))[:, None]
-        time_text = self.time_mlp(timestep_embedding(times[1], w))[:, None]
+        time_image = self.time_mlp(timestep_embedding(times[0], w))[:, None] + self.time_pos[:, :1]
+        time_text = self.time_mlp(timestep_embedding(times[1], w))[:, None] + self.time_pos[:, 1:]
 
         image_tokens = torch.cat([time_image, self.image_in(self.patchify(image_latents)) + self.image_pos], 1)
         text_tokens = torch.cat([time_text, self.text_in(text_vectors) + self.text_pos], 1)
@@ -309,7 +313,7 @@ def parameter_counts(model: PSUNet) -> dict[str, int]:
         "heads": [model.image_norm, model.image_head, model.image_conv, model.text_norm, model.text_head],
     }
     counts = {name: sum(p.numel() for m in mods for p in m.parameters()) for name, mods in parts.items()}
-    counts["embeddings"] += model.image_pos.numel() + model.text_pos.numel()
+    counts["embeddings"] += model.image_pos.numel() + model.text_pos.numel() + model.time_pos.numel()
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
 

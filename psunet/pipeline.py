@@ -28,21 +28,14 @@ from psunet.checkpoint import load_model, load_state
 from psunet.config import DiffusionConfig, ModelConfig
 from psunet.model import PSUNet
 from psunet.paint import PaintWithWords
-from psunet.sampling import InfillRun, SampleOutput, run_to_end, step_together
+from psunet.sampling import Guidance, InfillRun, SampleOutput, run_to_end, step_together
+from psunet.settings import SamplerSettings
 from psunet.text import BLANK, END, TextCodec, load_vectors, tokenize
 
 Paint = list[list[tuple[int | str, np.ndarray]]]  # per prompt: (word index or the word itself, (H, W) bool region)
 
 ASSETS = "assets.json"
 PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass
-class SamplerSettings:
-    guidance_scale: float = 3.0
-    steps: int = 25
-    scheduler: str = "dpmsolver++"
-    seed: int = 0
 
 
 @dataclass
@@ -120,20 +113,17 @@ class Pipeline:
             return self.model(image, text, times, **options)
 
     def start(self, batch_size: int, settings: SamplerSettings | None = None, seeds: list[int] | None = None,
-              guidance_scales: list[float] | None = None, **known) -> InfillRun:
+              guidance_scales: list[Guidance] | None = None, **known) -> InfillRun:
         """The sampler's run with these settings; `seeds` / `guidance_scales` (one per sample) override theirs."""
-        s = settings or self.settings
-        return InfillRun(self.model_config, self.diffusion_config, batch_size,
-                         guidance_scale=s.guidance_scale if guidance_scales is None else guidance_scales,
-                         steps=s.steps, scheduler=s.scheduler, seed=s.seed if seeds is None else seeds,
-                         device=self.device, **known)
+        return InfillRun(self.model_config, self.diffusion_config, batch_size, settings=settings or self.settings,
+                         seeds=seeds, guidance_scales=guidance_scales, device=self.device, **known)
 
     def step(self, runs: list[InfillRun]) -> None:
         """One forward of the denoiser for several runs, each at its own step (see sampling.step_together)."""
         step_together(self.denoise, runs)
 
     def sample(self, batch_size: int, settings: SamplerSettings | None = None, seeds: list[int] | None = None,
-               guidance_scales: list[float] | None = None, **known) -> SampleOutput:
+               guidance_scales: list[Guidance] | None = None, **known) -> SampleOutput:
         """joint_infill with these settings: `start(...)` taken through all its steps."""
         return run_to_end(self.denoise, self.start(batch_size, settings, seeds, guidance_scales, **known))
 
@@ -144,7 +134,7 @@ class Pipeline:
     def infill(self, prompts: list[str] | None = None, images: np.ndarray | None = None,
                image_masks: np.ndarray | None = None, count: int | None = None,
                settings: SamplerSettings | None = None, seeds: list[int] | None = None,
-               guidance_scales: list[float] | None = None, paint: Paint | None = None,
+               guidance_scales: list[Guidance] | None = None, paint: Paint | None = None,
                paint_weight: float = 1.0, paint_fraction: float = 1.0) -> InfillResult:
         """Complete whatever is missing, all in one batch.
 
@@ -162,7 +152,7 @@ class Pipeline:
     def start_infill(self, prompts: list[str] | None = None, images: np.ndarray | None = None,
                      image_masks: np.ndarray | None = None, count: int | None = None,
                      settings: SamplerSettings | None = None, seeds: list[int] | None = None,
-                     guidance_scales: list[float] | None = None, paint: Paint | None = None,
+                     guidance_scales: list[Guidance] | None = None, paint: Paint | None = None,
                      paint_weight: float = 1.0, paint_fraction: float = 1.0) -> PendingInfill:
         """`infill`'s first half: inputs checked and encoded, the sampler's run started (no step taken).
 
@@ -202,10 +192,17 @@ class Pipeline:
             captions = self.codec.decode(out.text_vectors)
         return InfillResult(generated, captions, pending.unknown_words, out.network_evaluations)
 
-    def captions_for_latents(self, latents: torch.Tensor, settings: SamplerSettings | None = None) -> list[str]:
-        """Captions for known image latents (B, C, h, w): image->text without decoding any image."""
-        out = self.sample(len(latents), settings, image_known=latents.to(self.device))
-        return self.codec.decode(out.text_vectors)
+    def captions_for_latents(self, latents: torch.Tensor, settings: SamplerSettings | None = None,
+                             prompts: list[str] | None = None) -> list[str]:
+        """Captions for known image latents (B, C, h, w): image->text without decoding any image.
+
+        With prompts (captions with [?] blanks) only the blanks are sampled: caption infilling."""
+        known = {"image_known": latents.to(self.device)}
+        if prompts is not None:
+            encoded = self.codec.encode(self.check_prompts(prompts))
+            known.update(text_known=encoded.vectors.to(self.device), text_mask=encoded.known.to(self.device))
+        out = self.sample(len(latents), settings, **known)
+        return self.codec.decode(out.text_vectors) if prompts is None else self._fill_blanks(prompts, out.text_vectors)
 
     def text_to_image(self, prompts: list[str], settings: SamplerSettings | None = None
                       ) -> tuple[np.ndarray, list[list[str]]]:

@@ -9,15 +9,16 @@ At each step with time t:
 At the end the known part is pasted back exactly. Text->image, image->text, unconditional joint
 generation and partial infilling are the same call with different masks.
 
-A model trained with independent per-modality times (DiffusionConfig.independent_timesteps, the
-UniDiffuser-style option) has learned every pair of times, so a fully known modality is given to it
-clean at time 0 instead of re-noised (and as pure noise at the last time in the unconditional pass).
-A partly known modality is always re-noised.
+Each modality has its own guidance scale (SamplerSettings.guidance_scale_image / _text).
+
+A model trained with timestep slices or independent times (DiffusionConfig.timesteps) has learned a
+modality given clean, so a fully known modality is given to it clean at time 0 instead of re-noised
+(and as pure noise at the last time in the unconditional pass): still 2 evaluations per step. A partly
+known modality is always re-noised (it stays on the diagonal).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,27 +28,15 @@ from psunet.config import DiffusionConfig, ModelConfig
 from psunet.diffusion import NoiseSchedule, make_scheduler
 from psunet.model import PaintBias
 from psunet.paint import PaintWithWords, paint_mask
+from psunet.settings import SamplerSettings
 
-MAX_STEPS = 1000
-
+Guidance = float | tuple[float, float]  # one scale for both modalities, or (image, text)
 
 @dataclass
 class SampleOutput:
     image_latents: torch.Tensor  # (B, C, H, W)
     text_vectors: torch.Tensor  # (B, L, E)
     network_evaluations: int  # samples x passes, summed over steps, per batch element
-
-
-def validate_settings(steps: int, guidance_scale: float, scheduler: str, num_train_timesteps: int) -> None:
-    """Refuse sampler settings that cannot work, naming the field and the value."""
-    from psunet.diffusion import SCHEDULERS
-
-    if not isinstance(steps, int) or steps < 1 or steps > min(MAX_STEPS, num_train_timesteps):
-        raise ValueError(f"steps must be an integer in [1, {min(MAX_STEPS, num_train_timesteps)}], got {steps!r}")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler: unknown name {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 def _known_and_mask(name: str, known, mask, shape: tuple[int, ...], mask_shape: tuple[int, ...], device):
@@ -70,12 +59,19 @@ def _known_and_mask(name: str, known, mask, shape: tuple[int, ...], mask_shape: 
     return known.to(device=device, dtype=torch.float32), mask
 
 
-def _per_sample(name: str, value, batch: int) -> list:
+def _per_sample(name: str, values, batch: int) -> list:
     """A setting given once for the batch or once per sample, as a list (length 1 or `batch`)."""
-    values = list(value) if isinstance(value, Sequence) else [value]
+    values = list(values)
     if len(values) not in (1, batch):
         raise ValueError(f"{name}: give one value or one per sample ({batch}), got {len(values)}")
     return values
+
+
+def run_settings(settings: SamplerSettings | None, options: dict) -> SamplerSettings:
+    """The settings object, or one built from SamplerSettings fields given as keywords (not both)."""
+    if settings is not None and options:
+        raise ValueError(f"give settings or the fields {', '.join(options)}, not both")
+    return settings if settings is not None else SamplerSettings(**options)
 
 
 class InfillRun:
@@ -91,18 +87,20 @@ class InfillRun:
     def __init__(self, model_config: ModelConfig, diffusion_config: DiffusionConfig, batch_size: int,
                  image_known: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
                  text_known: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                 guidance_scale: float | Sequence[float] = 3.0, steps: int = 25, scheduler: str = "dpmsolver++",
-                 seed: int | Sequence[int] = 0, device: torch.device | str = "cpu",
-                 paint: PaintWithWords | None = None):
+                 settings: SamplerSettings | None = None, seeds: Sequence[int] | None = None,
+                 guidance_scales: Sequence[Guidance] | None = None, device: torch.device | str = "cpu",
+                 paint: PaintWithWords | None = None, **options):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         c, b = model_config, batch_size
-        scales = _per_sample("guidance_scale", guidance_scale, b)
-        seeds = _per_sample("seed", seed, b)
-        for scale in scales:
-            validate_settings(steps, scale, scheduler, diffusion_config.num_train_timesteps)
+        settings = run_settings(settings, options).check_for(diffusion_config.num_train_timesteps)
+        seeds = _per_sample("seeds", [settings.seed] if seeds is None else seeds, b)
+        scales = [settings.guidance] if guidance_scales is None else \
+            [settings.with_guidance(scale).guidance for scale in guidance_scales]
+        scales = _per_sample("guidance_scales", scales, b)
         self.device = device = torch.device(device)
-        self.batch_size, self.steps, self.diffusion_config, self.paint = b, steps, diffusion_config, paint
+        self.batch_size, self.steps, self.diffusion_config, self.paint = b, settings.steps, diffusion_config, paint
+        self.settings = settings
         self.image_shape = (b, *c.latent_shape)
         self.image_known, self.image_mask = _known_and_mask(
             "image", image_known, image_mask, self.image_shape, (b, 1, c.latent_size, c.latent_size), device)
@@ -115,19 +113,19 @@ class InfillRun:
 
         self.generators = [torch.Generator(device=device).manual_seed(int(value)) for value in seeds]
         self.schedule = NoiseSchedule(diffusion_config)
-        self.image_scheduler = make_scheduler(scheduler, diffusion_config)
-        self.text_scheduler = make_scheduler(scheduler, diffusion_config)
-        self.image_scheduler.set_timesteps(steps, device=device)
-        self.text_scheduler.set_timesteps(steps, device=device)
+        self.image_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing)
+        self.text_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing)
+        self.image_scheduler.set_timesteps(settings.steps, device=device)
+        self.text_scheduler.set_timesteps(settings.steps, device=device)
 
         self.image = self._noise(self.image_shape) * self.image_scheduler.init_noise_sigma
         self.text = self._noise(self.text_known.shape) * self.text_scheduler.init_noise_sigma
         anything_known = bool(self.image_mask.any() or self.text_mask.any())
-        self.guided = anything_known and any(scale != 1.0 for scale in scales)
+        self.guided = anything_known and any(scale != 1.0 for pair in scales for scale in pair)
         weight = torch.tensor(scales, device=device, dtype=torch.float32)
-        self.weight_image, self.weight_text = weight.view(-1, 1, 1, 1), weight.view(-1, 1, 1)
-        self.clean_image = diffusion_config.independent_timesteps and bool(self.image_mask.all())
-        self.clean_text = diffusion_config.independent_timesteps and bool(self.text_mask.all())
+        self.weight_image, self.weight_text = weight[:, 0].view(-1, 1, 1, 1), weight[:, 1].view(-1, 1, 1)
+        self.clean_image = diffusion_config.conditions_clean and bool(self.image_mask.all())
+        self.clean_text = diffusion_config.conditions_clean and bool(self.text_mask.all())
         self.passes = 2 if self.guided else 1
         self.painted = None if paint is None else paint_mask(c, paint, device).repeat(self.passes, 1, 1, 1)
         self.index, self.network_evaluations = 0, 0
@@ -182,14 +180,17 @@ class InfillRun:
         text_unc = self.text_mask * self._noise(self.text.shape) + (1 - self.text_mask) * self.text
         paint = self._paint_bias(t)
         if not self.guided:  # the unconditional noise is drawn all the same, so a sample's noise stream
-            return self._image_in, self._text_in, times_cond, paint  # does not depend on its batch mates
+            self._text_rows = self._text_in, times_cond[1]  # does not depend on its batch mates
+            return self._image_in, self._text_in, times_cond, paint
         times_unc = self._pair(last_time if self.clean_image else t, last_time if self.clean_text else t)
-        return (torch.cat([self._image_in, image_unc]), torch.cat([self._text_in, text_unc]),
-                torch.cat([times_cond, times_unc], dim=1), paint)
+        text, times = torch.cat([self._text_in, text_unc]), torch.cat([times_cond, times_unc], dim=1)
+        self._text_rows = text, times[1]
+        return torch.cat([self._image_in, image_unc]), text, times, paint
 
     def advance(self, eps_image: torch.Tensor, eps_text: torch.Tensor) -> None:
         """Step the schedulers with the model's outputs for this run's rows of `inputs()`."""
-        eps_image, eps_text = eps_image.float(), eps_text.float()
+        eps_image = eps_image.float()
+        eps_text = self.schedule.epsilon_of_text(self.diffusion_config, eps_text, *self._text_rows)
         if self.guided:
             cond_image, unc_image = eps_image.chunk(2)
             cond_text, unc_text = eps_text.chunk(2)
@@ -257,21 +258,24 @@ def joint_infill(
     image_mask: torch.Tensor | None = None,
     text_known: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
-    guidance_scale: float | Sequence[float] = 3.0,
-    steps: int = 25,
-    scheduler: str = "dpmsolver++",
-    seed: int | Sequence[int] = 0,
+    settings: SamplerSettings | None = None,
+    seeds: Sequence[int] | None = None,
+    guidance_scales: Sequence[Guidance] | None = None,
     device: torch.device | str = "cpu",
     paint: PaintWithWords | None = None,
+    **options,
 ) -> SampleOutput:
     """Sample both modalities given any known parts.
 
     image_known (B, C, H, W) with image_mask (B, 1, H, W) or (B, H, W); text_known (B, L, E) with
     text_mask (B, L). A known modality without a mask is fully known. `model(image, text, t)`
     returns eps for both modalities (a PSUNet or anything with the same call).
-    guidance_scale and seed are one value for the batch or one per sample; with a seed per sample,
-    each sample's noise comes from its own generator, so it does not depend on its batch mates.
+    settings: a SamplerSettings, or its fields as keywords (steps=25, scheduler="ddim", guidance_scale=3, ...).
+    seeds / guidance_scales: one per sample in place of the settings' single value (a scale is one number for
+    both modalities or an (image, text) pair); with a seed per sample each sample's noise comes from its own
+    generator, so it does not depend on its batch mates.
     paint: paint-with-words regions for caption words (psunet.paint); the bias goes on the conditional pass.
     """
     return run_to_end(model, InfillRun(model_config, diffusion_config, batch_size, image_known, image_mask,
-                                       text_known, text_mask, guidance_scale, steps, scheduler, seed, device, paint))
+                                       text_known, text_mask, settings, seeds, guidance_scales, device, paint,
+                                       **options))

@@ -35,6 +35,8 @@ FIELDS = {
                             "one_model_training_steps", "experts2_val_loss", "experts2_t2i_accuracy",
                             "experts2_training_steps", "experts2_sampling_ms_per_step_batch1"],
     "paint": ["in_region_weight_0", "in_region_weight_4", "samples"],
+    "objectives": [f"{objective}_{key}" for objective in ("shared", "independent", "slices")
+                   for key in ("t2i_mean_accuracy", "i2t_mean_accuracy", "val_loss", "fid")],
 }
 
 
@@ -54,6 +56,8 @@ def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
         "convergence-experts": ["--against", "experts", "--config", "configs/tiny.yaml", "--steps", "3",
                                 "--branch-at", "1", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
         "paint": ["--model", str(tiny_model), "--sample-steps", "2", "--samples", "4", "--paint-weights", "0,4"],
+        "objectives": ["--config", "configs/tiny.yaml", "--steps", "2", "--samples", "8", "--sample-steps", "2",
+                       "--guidance-scales", "1,3", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
     }[command]
 
 
@@ -86,6 +90,12 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
     if figures.get("against") == "experts":
         assert figures["one_model_intervals"] == [[0, 1000]] and figures["experts2_intervals"] == [[0, 500], [500, 1000]]
         assert figures["experts2_training_steps"] == 1 + 2 * 2 and figures["one_model_training_steps"] == 1 + 2
+    if command == "objectives":
+        for objective in ("shared", "independent", "slices"):
+            best = figures[objective]["best"]
+            assert best["t2i"]["guidance_scale_image"] in (1.0, 3.0) and best["i2t"]["guidance_scale_text"] in (1.0, 3.0)
+            assert set(figures[objective]["by_guidance"]) == {"1.0", "3.0"}  # JSON keys
+            assert 0 <= figures[objective]["by_guidance"]["3.0"]["infill_colour"] <= 1
     if figures.get("against") == "baseline":
         assert abs(figures["parameters_psunet"] - figures["parameters_baseline"]) / figures["parameters_baseline"] < 0.02
         assert [p["step"] for p in figures["curves"]["psunet"]] == [2, 4]

@@ -30,11 +30,17 @@ def test_a_time_range_trains_on_those_times_only():
         return ModelOutput(torch.zeros_like(image), torch.zeros_like(text))
 
     config = preset("tiny")
-    for _ in range(20):
-        diffusion_loss(model, NoiseSchedule(DiffusionConfig()), DiffusionConfig(), torch.randn(64, *config.latent_shape),
-                       torch.randn(64, 16, 16), time_range=(500, 750))
-    times = torch.cat(seen)
-    assert times.min() >= 500 and times.max() <= 749 and len(times.unique()) > 200
+    for timesteps in ("shared", "slices"):
+        seen.clear()
+        diffusion = DiffusionConfig(timesteps=timesteps)
+        for _ in range(20):
+            diffusion_loss(model, NoiseSchedule(diffusion), diffusion, torch.randn(64, *config.latent_shape),
+                           torch.randn(64, 16, 16), time_range=(500, 750))
+        times = torch.cat(seen, dim=-1)
+        # with slices a clean modality is at 0 and a dropped one at the last time: the noise levels are in range
+        noise_levels = times[(times > 0) & (times < 999)] if timesteps == "slices" else times
+        assert noise_levels.min() >= 500 and noise_levels.max() <= 749 and len(noise_levels.unique()) > 200
+        assert set(times.unique().tolist()) - set(range(500, 750)) <= ({0, 999} if timesteps == "slices" else set())
 
 
 def branch_args(demo_set, storage: Path, *extra: str) -> list[str]:

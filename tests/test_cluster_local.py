@@ -140,7 +140,8 @@ def test_training_job_checkpoints_tracks_and_resumes(cluster, demo_set, tmp_path
     import mlflow
 
     from psunet.checkpoint import load_model
-    from psunet.pipeline import Pipeline, SamplerSettings
+    from psunet.pipeline import Pipeline
+    from psunet.settings import SamplerSettings
 
     storage = tmp_path / "runs"
     out = run(train_command(demo_set, storage, "e2e"), cluster["env"], timeout=420)

@@ -5,9 +5,17 @@ import torch
 from pydantic import ValidationError
 
 from psunet.config import DiffusionConfig, preset
-from psunet.diffusion import NoiseSchedule, diffusion_loss, make_scheduler
+from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss, make_scheduler
 from psunet.ema import EMA
-from psunet.model import PSUNet
+from psunet.model import ModelOutput, PSUNet
+
+
+class ZeroModel(torch.nn.Module):
+    """Predicts zero noise and records what it was given."""
+
+    def forward(self, image, text, times):
+        self.image, self.text, self.times = image, text, times
+        return ModelOutput(eps_image=torch.zeros_like(image), eps_text=torch.zeros_like(text))
 
 
 def batch(config, size=4):
@@ -53,7 +61,7 @@ def test_dropped_modality_input_is_independent_of_data():
 
 def test_dropout_rate_is_respected():
     model_config = preset("tiny")
-    config = DiffusionConfig(p_drop_text=0.3, p_drop_image=0.0)
+    config = DiffusionConfig(p_drop_text=0.3, p_drop_image=0.0, timesteps="shared")
     out = diffusion_loss(PSUNet(model_config), NoiseSchedule(config), config, *batch(model_config, 2000))
     assert out.kept_image.mean().item() == 1.0
     assert abs(1 - out.kept_text.mean().item() - 0.3) < 0.05
@@ -68,6 +76,115 @@ def test_min_snr_weighting_lowers_low_noise_terms():
     loss_plain = diffusion_loss(model, NoiseSchedule(plain), plain, *data, torch.Generator().manual_seed(0))
     loss_weighted = diffusion_loss(model, NoiseSchedule(weighted), weighted, *data, torch.Generator().manual_seed(0))
     assert loss_weighted.loss.item() < loss_plain.loss.item()
+
+
+def test_slices_train_each_conditional_with_the_other_modality_clean_at_time_zero():
+    model_config = preset("tiny")
+    config = DiffusionConfig(p_drop_text=0, p_drop_image=0, slice_weights={
+        "joint": 0.2, "text_to_image": 0.3, "image_to_text": 0.4, "independent": 0.1})
+    image, text = batch(model_config, 4000)
+    model = ZeroModel()
+    out = diffusion_loss(model, NoiseSchedule(config), config, image, text, torch.Generator().manual_seed(0))
+    t_image, t_text = model.times
+    clean_image = (model.image == image).flatten(1).all(1)
+    clean_text = (model.text == text).flatten(1).all(1)
+    # a clean modality is the data itself, at time 0, with no loss term; the other one is noised
+    assert bool((t_image[clean_image] == 0).all()) and bool((t_text[clean_text] == 0).all())
+    assert not bool((clean_image & clean_text).any())
+    assert torch.equal(out.kept_image, (~clean_image).float()) and torch.equal(out.kept_text, (~clean_text).float())
+    joint = ~clean_image & ~clean_text & (t_image == t_text)
+    fractions = [x.float().mean().item() for x in (clean_text, clean_image, joint)]
+    assert abs(fractions[0] - 0.3) < 0.03 and abs(fractions[1] - 0.4) < 0.03 and abs(fractions[2] - 0.2) < 0.03
+
+
+@pytest.mark.parametrize("timesteps", ["independent", "slices"])
+def test_a_dropped_modality_is_labelled_the_last_time_as_the_sampler_labels_it(timesteps):
+    model_config = preset("tiny")
+    joint_only = {"joint": 1.0, "text_to_image": 0.0, "image_to_text": 0.0}  # no clean text: no loss = dropped
+    config = DiffusionConfig(p_drop_text=0.5, p_drop_image=0.0, timesteps=timesteps, slice_weights=joint_only)
+    model = ZeroModel()
+    out = diffusion_loss(model, NoiseSchedule(config), config, *batch(model_config, 400))
+    dropped = out.kept_text == 0
+    assert bool((model.times[1][dropped] == config.num_train_timesteps - 1).all())
+    assert 0.4 < dropped.float().mean().item() < 0.6
+    assert model.times[1][~dropped].float().std() > 100  # kept text: times drawn over the whole range
+
+
+def test_min_snr_weight_of_the_text_uses_the_texts_own_snr():
+    """Scaling the word vectors by s multiplies their SNR by s^2, so their min-SNR weight is min(s^2 SNR, g)/(s^2 SNR)."""
+    model_config = preset("tiny")
+    image, text = batch(model_config, 256)
+    losses = {}
+    for scale in (1.0, 3.0):
+        config = DiffusionConfig(p_drop_text=0, p_drop_image=0, timesteps="shared", text_scale=scale,
+                                 min_snr_gamma=1.0)
+        model = ZeroModel()
+        out = diffusion_loss(model, NoiseSchedule(config), config, image, text, torch.Generator().manual_seed(0))
+        snr = NoiseSchedule(config).snr(model.times) * scale ** 2
+        noise = torch.Generator().manual_seed(0)
+        torch.randint(0, 1000, (256,), generator=noise)  # the times, drawn first
+        torch.randn(image.shape, generator=noise)
+        err = torch.randn(text.shape, generator=noise).pow(2).flatten(1).mean(1)
+        expected = (err * torch.clamp(snr, max=1.0) / snr).mean()
+        torch.testing.assert_close(out.loss_text, expected)
+        losses[scale] = out.loss_text.item()
+    assert losses[3.0] < losses[1.0]
+
+
+def test_legacy_independent_timesteps_switch_still_loads():
+    assert DiffusionConfig.model_validate({"independent_timesteps": True}).timesteps == "independent"
+    assert DiffusionConfig.model_validate({"independent_timesteps": False}).timesteps == "shared"
+    assert DiffusionConfig().timesteps == "slices" and DiffusionConfig().conditions_clean
+    with pytest.raises(ValidationError, match="slice_weights"):
+        DiffusionConfig(slice_weights={"joint": 0, "text_to_image": 0, "image_to_text": 0})
+
+
+class ReadsImageFromText(torch.nn.Module):
+    """Knows the clean image when it is given the caption clean (the caption holds the image's numbers):
+    then its image noise prediction is exact; it never predicts the text's noise."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def forward(self, image, text, times):
+        alpha_bar = self.schedule.alphas_cumprod[times[0]].view(-1, 1, 1, 1)
+        clean_caption = (times[1] == 0).view(-1, 1, 1, 1)
+        exact = (image - alpha_bar.sqrt() * text.reshape(image.shape)) / (1 - alpha_bar).sqrt()
+        return ModelOutput(eps_image=torch.where(clean_caption, exact, image), eps_text=torch.zeros_like(text))
+
+
+def test_conditional_gaps_measure_what_the_other_modality_buys():
+    model_config = preset("tiny")  # 4x8x8 latents and 16x16 word vectors: the same number of values
+    image = torch.randn(64, *model_config.latent_shape)
+    text = image.reshape(64, model_config.text_len, model_config.word_dim)
+    config = DiffusionConfig()
+    schedule = NoiseSchedule(config)
+    gaps = conditional_gaps(ReadsImageFromText(schedule), schedule, config, image, text,
+                            torch.Generator().manual_seed(0))
+    assert gaps["gap_image"] > 0.05 and gaps["gap_text"] == 0.0
+
+
+class KnowsTheCleanText(torch.nn.Module):
+    """Predicts the clean word vectors exactly (text_target "sample"), whatever the noise."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def forward(self, image, text, times):
+        return ModelOutput(eps_image=torch.zeros_like(image), eps_text=self.text)
+
+
+def test_a_text_head_predicting_the_clean_vectors_is_converted_to_noise_exactly():
+    model_config = preset("tiny")
+    image, text = batch(model_config, 32)
+    config = DiffusionConfig(text_target="sample", timesteps="shared", p_drop_text=0, p_drop_image=0,
+                             num_train_timesteps=1000)
+    out = diffusion_loss(KnowsTheCleanText(text), NoiseSchedule(config), config, image, text)
+    assert out.loss_text.item() < 1e-6 and out.loss_image.item() > 0.5
+    epsilon = DiffusionConfig(timesteps="shared", p_drop_text=0, p_drop_image=0)
+    assert diffusion_loss(KnowsTheCleanText(text), NoiseSchedule(epsilon), epsilon, image, text).loss_text > 0.5
 
 
 def test_bad_diffusion_config_names_the_field():

@@ -75,11 +75,15 @@ def test_routing_picks_the_owner_of_every_time_including_boundaries():
     out = ensemble(torch.randn(6, *c.latent_shape), torch.randn(6, c.text_len, c.word_dim), times)
     assert out.eps_image.shape == (6, *c.latent_shape)
     assert out.eps_image.mean(dim=(1, 2, 3)).tolist() == [0, 0, 1, 1, 2, 2]
-    # (2, B) times with both rows equal route the same; different rows are refused
+    # (2, B) times with both rows equal route the same; different noise levels are refused
     out = ensemble(torch.randn(6, *c.latent_shape), torch.randn(6, c.text_len, c.word_dim), times.expand(2, -1))
     assert out.eps_image.mean(dim=(1, 2, 3)).tolist() == [0, 0, 1, 1, 2, 2]
-    with pytest.raises(ValueError, match="independent_timesteps"):
+    with pytest.raises(ValueError, match="independent"):
         ensemble(torch.randn(2, *c.latent_shape), torch.randn(2, c.text_len, c.word_dim), torch.tensor([[1, 2], [3, 4]]))
+    # a modality given clean (time 0) or as pure noise (the last time) does not count: the other time routes
+    pairs = torch.tensor([[300, 0, 999, 700], [0, 300, 700, 999]])
+    out = ensemble(torch.randn(4, *c.latent_shape), torch.randn(4, c.text_len, c.word_dim), pairs)
+    assert out.eps_image.mean(dim=(1, 2, 3)).tolist() == [1, 1, 2, 2]
 
 
 def test_a_sampling_step_costs_one_expert_and_uses_the_right_one():

@@ -86,6 +86,20 @@ def test_gradient_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("name", ["tiny-baseline", "tiny"])
+def test_swapping_the_image_and_text_times_changes_the_output(name):
+    """Each time token has its own embedding: attention ignores order, so without it the baseline (no
+    modality-specific blocks) could not tell which time belongs to which modality."""
+    config = preset(name)
+    model = PSUNet(config).eval()
+    image, text, _ = random_inputs(config)
+    times = torch.stack([torch.full((image.shape[0],), 100), torch.full((image.shape[0],), 900)])
+    with torch.no_grad():
+        straight, swapped = model(image, text, times), model(image, text, times.flip(0))
+    assert (straight.eps_image - swapped.eps_image).abs().max() > 1e-3
+    assert (straight.eps_text - swapped.eps_text).abs().max() > 1e-3
+
+
 def test_independent_timesteps_accepted():
     config = small_config()
     image, text, t = random_inputs(config)

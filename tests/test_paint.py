@@ -101,7 +101,7 @@ def test_without_paint_the_model_takes_the_fused_path_with_no_mask(monkeypatch):
 def test_painting_changes_the_samples_and_only_those_painted():
     model = PSUNet(CONFIG).eval()
     text = torch.randn(2, 16, 16)
-    common = dict(text_known=text, text_mask=torch.ones(2, 16), steps=4, scheduler="ddim", seed=[1, 2])
+    common = dict(text_known=text, text_mask=torch.ones(2, 16), steps=4, scheduler="ddim", seeds=[1, 2])
     plain = joint_infill(model, CONFIG, DiffusionConfig(), 2, **common)
     painted = joint_infill(model, CONFIG, DiffusionConfig(), 2, **common,
                            paint=PaintWithWords([[(0, left_half())], []], weight=4.0))

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.evaluate import frechet_distance, is_demo_data, sweep_settings, wilson_interval
+from jobs.evaluate import blank_colour, frechet_distance, is_demo_data, sweep_settings, wilson_interval
 from jobs.evaluate import main as evaluate_main
 from jobs.model_ref import load_pipeline
 from jobs.sample import main as sample_main
 from psunet.data import make_loader
-from psunet.pipeline import ASSETS, SamplerSettings
+from psunet.pipeline import ASSETS
+from psunet.settings import SamplerSettings, parse_guidance
 
 FAST = ["--steps", "4"]
 
@@ -195,11 +196,13 @@ def _mismatched_model(tiny_model, tmp_path) -> str:
 BAD = [
     (["--prompt", "zzz qqq"], "no word in the model's vocabulary"),
     (["--prompt", "   "], "prompt 0 is empty"),
-    (["--prompt", "a red circle", "--steps", "0"], "steps must be"),
-    (["--prompt", "a red circle", "--steps", "1000000"], "steps must be"),
-    (["--prompt", "a red circle", "--guidance-scale", "nan"], "guidance_scale"),
-    (["--prompt", "a red circle", "--guidance-scale", "-1"], "guidance_scale"),
-    (["--prompt", "a red circle", "--scheduler", "euler"], "scheduler"),
+    (["--prompt", "a red circle", "--steps", "0"], "\nsteps\n"),
+    (["--prompt", "a red circle", "--steps", "1000000"], "\nsteps\n"),
+    (["--prompt", "a red circle", "--guidance-scale", "nan"], "\nguidance_scale_image\n"),
+    (["--prompt", "a red circle", "--guidance-scale", "-1"], "\nguidance_scale_text\n"),
+    (["--prompt", "a red circle", "--guidance-scale-image", "inf"], "\nguidance_scale_image\n"),
+    (["--prompt", "a red circle", "--scheduler", "euler"], "unknown scheduler 'euler'"),
+    (["--prompt", "a red circle", "--spacing", "middle"], "\nspacing\n"),
     (["--image", "{big}"], "the model needs"),
     (["--image", "{text}"], "not a readable image"),
     (["--image", "{image}", "--mask", "{big}"], "mask is"),
@@ -229,6 +232,33 @@ def test_bad_input_is_refused_and_nothing_is_written(tiny_model, inputs, tmp_pat
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_a_guidance_scale_per_modality_is_used_and_recorded(tiny_model, tmp_path, capsys):
+    prompt = ["--model", str(tiny_model), *FAST, "--prompt", "a small red circle on the left", "--seed", "3"]
+    split, both = tmp_path / "split", tmp_path / "both"
+    assert sample_main(prompt + ["--out", str(split), "--guidance-scale", "4", "--guidance-scale-image", "1",
+                                 "--spacing", "leading"]) == 0
+    assert "guidance image 1 / text 4" in capsys.readouterr().out
+    assert sample_main(prompt + ["--out", str(both), "--guidance-scale", "4", "--spacing", "leading"]) == 0
+    settings = _read(split)["settings"]
+    assert (settings["guidance_scale_image"], settings["guidance_scale_text"]) == (1.0, 4.0)
+    assert settings["spacing"] == "leading" and settings["steps"] == 4 and settings["seed"] == 3
+    assert _read(both)["settings"]["guidance_scale_image"] == 4.0
+    assert _read(split)["network_evaluations"] == 2 * 4  # the text's scale 4 still asks for the guided pass
+    # the caption is given: only the image's scale changes the image
+    assert not np.array_equal(_png(split / "sample_000.png"), _png(both / "sample_000.png"))
+
+
+def test_an_invalid_per_modality_guidance_scale_is_refused_naming_its_field(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model), "--out", str(out), *FAST, "--prompt", "a red circle",
+            "--guidance-scale-image", "2", "--guidance-scale-text", "-0.5"]
+    assert sample_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample: error:") and "\nguidance_scale_text\n" in err and "input_value=-0.5" in err
+    assert "guidance_scale_image" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("which,message", [("missing", "neither a folder nor an MLflow URI"),
@@ -267,9 +297,14 @@ def test_wilson_interval_and_demo_detection():
     assert (wilson_interval(0.5, 1000)[1] - wilson_interval(0.5, 1000)[0]) < (high - low)
     assert is_demo_data(["a small red circle on the left", "a big blue box at the top"])
     assert not is_demo_data(["a dog on a sofa", "a small red circle on the left"])
-    base = SamplerSettings(3.0, 25)
-    settings = sweep_settings(base, [1.0, 3.0], [10, 25])
-    assert settings == [base, SamplerSettings(1.0, 25), SamplerSettings(3.0, 10)]
+    base = SamplerSettings(guidance_scale=3.0, steps=25)
+    settings = sweep_settings(base, parse_guidance("1,3,5:2"), [10, 25])
+    assert settings == [base, SamplerSettings(guidance_scale=1.0, steps=25),
+                        SamplerSettings(guidance_scale_image=5.0, guidance_scale_text=2.0, steps=25),
+                        SamplerSettings(guidance_scale=3.0, steps=10)]
+    with pytest.raises(ValueError, match="image:text"):
+        parse_guidance("1,2:3:4")
+    assert blank_colour("a small red circle on the left") == "a small [?] circle on the left"
 
 
 def test_frechet_distance_tells_real_from_noise(tiny_model, demo_set):
@@ -293,26 +328,34 @@ def test_evaluate_runs_shard_groups_on_ray_and_tracks_to_mlflow(tiny_model, demo
     out = tmp_path / "eval" / "eval.json"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--model", str(tiny_model), "--data", f"{demo_set}/train", "--out", str(out), "--samples", "24",
-            "--groups", "3", "--steps", "4", "--guidance-scales", "1,3", "--steps-sweep", "2,4", "--fid",
+            "--groups", "3", "--steps", "4", "--guidance-scales", "1,3,5:2", "--steps-sweep", "2,4", "--fid",
             "autoencoder", "--tracking-uri", uri, "--storage-path", str(tmp_path)]
     assert evaluate_main(args) == 0
     report = json.loads(out.read_text())
     assert report["samples"] == 24 and report["demo_metrics"] is True
-    assert [(r["guidance_scale"], r["steps"]) for r in report["results"]] == [(3.0, 4), (1.0, 4), (3.0, 2)]
-    assert [r["guidance_scale"] for r in report["guidance_sweep"]] == [3.0, 1.0]
+    assert [(r["guidance_scale_image"], r["guidance_scale_text"], r["steps"]) for r in report["results"]] == [
+        (3.0, 3.0, 4), (1.0, 1.0, 4), (5.0, 2.0, 4), (3.0, 3.0, 2)]
+    assert [r["guidance_scale_image"] for r in report["guidance_sweep"]] == [3.0, 1.0, 5.0]
     assert [r["steps"] for r in report["steps_sweep"]] == [4, 2]
+    best = report["best_guidance"]
+    assert best["t2i"]["guidance_scale_image"] in (3.0, 1.0, 5.0) and best["i2t"]["guidance_scale_text"] in (3.0, 1.0, 2.0)
+    t2i_means = [np.mean([r["metrics"][f"t2i_{k}"] for k in ("shape", "colour", "size", "position")])
+                 for r in report["guidance_sweep"]]
+    assert best["t2i"]["mean_accuracy"] == pytest.approx(max(t2i_means))
     for row in report["results"]:
         metrics = row["metrics"]
         for task in ("t2i", "i2t", "joint"):
             for key in ("shape", "colour", "size", "position", "all"):
                 value, (low, high) = metrics[f"{task}_{key}"], row["intervals"][f"{task}_{key}"]
                 assert 0 <= low <= value <= high <= 1
+        low, high = row["intervals"]["infill_colour"]
+        assert 0 <= low <= metrics["infill_colour"] <= high <= 1
         assert 0 <= metrics["bleu4"] <= 1 and 0 <= metrics["rougeL"] <= 1
         assert np.isfinite(metrics["fid"]) and metrics["fid"] >= 0
     assert Image.open(out.with_suffix(".png")).width > 100
     run = mlflow.MlflowClient(uri).get_run(report["mlflow_run_id"])
     assert run.data.metrics["t2i_all"] == report["default"]["metrics"]["t2i_all"]
-    assert "t2i_all.w1_steps4" in run.data.metrics
+    assert "t2i_all.w1-1_steps4" in run.data.metrics and "infill_colour.w5-2_steps4" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(report["mlflow_run_id"])}
     assert {"eval.json", "eval.png"} <= artifacts
 

@@ -7,7 +7,10 @@ import torch
 
 from psunet.config import DiffusionConfig, preset
 from psunet.model import PSUNet
+from psunet.diffusion import NoiseSchedule
+from psunet.model import ModelOutput
 from psunet.sampling import InfillRun, joint_infill, step_together
+from psunet.settings import SamplerSettings
 
 MODEL_CONFIG = preset("tiny")
 DIFFUSION = DiffusionConfig()
@@ -112,7 +115,7 @@ def test_fixed_seed_gives_identical_output(model, scheduler):
 def test_per_sample_seeds_and_guidance_match_samples_run_alone(model, scheduler):
     image, text = known_data(3)
     batched = joint_infill(model, MODEL_CONFIG, DIFFUSION, 3, text_known=text, steps=4, scheduler=scheduler,
-                           seed=[11, 12, 13], guidance_scale=[3.0, 1.0, 5.0])
+                           seeds=[11, 12, 13], guidance_scales=[3.0, 1.0, 5.0])
     for i, (seed, scale) in enumerate([(11, 3.0), (12, 1.0), (13, 5.0)]):
         alone = joint_infill(model, MODEL_CONFIG, DIFFUSION, 1, text_known=text[i:i + 1], steps=4,
                              scheduler=scheduler, seed=seed, guidance_scale=scale)
@@ -135,19 +138,23 @@ L, E, S = MODEL_CONFIG.text_len, MODEL_CONFIG.word_dim, MODEL_CONFIG.latent_size
     (dict(text_known=torch.zeros(2, L, E), text_mask=torch.ones(2, L - 1)), "text_mask"),
     (dict(text_known=torch.zeros(2, L, E), text_mask=torch.full((2, L), 0.5)), "text_mask"),
     (dict(text_mask=torch.ones(2, L)), "text_known"),
-    (dict(seed=[1, 2, 3]), "seed"),
-    (dict(guidance_scale=[1.0, math.nan]), "guidance_scale"),
+    (dict(seeds=[1, 2, 3]), "seeds"),
+    (dict(guidance_scales=[1.0, math.nan]), "guidance_scale"),
+    (dict(guidance_scales=[(1.0, -2.0)]), "guidance_scale_text"),
+    (dict(guidance_scale_image=-1.0), "guidance_scale_image"),
+    (dict(spacing="sideways"), "spacing"),
+    (dict(settings=SamplerSettings(), steps=4), "not both"),
 ])
 def test_bad_sampler_input_names_the_field(model, kwargs, field):
     with pytest.raises(ValueError, match=field):
         joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, **kwargs)
 
 
-@pytest.mark.parametrize("independent", [False, True])
-def test_a_fully_known_modality_is_clean_at_time_zero_only_for_independently_timed_models(model, independent):
+@pytest.mark.parametrize("timesteps", ["shared", "independent", "slices"])
+def test_a_fully_known_modality_is_clean_at_time_zero_unless_times_are_shared(model, timesteps):
     _, text = known_data(3)
     recording = RecordingModel(model)
-    diffusion = DiffusionConfig(independent_timesteps=independent)
+    diffusion = DiffusionConfig(timesteps=timesteps)
     joint_infill(recording, MODEL_CONFIG, diffusion, 3, text_known=text, guidance_scale=3.0, steps=4)
     assert len(recording.calls) == 4
     last = diffusion.num_train_timesteps - 1
@@ -155,24 +162,86 @@ def test_a_fully_known_modality_is_clean_at_time_zero_only_for_independently_tim
         image_times, text_times = times
         cond_text, unc_text = text_in.chunk(2)
         assert torch.equal(image_times[:3], image_times[3:]) and len(set(image_times.tolist())) == 1
-        if independent:
+        if timesteps != "shared":
             assert torch.equal(cond_text, text)  # clean, not re-noised
             assert text_times[:3].tolist() == [0] * 3 and text_times[3:].tolist() == [last] * 3
         else:
             assert not torch.allclose(cond_text, text)
             assert torch.equal(text_times, image_times)
-    # a partly known modality is re-noised even for an independently timed model
+    # a partly known modality is re-noised (on the diagonal) whatever the model learned
     recording.calls.clear()
     half = half_masks(3)[1]
     joint_infill(recording, MODEL_CONFIG, diffusion, 3, text_known=text, text_mask=half, steps=4)
-    cond_text = recording.calls[0][0].chunk(2)[0]
+    cond_text, times = recording.calls[0][0].chunk(2)[0], recording.calls[0][1]
     assert not torch.allclose(cond_text[half.bool()], text[half.bool()])
+    assert torch.equal(times[0], times[1])
+
+
+class GuidanceStub(torch.nn.Module):
+    """eps = 1 on the conditional rows (the first half of a guided batch), 0 on the unconditional ones."""
+
+    def forward(self, image, text, t):
+        half = image.shape[0] // 2
+        eps_image, eps_text = torch.zeros_like(image), torch.zeros_like(text)
+        eps_image[:half], eps_text[:half] = 1.0, 1.0
+        return ModelOutput(eps_image=eps_image, eps_text=eps_text)
+
+
+def test_guidance_combines_conditional_and_unconditional_per_modality_and_sample(monkeypatch):
+    image, text = known_data(2)
+    image_mask, text_mask = half_masks(2)
+    run = InfillRun(MODEL_CONFIG, DIFFUSION, 2, image_known=image, image_mask=image_mask, text_known=text,
+                    text_mask=text_mask, steps=3, scheduler="ddim", guidance_scales=[(2.0, 5.0), (0.5, 3.0)])
+    seen = {}
+    for name in ("image", "text"):
+        scheduler = getattr(run, f"{name}_scheduler")
+        original = scheduler.step
+
+        def spy(eps, t, sample, original=original, name=name, **kw):
+            seen[name] = eps.clone()
+            return original(eps, t, sample, **kw)
+        monkeypatch.setattr(scheduler, "step", spy)
+    step_together(GuidanceStub(), [run])
+    # eps = eps_unc + w (eps_cond - eps_unc) = 0 + w (1 - 0) = w
+    assert seen["image"][:, 0, 0, 0].tolist() == [2.0, 0.5] and seen["image"].flatten(1).std(1).max() == 0
+    assert seen["text"][:, 0, 0].tolist() == [5.0, 3.0] and seen["text"].flatten(1).std(1).max() == 0
+
+
+@pytest.mark.parametrize("timesteps", ["shared", "slices"])
+@pytest.mark.parametrize("scenario", ["text_to_image", "image_to_text", "partial_both"])
+def test_the_unconditional_input_does_not_depend_on_the_data(model, timesteps, scenario):
+    diffusion = DiffusionConfig(timesteps=timesteps)
+    inputs = []
+    for scale in (1.0, -7.0):
+        image, text = known_data(2)
+        run = InfillRun(MODEL_CONFIG, diffusion, 2, guidance_scale=3.0, steps=4, seed=5,
+                        **SCENARIOS[scenario](image * scale, text * scale))
+        image_in, text_in, times, _ = run.inputs()
+        inputs.append((image_in[2:], text_in[2:], times[:, 2:]))
+        assert not torch.equal(image_in[:2], image_in[2:]) or not torch.equal(text_in[:2], text_in[2:])
+    for first, second in zip(*inputs):
+        assert torch.equal(first, second)
+
+
+def test_a_renoised_known_part_has_the_current_steps_mean_and_variance():
+    diffusion = DiffusionConfig(timesteps="shared", text_scale=2.0)
+    schedule = NoiseSchedule(diffusion)
+    batch, value = 64, 0.8
+    text = torch.full((batch, MODEL_CONFIG.text_len, MODEL_CONFIG.word_dim), value)
+    run = InfillRun(MODEL_CONFIG, diffusion, batch, text_known=text, guidance_scale=1.0, steps=5, scheduler="ddim")
+    zeros = ModelOutput(eps_image=torch.zeros(batch, *MODEL_CONFIG.latent_shape), eps_text=torch.zeros_like(text))
+    while not run.done:
+        _, text_in, times, _ = run.inputs()
+        alpha_bar = schedule.alphas_cumprod[times[1, 0]]
+        assert abs(text_in.mean().item() - alpha_bar.sqrt().item() * value * 2.0) < 0.02
+        assert abs(text_in.var().item() - (1 - alpha_bar).item()) < 0.03
+        run.advance(zeros.eps_image, zeros.eps_text)
 
 
 @pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim"])
 def test_runs_at_different_steps_share_forwards_and_give_what_they_give_alone(model, scheduler):
     image, text = known_data(3)
-    first = dict(text_known=text[:2], steps=4, seed=[1, 2], guidance_scale=[3.0, 5.0], scheduler=scheduler)
+    first = dict(text_known=text[:2], steps=4, seeds=[1, 2], guidance_scales=[3.0, (5.0, 2.0)], scheduler=scheduler)
     second = dict(image_known=image[2:], steps=6, seed=7, scheduler=scheduler)  # image->text, another length
     third = dict(steps=3, seed=9, scheduler=scheduler)  # unconditional: one pass, no guidance
     alone = [joint_infill(model, MODEL_CONFIG, DIFFUSION, n, **kw) for n, kw in ((2, first), (1, second), (1, third))]
@@ -182,8 +251,10 @@ def test_runs_at_different_steps_share_forwards_and_give_what_they_give_alone(mo
     while any(not run.done for run in runs):
         step_together(recording, [run for run in runs if not run.done])
     assert recording.batch_sizes == [4, 4 + 2 + 1, 4 + 2 + 1, 4 + 2 + 1, 2, 2, 2]
-    joined = recording.calls[1][1][0]  # image times of the first shared forward: each run at its own step
-    assert joined[:4].unique().numel() == 1 and bool((joined[4:] > joined[0]).all())
+    times = recording.calls[1][1]  # the first shared forward: each run at its own step (noise level)
+    first_run, second_run, third_run = times[0, :4], times[1, 4:6], times[0, 6:]  # t2i, i2t, unconditional
+    assert first_run.unique().numel() == 1
+    assert bool((second_run > first_run[0]).all()) and bool((third_run > first_run[0]).all())
     for run, expected in zip(runs, alone):
         got = run.result()
         assert got.network_evaluations == expected.network_evaluations
@@ -191,3 +262,34 @@ def test_runs_at_different_steps_share_forwards_and_give_what_they_give_alone(mo
         assert torch.allclose(got.text_vectors, expected.text_vectors, atol=1e-4)
     with pytest.raises(RuntimeError, match="done all its steps"):
         runs[0].inputs()
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim", "ddpm"])
+def test_sampling_starts_at_the_last_training_time_where_training_made_the_data_pure_noise(scheduler):
+    """Trailing spacing (the default) starts at T - 1, the time a dropped modality is trained at; diffusers'
+    leading spacing of DDIM and DDPM would start at 950 of 1000 with 20 steps."""
+    run = InfillRun(MODEL_CONFIG, DIFFUSION, 1, steps=20, scheduler=scheduler)
+    assert SamplerSettings().spacing == "trailing"
+    assert int(run.image_scheduler.timesteps[0]) == DIFFUSION.num_train_timesteps - 1
+    leading = InfillRun(MODEL_CONFIG, DIFFUSION, 1, steps=20, scheduler=scheduler, spacing="leading")
+    assert int(leading.image_scheduler.timesteps[0]) < DIFFUSION.num_train_timesteps - 1
+
+
+class PredictsCleanText(torch.nn.Module):
+    """A text head that predicts fixed clean word vectors (text_target "sample"); no image noise."""
+
+    def __init__(self, clean):
+        super().__init__()
+        self.clean = clean
+
+    def forward(self, image, text, t):
+        return ModelOutput(eps_image=torch.zeros_like(image), eps_text=self.clean.expand_as(text))
+
+
+def test_a_clean_text_prediction_drives_the_sampler_to_those_vectors():
+    clean = torch.randn(1, MODEL_CONFIG.text_len, MODEL_CONFIG.word_dim)
+    image, _ = known_data(2)
+    diffusion = DiffusionConfig(text_target="sample")
+    out = joint_infill(PredictsCleanText(clean), MODEL_CONFIG, diffusion, 2, image_known=image, steps=10,
+                       scheduler="ddim")
+    assert (out.text_vectors - clean).abs().max() < 0.15

@@ -36,7 +36,7 @@ def service(ray_local, tiny_model):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app({"model": str(tiny_model), "max_samples": 4, "max_steps": 50, "max_prompt_chars": 80,
                    "max_image_side": 256, "max_body_bytes": 200_000, "batch_wait_timeout_s": 0.2,
-                   "num_cpus": 1}),
+                   "num_cpus": 1, "default_guidance_scale_text": 2.0}),  # a default of its own for the text
               name="psunet", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -67,6 +67,8 @@ def test_health_model_page_and_openapi(service, tiny_model):
     assert info["training_step"] == json.loads((tiny_model / "state.json").read_text())["step"]
     assert info["model_config"]["text_len"] == 16 and info["limits"]["max_samples"] == 4
     assert info["precision"] == "fp32" and info["threads"] == 1  # num_cpus 1: one torch thread
+    assert info["defaults"] == {"steps": 25, "scheduler": "dpmsolver++", "spacing": "trailing",
+                                "guidance_scale_image": 3.0, "guidance_scale_text": 2.0, "seed": 0}
     paths = requests.get(f"{service}/openapi.json").json()["paths"]
     assert {"/v1/text-to-image", "/v1/image-to-text", "/v1/generate", "/v1/infill", "/healthz", "/v1/model"} <= set(paths)
     page = requests.get(f"{service}/")
@@ -157,7 +159,16 @@ BAD_REQUESTS = [
     ("/v1/text-to-image", {"prompt": PROMPT, "guidance_scale": 1e9}, 422, "outside [0, 100]"),
     ("/v1/text-to-image", {"prompt": PROMPT, "num_samples": 0}, 422, "num_samples"),
     ("/v1/text-to-image", {"prompt": PROMPT, "num_samples": 100}, 422, "over the server limit of 4"),
-    ("/v1/text-to-image", {"prompt": PROMPT, "scheduler": "euler-magic"}, 422, "scheduler: unknown name"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "guidance_scale_text": -1}, 422,
+     "guidance_scale_text: Input should be greater than or equal to 0"),
+    ("/v1/text-to-image", '{"prompt": "a red circle", "guidance_scale_text": NaN}', 422,
+     "guidance_scale_text: Input should be a finite number"),
+    ("/v1/image-to-text", {"image": _png(_picture()), "guidance_scale": 2, "guidance_scale_image": 1e9}, 422,
+     "guidance_scale_image: 1000000000.0 is outside [0, 100]"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "guidance_scale_text": "5"}, 422, "guidance_scale_text"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "spacing": "sideways"}, 422, "spacing: Input should be 'trailing'"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "scheduler": "euler-magic"}, 422,
+     "scheduler: unknown scheduler 'euler-magic'"),
     ("/v1/text-to-image", {"prompt": PROMPT, "seed": -3}, 422, "seed"),
     ("/v1/text-to-image", {"prompt": PROMPT, "temperature": 2}, 422, "temperature: unknown field"),
     ("/v1/text-to-image", {"prompt": PROMPT, "num_samples": 2, "response_format": "png"}, 422, "png returns one"),
@@ -204,6 +215,43 @@ def test_bad_request_gets_a_4xx_with_the_reason_and_the_service_stays_healthy(se
     assert requests.get(f"{service}/healthz", timeout=10).status_code == 200
 
 
+def test_a_refused_scale_names_the_request_field_it_came_from(service):
+    def refusal(body: dict) -> dict:
+        response = requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, **body})
+        assert response.status_code == 422, response.text
+        return response.json()
+
+    assert refusal({"guidance_scale_text": -1})["fields"] == ["guidance_scale_text"]
+    shared = refusal({"guidance_scale": -1})  # both scales come from it: one problem, named once
+    assert shared["fields"] == ["guidance_scale"] and shared["error"].count("guidance_scale") == 1
+    assert refusal({"guidance_scale": -1, "guidance_scale_image": 2})["fields"] == ["guidance_scale"]  # the text's
+    assert refusal({"steps": 0, "spacing": "x"})["fields"] == ["steps", "spacing"]
+
+
+def test_guidance_per_modality_is_echoed_and_steers_its_own_modality(service):
+    base = {"prompt": PROMPT, "steps": 3, "seed": 7}
+    bodies = [{**base, "guidance_scale_image": 1, "guidance_scale_text": 5},
+              {**base, "guidance_scale": 1},
+              {**base, "guidance_scale_image": 5},
+              {**base, "guidance_scale": 4, "guidance_scale_image": 1},
+              base]
+    with ThreadPoolExecutor(len(bodies)) as pool:  # together: one run, a scale pair per row
+        split, one, strong, mixed, default = pool.map(
+            lambda body: requests.post(f"{service}/v1/text-to-image", json=body, timeout=300).json(), bodies)
+
+    def scales(answer: dict) -> tuple:
+        return answer["guidance_scale_image"], answer["guidance_scale_text"], answer["guidance_scale"]
+
+    assert scales(split) == (1.0, 5.0, None) and split["spacing"] == "trailing"
+    assert scales(one) == (1.0, 1.0, 1.0)
+    assert scales(strong) == (5.0, 2.0, None)  # the text keeps the server's default of its own
+    assert scales(mixed) == (1.0, 4.0, None)  # a per-modality scale beats guidance_scale
+    assert scales(default) == (3.0, 2.0, None)
+    # text-to-image: the caption is given, so only the image's scale moves the image
+    assert np.abs(_image(split["images"][0]).astype(int) - _image(one["images"][0])).max() <= 2
+    assert np.abs(_image(strong["images"][0]).astype(int) - _image(one["images"][0])).max() > 2
+
+
 def test_wrong_method_and_path(service):
     assert requests.get(f"{service}/v1/text-to-image").status_code == 405
     assert requests.get(f"{service}/v1/nothing-here").status_code == 404
@@ -245,6 +293,16 @@ def test_serve_config_in_cluster_is_valid_and_bad_arguments_name_the_field():
     application = schema.applications[0]
     assert application.import_path == "jobs.serve:app" and schema.http_options.host == "127.0.0.1"
     ServeArgs.model_validate(application.args)
+    from psunet.settings import SamplerSettings
+
+    assert ServeArgs(model="m").defaults == SamplerSettings()
+    older = ServeArgs(model="m", default_steps="10", default_guidance_scale=2, default_scheduler="ddim")  # flat form
+    assert older.defaults == SamplerSettings(steps=10, guidance_scale=2, scheduler="ddim")
+    assert ServeArgs.model_validate(json.loads(older.model_dump_json())) == older  # as the replicas get it
+    with pytest.raises(ValueError, match="guidance_scale_text"):
+        app({"model": "m", "default_guidance_scale_text": -1})
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        app({"model": "m", "defaults": {"scheduler": "euler-magic"}})
     assert {d["name"] for d in config["applications"][0]["deployments"]} == {"Sampler", "Ingress"}
     with pytest.raises(ValueError, match="max_samples"):
         app({"model": "m", "max_samples": 0})
@@ -273,9 +331,15 @@ def test_web_page_in_headless_chromium(service):
                 else outside.append(request.url))
         page.goto(service + "/")
         page.wait_for_function("document.getElementById('steps').value !== ''")
+        assert page.input_value("#guidance-image") == "3" and page.input_value("#guidance-text") == "2"  # defaults
         page.fill("#prompt", PROMPT)
         page.fill("#steps", "3")
-        page.click("#generate")
+        page.fill("#guidance-image", "1.5")
+        assert page.inner_text("#guidance-image-value") == "1.5"
+        with page.expect_request("**/v1/text-to-image") as sent:
+            page.click("#generate")
+        body = sent.value.post_data_json
+        assert (body["guidance_scale_image"], body["guidance_scale_text"]) == (1.5, 2) and "guidance_scale" not in body
         page.wait_for_function("document.getElementById('result').naturalWidth > 0", timeout=60_000)
         assert page.eval_on_selector("#result", "img => img.naturalWidth") == 32
         assert page.inner_text("#caption") == PROMPT

@@ -76,6 +76,10 @@ def _sweep(tmp_path, demo_set, **fields) -> str:
     ({"search": {"model.word_dim": {"grid": [16, 24]}}}, "word_dim"),
     ({"search": {"model.shared_depth": {"grid": [1, 2]}}, "hold_parameters": True}, "derived"),
     ({"overrides": ["run.num_workers=8"]}, "the cluster has"),
+    ({"search": {"eval.steps": {"grid": [0, 10]}}}, "eval.steps=0 is not a valid sampler setting"),
+    ({"search": {"eval.steps": {"uniform": [1, 10]}}}, "eval.steps must list whole numbers"),
+    ({"search": {"eval.guidance_scale": {"uniform": [-1, 3]}}}, "eval.guidance_scale=-1"),
+    ({"evaluation": {"guidance_scales": [1, -2]}}, "guidance_scale_text"),
 ])
 def test_a_sweep_that_cannot_work_is_refused_before_any_trial(tmp_path, demo_set, ray_local, capsys, fields, message):
     path = _sweep(tmp_path, demo_set, **fields)
@@ -176,12 +180,37 @@ def test_guidance_search_needs_no_training(tiny_model, demo_set, tmp_path):
     _, summary = _run_tune(args)
     table = pd.read_csv(summary["results"])
     assert len(table) == 4 and summary["metric"] == "t2i_all"
-    assert set(zip(table["guidance_scale"], table["scheduler"])) == {
+    # --guidance-scales alone: one scale for both modalities in every trial
+    assert (table["guidance_scale_image"] == table["guidance_scale_text"]).all()
+    assert set(zip(table["guidance_scale_image"], table["scheduler"])) == {
         (1.0, "dpmsolver++"), (3.0, "dpmsolver++"), (1.0, "ddim"), (3.0, "ddim")}
     assert table["t2i_all"].between(0, 1).all() and table["i2t_colour"].between(0, 1).all()
-    client = mlflow.MlflowClient(uri)
-    parent = client.get_run(summary["mlflow_parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert set(summary["best"]) == {"guidance_scale_image", "guidance_scale_text", "steps", "scheduler", "t2i_all"}
+    children = _children(mlflow.MlflowClient(uri), summary["mlflow_parent_run_id"])
     assert len(children) == 4
     assert all("t2i_all" in child.data.metrics for child in children)
+
+
+def test_guidance_search_per_modality_is_a_grid_of_image_and_text_scales(tiny_model, demo_set, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["guidance", "--model", str(tiny_model), "--data", f"{demo_set}/val", "--guidance-scales", "2",
+            "--guidance-scales-image", "1,4", "--steps", "2", "--schedulers", "ddim", "--samples", "4",
+            "--storage-path", str(tmp_path), "--tracking-uri", uri]
+    _, summary = _run_tune(args)
+    table = pd.read_csv(summary["results"])
+    # the image scales swept, the text keeps --guidance-scales
+    assert sorted(zip(table["guidance_scale_image"], table["guidance_scale_text"])) == [(1.0, 2.0), (4.0, 2.0)]
+    assert (summary["best"]["guidance_scale_image"], summary["best"]["guidance_scale_text"]) in {(1.0, 2.0),
+                                                                                                  (4.0, 2.0)}
+    params = sorted((float(c.data.params["guidance_scale_image"]), float(c.data.params["guidance_scale_text"]))
+                    for c in _children(mlflow.MlflowClient(uri), summary["mlflow_parent_run_id"]))
+    assert params == [(1.0, 2.0), (4.0, 2.0)]
+
+
+def test_guidance_search_refuses_an_invalid_scale_before_loading_the_model(tmp_path, capsys):
+    args = ["guidance", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path), "--guidance-scales-text",
+            "1,-3", "--storage-path", str(tmp_path)]
+    assert tune_main(args) == 2
+    err = capsys.readouterr().err
+    assert "guidance_scale_text" in err and "input_value=-3.0" in err and "guidance_scale_image" not in err
+    assert not list(tmp_path.iterdir())

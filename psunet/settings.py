@@ -1,0 +1,97 @@
+"""Sampler settings: one validated object that owns the defaults and the checks of every sampler knob.
+
+    SamplerSettings(steps=25, scheduler="dpmsolver++", guidance_scale=3.0)       # one scale for both
+    SamplerSettings(guidance_scale_image=5.0, guidance_scale_text=2.0, seed=7)  # a scale per modality
+
+guidance_scale_image scales the guidance of the image's noise prediction (how strongly a known caption
+steers the generated image), guidance_scale_text that of the text (how strongly a known image steers
+the generated caption). `guidance_scale` sets both; a per-modality value given beside it wins.
+The pipeline, the jobs and the service read their defaults and checks from here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from psunet.config import StrictModel
+from psunet.diffusion import SCHEDULERS
+
+MAX_STEPS = 1000
+
+
+class SamplerSettings(StrictModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(25, ge=1, le=MAX_STEPS, description="sampler steps")
+    scheduler: str = Field("dpmsolver++", description=f"one of {', '.join(SCHEDULERS)}")
+    spacing: Literal["trailing", "leading", "linspace"] = Field(
+        "trailing", description="how the steps are spread over the training times (diffusers timestep_spacing); "
+        "trailing starts at the last training time, where sampling starts from pure noise")
+    guidance_scale_image: float = Field(3.0, ge=0, allow_inf_nan=False,
+                                        description="classifier-free guidance of the generated image")
+    guidance_scale_text: float = Field(3.0, ge=0, allow_inf_nan=False,
+                                       description="classifier-free guidance of the generated text")
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_scale_for_both(cls, data):
+        if isinstance(data, dict) and "guidance_scale" in data:
+            data = dict(data)
+            scale = data.pop("guidance_scale")
+            data.setdefault("guidance_scale_image", scale)
+            data.setdefault("guidance_scale_text", scale)
+        return data
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _whole_steps(cls, value):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"steps must be a whole number, got {value!r}")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {value!r}; choose one of {', '.join(SCHEDULERS)}")
+        return value
+
+    @property
+    def guidance(self) -> tuple[float, float]:
+        """(image, text) guidance scales."""
+        return self.guidance_scale_image, self.guidance_scale_text
+
+    def with_guidance(self, scale: float | tuple[float, float]) -> "SamplerSettings":
+        """These settings with another guidance scale (one for both, or an (image, text) pair), checked."""
+        image, text = scale if isinstance(scale, (tuple, list)) else (scale, scale)
+        return SamplerSettings.model_validate({**self.model_dump(), "guidance_scale_image": image,
+                                               "guidance_scale_text": text})
+
+    def check_for(self, num_train_timesteps: int) -> "SamplerSettings":
+        """Refuse more steps than the model has training times."""
+        if self.steps > num_train_timesteps:
+            raise ValueError(f"steps must be at most the model's {num_train_timesteps} training times, "
+                             f"got {self.steps}")
+        return self
+
+    def describe(self) -> str:
+        scale = f"{self.guidance_scale_image:g}" if self.guidance_scale_image == self.guidance_scale_text else \
+            f"image {self.guidance_scale_image:g} / text {self.guidance_scale_text:g}"
+        return f"{self.steps} {self.scheduler} steps ({self.spacing}), guidance {scale}, seed {self.seed}"
+
+
+def parse_guidance(text: str) -> list[float | tuple[float, float]]:
+    """'1,3,5:2' -> [1.0, 3.0, (5.0, 2.0)]: guidance scales for both modalities, or image:text pairs."""
+    scales = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        try:
+            values = [float(value) for value in part.split(":")]
+        except ValueError:
+            raise ValueError(f"guidance scales must look like 1,3,5:2 (image:text pairs allowed), got {text!r}") from None
+        if len(values) > 2:
+            raise ValueError(f"guidance scale {part!r}: give one number or image:text")
+        scales.append(values[0] if len(values) == 1 else tuple(values))
+    return scales
