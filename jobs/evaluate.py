@@ -47,7 +47,6 @@ from psunet.settings import parse_guidance  # noqa: E402
 
 DEMO_KEYS = (*shapes.ATTRIBUTES, "all")
 DEMO_TASKS = ("t2i", "i2t", "infill", "joint")
-MAX_TRAIN_TIMES = 1000
 
 
 def wilson_interval(fraction: float, count: int, z: float = 1.96) -> tuple[float, float]:
@@ -117,7 +116,7 @@ def sweep_settings(base: SamplerSettings, guidance_scales: list, steps_sweep: li
     unique: list[SamplerSettings] = []
     for setting in candidates:
         if setting not in unique:
-            unique.append(setting.check_for(MAX_TRAIN_TIMES))
+            unique.append(setting)
     return unique
 
 
@@ -305,6 +304,8 @@ def run(args) -> dict:
     pipe = load_pipeline(args.model, weights=args.weights, device="cpu", tracking_uri=args.tracking_uri,
                          precision=args.precision)
     manifest.check_model(pipe.model_config)
+    for setting in settings:
+        setting.check_for(pipe.diffusion_config.num_train_timesteps)
     fid, fid_note = fid_metric(args.fid, pipe)
     print(f"evaluate: {fid_note}", flush=True)
     demo = is_demo_data(held_out_captions(args.data, 64))
