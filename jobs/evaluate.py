@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from dataprep import shapes  # noqa: E402
 from jobs.model_ref import load_pipeline  # noqa: E402
 from jobs.quality import mean_scores  # noqa: E402
+from jobs.sampler_options import add_sampler_options, sampler_settings  # noqa: E402
 from jobs.tracking import experiment_id, tracking_uri  # noqa: E402
 from psunet.data import ShardStream, load_manifest  # noqa: E402
 from psunet.text import BLANK  # noqa: E402
@@ -296,7 +297,7 @@ def int_list(text: str) -> list[int]:
 def run(args) -> dict:
     import ray
 
-    base = base_settings(args)
+    base = sampler_settings(args)
     settings = sweep_settings(base, args.guidance_scales, args.steps_sweep)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -340,14 +341,6 @@ def run(args) -> dict:
             "best_guidance": best_guidance(guidance_sweep) if demo else None}
 
 
-def base_settings(args) -> SamplerSettings:
-    """The default sampler setting from the command line (unset options keep SamplerSettings' defaults)."""
-    given = {"guidance_scale": args.guidance_scale, "guidance_scale_image": args.guidance_scale_image,
-             "guidance_scale_text": args.guidance_scale_text, "steps": args.steps, "scheduler": args.scheduler,
-             "spacing": args.spacing, "seed": args.seed}
-    return SamplerSettings(**{key: value for key, value in given.items() if value is not None})
-
-
 def print_table(report: dict) -> None:
     keys = [k for k in report["default"]["metrics"]
             if k.split("_", 1)[-1] in ("shape", "colour", "all") or k in ("bleu4", "rougeL", "fid")]
@@ -368,14 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="held-out shard folder (with manifest.json)")
     parser.add_argument("--out", required=True, help="results JSON file (the plot PNG goes beside it)")
     parser.add_argument("--samples", type=int, default=256, help="held-out samples to use, at most")
-    defaults = SamplerSettings()
-    parser.add_argument("--guidance-scale", type=float, help=f"both modalities (default {defaults.guidance_scale_image:g})")
-    parser.add_argument("--guidance-scale-image", type=float, help="the image's scale (text->image)")
-    parser.add_argument("--guidance-scale-text", type=float, help="the text's scale (image->text)")
-    parser.add_argument("--steps", type=int, help=f"sampler steps (default {defaults.steps})")
-    parser.add_argument("--scheduler", help=f"default {defaults.scheduler}")
-    parser.add_argument("--spacing", help=f"timestep spacing (default {defaults.spacing})")
-    parser.add_argument("--seed", type=int)
+    add_sampler_options(parser)
     parser.add_argument("--guidance-scales", type=parse_guidance, default=[],
                         help="sweep, e.g. 1,2,3,5,7 (both modalities) or 5:2 (image:text)")
     parser.add_argument("--steps-sweep", type=int_list, default=[], help="sweep, e.g. 10,25,50")
@@ -396,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot = plot_guidance(report["results"], base_settings(args), out.with_suffix(".png"))
+    plot = plot_guidance(report["results"], sampler_settings(args), out.with_suffix(".png"))
     report["plot"] = str(plot) if plot else None
     if not args.no_mlflow:
         uri = tracking_uri(args.tracking_uri, args.storage_path)

@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from jobs.model_ref import load_pipeline  # noqa: E402
 from jobs.quality import grid_png  # noqa: E402
+from jobs.sampler_options import add_sampler_options, sampler_settings  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 
 
@@ -130,29 +131,6 @@ def plan(args) -> dict:
 def output_folder(out: Path, overwrite: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
-
-
-def add_sampler_options(parser: argparse.ArgumentParser) -> None:
-    """The sampler's options; their defaults and help come from SamplerSettings."""
-    fields = SamplerSettings.model_fields
-    image, text = fields["guidance_scale_image"], fields["guidance_scale_text"]
-    parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance of both modalities "
-                        f"(default: {image.default:g} image, {text.default:g} text)")
-    for modality, field in (("image", image), ("text", text)):
-        parser.add_argument(f"--guidance-scale-{modality}", type=float,
-                            help=f"{field.description}; overrides --guidance-scale")
-    for name, kind in (("steps", int), ("scheduler", str), ("spacing", str), ("seed", int)):
-        parser.add_argument(f"--{name}", type=kind, default=fields[name].default,
-                            help=f"{fields[name].description or name} (default: %(default)s)")
-
-
-def sampler_settings(args) -> SamplerSettings:
-    """The command line's sampler settings, checked (a ValueError names the field); a per-modality guidance
-    scale wins over --guidance-scale, one not given keeps SamplerSettings' default."""
-    scales = {"guidance_scale": args.guidance_scale, "guidance_scale_image": args.guidance_scale_image,
-              "guidance_scale_text": args.guidance_scale_text}
-    return SamplerSettings(steps=args.steps, scheduler=args.scheduler, spacing=args.spacing, seed=args.seed,
-                           **{name: scale for name, scale in scales.items() if scale is not None})
 
 
 def write_results(out: Path, result, job: dict, settings: SamplerSettings, meta: dict) -> None:
