@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv chromium test test-fast demo demo-stop serve clean
+.PHONY: venv chromium test test-fast demo demo-stop data-relations serve clean
 
 # re-run when pyproject.toml changes, so an existing environment gets new dependencies
 $(BIN)/activate: pyproject.toml
@@ -34,6 +34,12 @@ demo: venv
 
 demo-stop:
 	cluster/local.sh stop
+
+# the harder demo set for configs/relations.yaml: two objects and the spatial relation between them,
+# 64 px images (16x16 latents)
+data-relations: venv
+	RAY_AUTH_MODE=token $(BIN)/python -m dataprep demo --scene relations --resolution 64 --samples 8000 \
+		--samples-per-shard 500 --out data/relations
 
 # the sampling service (web page and API on http://127.0.0.1:8000/) for MODEL, by default the newest
 # `make demo` model; MODEL may also be an MLflow URI (runs:/<run id>/model)

@@ -47,6 +47,7 @@ import mlflow
 from dataprep.shapes import ATTRIBUTES, CHANCE
 
 log, tracking_uri = sys.argv[1:]
+chance = CHANCE["objects"]  # the scene of the set built above
 done = [line for line in open(log) if line.startswith("train: done ")]
 if not done:
     sys.exit(f"demo: the training job did not finish; see {log}")
@@ -59,9 +60,9 @@ for direction, title in (("t2i", "text->image"), ("i2t", "image->text")):
     print(f"\n==> {title} attribute accuracy vs chance")
     for attribute in ATTRIBUTES:
         accuracy = summary[f"{direction}_acc_{attribute}"]
-        above = accuracy > 2 * CHANCE[attribute]
-        print(f"    {attribute:<9} {accuracy:6.1%}   chance {CHANCE[attribute]:6.1%}{'   learned' if above else ''}")
-    learned[title] = summary[f"{direction}_acc_colour"] > 2 * CHANCE["colour"]
+        above = accuracy > 2 * chance[attribute]
+        print(f"    {attribute:<9} {accuracy:6.1%}   chance {chance[attribute]:6.1%}{'   learned' if above else ''}")
+    learned[title] = summary[f"{direction}_acc_colour"] > 2 * chance["colour"]
 print(f"""
 ==> where things are
     MLflow UI:    {tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}

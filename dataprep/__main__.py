@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataprep.shapes import SCENES
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (train/, val/, words.bin, vae/)")
@@ -19,7 +21,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--word-dim", type=int, default=32, help="E: word2vec vector size")
     parser.add_argument("--word-vectors", help="use this word2vec binary file instead of training one")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="share of source images held out in val/, every caption of an image on the same side "
+                             "(a stable hash of the image); 0: no validation samples")
     parser.add_argument("--batch-size", type=int, default=64, help="autoencoder batch size")
     parser.add_argument("--encoder-actors", type=int, default=1, help="autoencoder actors in the Ray Data pool")
     parser.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="encode on GPUs")
@@ -35,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--samples", type=int, default=4000)
     demo.add_argument("--resolution", type=int, default=32)
     demo.add_argument("--max-objects", type=int, choices=(1, 2), default=2, help="objects per image, at most")
+    demo.add_argument("--scene", choices=SCENES, default="objects",
+                      help="objects: one or two objects at absolute positions; relations: two objects and the "
+                           "spatial relation between them (needs --max-objects 2)")
     demo.add_argument("--vae", help="reuse this autoencoder (folder or hub id) instead of training one")
     demo.add_argument("--vae-steps", type=int, default=1500)
 
@@ -100,11 +107,12 @@ def run(args: argparse.Namespace) -> int:
     skipped: list[dict] = []
 
     if args.command == "demo":
-        print(f"dataprep: generating {args.samples} demo samples at {args.resolution} px")
-        samples = shapes.generate(args.samples, seed=args.seed, size=args.resolution, max_objects=args.max_objects)
+        print(f"dataprep: generating {args.samples} demo samples ({args.scene}) at {args.resolution} px")
+        samples = shapes.generate(args.samples, seed=args.seed, size=args.resolution, max_objects=args.max_objects,
+                                  scene=args.scene)
         captions = [sample.caption for sample in samples]
         images = np.stack([sample.image for sample in samples])
-        units = demo_units(args.samples, args.seed, args.resolution, args.max_objects)
+        units = demo_units(args.samples, args.seed, args.resolution, args.max_objects, args.scene)
     else:
         captions = list(source_captions(args.source))
         images = None

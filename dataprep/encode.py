@@ -8,6 +8,9 @@ A unit is a small JSON-able dict (a range of demo samples, one tar URL, or a chu
 with image paths), so reading happens in the tasks, not on the driver. A record that cannot be
 used (corrupt image, empty or over-long caption, only unknown words, too-small image) becomes a
 row with a `skip` reason: it is counted and listed in the manifest, never silently dropped.
+
+Train and val are split by source image (`is_validation` of the row's `image_key`), so every
+caption of one image lands on the same side.
 """
 
 from __future__ import annotations
@@ -54,10 +57,11 @@ class EncodeSettings:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def demo_units(samples: int, seed: int, resolution: int, max_objects: int = 2,
+def demo_units(samples: int, seed: int, resolution: int, max_objects: int = 2, scene: str = "objects",
                per_unit: int = RECORDS_PER_UNIT) -> list[dict]:
+    """Units of `per_unit` consecutive demo samples (see dataprep.shapes.sample_at for the arguments)."""
     return [{"kind": "demo", "start": start, "stop": min(start + per_unit, samples), "seed": seed, "size": resolution,
-             "max_objects": max_objects}
+             "max_objects": max_objects, "scene": scene}
             for start in range(0, samples, per_unit)]
 
 
@@ -96,7 +100,8 @@ def source_captions(spec: str) -> Iterator[str]:
 def _unit_records(unit: dict) -> Iterator[readers.RawRecord | readers.SkippedRecord | shapes.DemoSample]:
     if unit["kind"] == "demo":
         for index in range(unit["start"], unit["stop"]):
-            yield shapes.sample_at(index, seed=unit["seed"], size=unit["size"], max_objects=unit["max_objects"])
+            yield shapes.sample_at(index, seed=unit["seed"], size=unit["size"], max_objects=unit["max_objects"],
+                                   scene=unit["scene"])
     elif unit["kind"] == "wds":
         yield from readers.read_webdataset(unit["url"])
     else:
@@ -105,16 +110,20 @@ def _unit_records(unit: dict) -> Iterator[readers.RawRecord | readers.SkippedRec
 
 
 def load_rows(unit: dict, resolution: int) -> Iterator[dict]:
-    """Ray Data flat_map: one row per record, with a decoded image or a skip reason."""
+    """Ray Data flat_map: one row per record, with a decoded image or a skip reason.
+
+    `image_key` names the row's source image (a demo sample is its own image; skipped rows have none).
+    """
     blank = np.zeros((resolution, resolution, 3), np.uint8)
     for record in _unit_records(unit):
-        row = {"key": record.key, "caption": "", "image": blank, "skip": "", "meta": "{}"}
+        row = {"key": record.key, "image_key": "", "caption": "", "image": blank, "skip": "", "meta": "{}"}
         if isinstance(record, readers.SkippedRecord):
             yield {**row, "skip": record.reason}
             continue
         if isinstance(record, shapes.DemoSample):
             objects = [dataclasses.asdict(obj) for obj in record.objects]
-            yield {**row, "caption": record.caption, "image": record.image, "meta": json.dumps({"objects": objects})}
+            yield {**row, "image_key": record.key, "caption": record.caption, "image": record.image,
+                   "meta": json.dumps({"objects": objects})}
             continue
         try:
             caption = readers.clean_caption(record.caption)
@@ -122,7 +131,8 @@ def load_rows(unit: dict, resolution: int) -> Iterator[dict]:
         except readers.Skip as exc:
             yield {**row, "skip": str(exc)}
             continue
-        yield {**row, "caption": caption, "image": image, "meta": json.dumps(record.meta, default=str)}
+        yield {**row, "image_key": record.image_key, "caption": caption, "image": image,
+               "meta": json.dumps(record.meta, default=str)}
 
 
 class Encoder:
@@ -152,18 +162,24 @@ class Encoder:
             texts[i] = encoded.vectors[0].numpy().astype(np.float16)
             unknown[i] = len(encoded.unknown[0])
         latents = self.autoencoder.encode(torch.from_numpy(np.array(batch["image"], copy=True)))
-        return {"key": batch["key"], "caption": batch["caption"], "meta": batch["meta"], "skip": np.array(skip),
+        return {"key": batch["key"], "image_key": batch["image_key"], "caption": batch["caption"],
+                "meta": batch["meta"], "skip": np.array(skip),
                 "latent": latents.float().cpu().numpy().astype(np.float16), "text": texts, "unknown": unknown}
 
 
-def is_validation(key: str, fraction: float) -> bool:
-    """A stable split by key hash, so re-encoding puts every sample on the same side."""
-    return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
+def is_validation(image_key: str, fraction: float) -> bool:
+    """Whether a source image goes to val: a hash of its key, so all its captions land on one side
+    and re-encoding puts every image on the same side."""
+    return zlib.crc32(image_key.encode()) % 10_000 < fraction * 10_000
 
 
 def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: float,
                  skipped: list[dict] | None = None, autoencoder_is_local: bool = True, log=print) -> dict[str, Manifest]:
-    """Run the Ray Data pipeline and write `train/` and `val/` shard sets with their manifests."""
+    """Run the Ray Data pipeline and write `train/` and `val/` shard sets with their manifests.
+
+    Raises ValueError when every record is skipped, or when a side would be empty: val (with
+    val_fraction > 0; val_fraction 0 means no validation samples) or train.
+    """
     if not units:
         raise ValueError("nothing to encode: the source has no records")
     out = Path(settings.out_dir)
@@ -182,12 +198,12 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
             num_gpus=1 if settings.use_gpu else 0,
         )
     )
-    splits = {"train": [], "val": []}
+    images = {"train": set(), "val": set()}  # source image keys per side
     writers, counts = {}, {"train": 0, "val": 0}
     skipped = list(skipped or [])
     unknown_words = 0
     latent_shape = None
-    for split in splits:
+    for split in images:
         (out / split).mkdir(parents=True, exist_ok=True)
         # a whole-second mtime: a fractional one makes tarfile add a PAX header to every member, which
         # doubles the headers the reader parses (and a fixed one makes the shards reproducible)
@@ -200,7 +216,9 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
                 if batch["skip"][i]:
                     skipped.append({"key": key, "reason": str(batch["skip"][i])})
                     continue
-                split = "val" if is_validation(key, settings.val_fraction) else "train"
+                image_key = str(batch["image_key"][i])
+                split = "val" if is_validation(image_key, settings.val_fraction) else "train"
+                images[split].add(image_key)
                 latent_shape = tuple(int(n) for n in batch["latent"][i].shape)
                 writers[split].write(encode_sample(key, batch["latent"][i], batch["text"][i], str(batch["caption"][i]),
                                                    json.loads(str(batch["meta"][i]))))
@@ -213,9 +231,17 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
     if latent_shape is None:
         raise ValueError(f"every record was skipped ({len(skipped)}); first reasons: "
                          f"{[s['reason'] for s in skipped[:3]]}")
+    if settings.val_fraction > 0 and not counts["val"]:
+        raise ValueError(f"the validation split is empty: --val-fraction {settings.val_fraction} picked none of the "
+                         f"{len(images['train'])} source images ({counts['train']} samples); use more data, "
+                         f"a larger --val-fraction, or --val-fraction 0 for no validation set")
+    if not counts["train"]:
+        raise ValueError(f"the training split is empty: --val-fraction {settings.val_fraction} picked all "
+                         f"{len(images['val'])} source images ({counts['val']} samples) for validation; "
+                         f"use more data or a smaller --val-fraction")
 
     manifests = {}
-    for split in splits:
+    for split in images:
         folder = out / split
         shards = sorted(path.name for path in folder.glob(f"{split}-*.tar"))
         manifest = Manifest(
@@ -226,14 +252,16 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
             text_len=settings.text_len, word_dim=int(load_vectors(settings.word_vectors).vector_size),
             samples=counts[split], shards=shards,
             skipped=skipped if split == "train" else [],
-            stats={"unknown_words": unknown_words, "skipped_total": len(skipped), "encode_seconds": round(elapsed, 2),
+            stats={"source_images": len(images[split]), "unknown_words": unknown_words,
+                   "skipped_total": len(skipped), "encode_seconds": round(elapsed, 2),
                    "samples_per_second": round(sum(counts.values()) / elapsed, 1)},
         )
         write_manifest(folder, manifest)
         manifests[split] = manifest
     total = sum(counts.values())
     log(f"dataprep: wrote {counts['train']} train + {counts['val']} val samples "
-        f"({len(manifests['train'].shards)} + {len(manifests['val'].shards)} shards), skipped {len(skipped)}, "
+        f"(of {len(images['train'])} + {len(images['val'])} source images, "
+        f"{len(manifests['train'].shards)} + {len(manifests['val'].shards)} shards), skipped {len(skipped)}, "
         f"in {elapsed:.1f} s ({total / elapsed:.1f} samples/s) -> {out}")
     return manifests
 

@@ -2,10 +2,12 @@
 
 Every reader yields, lazily, either a :class:`RawRecord` (an image reference
 plus its raw caption) or a :class:`SkippedRecord` (input that cannot be used,
-with the reason). Per-record problems never raise: they become skipped
-records, so the pipeline can count and report them. Problems with the source
-as a whole (a missing root, shard or index file, an unknown source kind) raise
-``FileNotFoundError`` / ``ValueError`` as soon as the reader is called.
+with the reason). A RawRecord's `image_key` names its source image: records
+that are captions of one image share it. Per-record problems never raise:
+they become skipped records, so the pipeline can count and report them.
+Problems with the source as a whole (a missing root, shard or index file, an
+unknown source kind) raise ``FileNotFoundError`` / ``ValueError`` as soon as
+the reader is called.
 
 Supported sources:
 
@@ -45,13 +47,18 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 @dataclass(frozen=True)
 class RawRecord:
-    """One (image, caption) pair; exactly one of image_bytes/image_path is set."""
+    """One (image, caption) pair; exactly one of image_bytes/image_path is set.
+
+    `image_key` is the identity of the source image, the same for every caption
+    of it and stable across runs (the train/val split hashes it).
+    """
 
     key: str
     caption: str
     image_bytes: bytes | None
     image_path: str | None
     meta: dict
+    image_key: str
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ def read_coco(
     or else in the first of ``root/<split>``, ``root/images/<split>``,
     ``root/images`` and the json's own folder that holds any of the images.
 
-    Keys are ``coco-<image id, 12 digits>-<caption number within the image>``.
+    Keys are ``coco-<image id, 12 digits>-<caption number within the image>``;
+    the image key is ``coco-<image id, 12 digits>``.
     """
     fs, root_path = url_to_fs(root)
     if not fs.isdir(root_path):
@@ -181,7 +189,8 @@ def _iter_coco(fs, img_path, split, images_by_id, annotations, present):
         n = captions_per_image.get(image_id, 0)
         captions_per_image[image_id] = n + 1
         id_part = f"{image_id:012d}" if isinstance(image_id, int) else _safe_key(str(image_id))
-        key = f"coco-{id_part}-{n}"
+        image_key = f"coco-{id_part}"
+        key = f"{image_key}-{n}"
         image = images_by_id.get(image_id)
         if image is None:
             yield SkippedRecord(key, f"annotation refers to unknown image id {image_id!r}", meta)
@@ -195,7 +204,7 @@ def _iter_coco(fs, img_path, split, images_by_id, annotations, present):
         if file_name not in present:
             yield SkippedRecord(key, f"image file missing: {_to_url(fs, path)}", meta)
             continue
-        yield RawRecord(key, ann["caption"], None, _to_url(fs, path), meta)
+        yield RawRecord(key, ann["caption"], None, _to_url(fs, path), meta, image_key)
 
 
 # ------------------------------------------------------------------- WebDataset
@@ -208,7 +217,8 @@ def read_webdataset(urls: str | Sequence[str]) -> Iterator[RawRecord | SkippedRe
     `urls` is one URL or a list; each may be a local path or fsspec URL and
     may hold brace patterns (``shard-{000..009}.tar``). Tars may be gzip/bz2/xz
     compressed. Keys are the sample keys with unsafe characters replaced by
-    ``_``; a repeated key is skipped.
+    ``_``; a repeated key is skipped. A sample holds one image, so its key is
+    also its image key.
 
     A truncated or corrupt tar keeps the samples read before the damage,
     yields one SkippedRecord for the rest of it and goes on with the next tar.
@@ -316,7 +326,7 @@ def _wds_sample(url: str, sample_key: str, group: dict[str, bytes]) -> RawRecord
         caption = group["txt"].decode("utf-8")
     except UnicodeDecodeError:
         return SkippedRecord(key, "caption is not valid UTF-8", meta)
-    return RawRecord(key, caption, group[image_ext], None, meta)
+    return RawRecord(key, caption, group[image_ext], None, meta, key)
 
 
 # ----------------------------------------------------------------------- folder
@@ -329,7 +339,9 @@ def read_folder(root: str, index_file: str) -> Iterator[RawRecord | SkippedRecor
     ``.csv`` needs a header with ``file`` and ``caption`` columns; ``.jsonl`` /
     ``.ndjson`` holds one ``{"file": ..., "caption": ...}`` object a line.
     ``file`` is relative to `root`; other columns/fields go to
-    ``meta["extra"]``. Keys are ``folder-<row number, 9 digits>``.
+    ``meta["extra"]``. Keys are ``folder-<row number, 9 digits>``; the image
+    key is ``file`` normalised (``./a.jpg`` and ``a.jpg`` are one image), so
+    rows naming the same file are captions of one image.
     """
     fs, root_path = url_to_fs(root)
     if not fs.isdir(root_path):
@@ -427,7 +439,7 @@ def _iter_folder(fs, root_path, index_path, rows) -> Iterator[RawRecord | Skippe
         if not fs.isfile(path):
             yield SkippedRecord(key, f"image file missing: {_to_url(fs, path)}", meta)
             continue
-        yield RawRecord(key, caption, None, _to_url(fs, path), meta)
+        yield RawRecord(key, caption, None, _to_url(fs, path), meta, posixpath.normpath(file.strip()))
 
 
 # ---------------------------------------------------------------------- dispatch

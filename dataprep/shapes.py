@@ -1,32 +1,58 @@
 """The built-in demo data set: captioned synthetic shape images, plus readers to score models with.
 
-Each image is a black square with one or two coloured shapes; its caption names each object's
-size, colour, shape and position ("a small red circle on the left and a big blue box on the
-right"). Every sample is a pure function of (seed, index), so a set can be built in parallel chunks.
+Each image is a black square with coloured shapes. Two scenes:
+
+* ``objects`` (the default): one or two objects at absolute positions; the caption names each
+  object's size, colour, shape and position ("a small red circle on the left and a big blue box
+  on the right");
+* ``relations``: two objects of different colours anywhere on the canvas, one clearly left of,
+  right of, above or below the other; the caption names both and the relation ("a small red circle
+  left of a big blue square", "above a tiny green box is a big cyan disc"). Here an object's
+  ``position`` is relative to the other object: in "a red circle left of a blue square" the circle
+  is "left" and the square "right"; "above" / "below" give "top" / "bottom" and the opposite.
+
+Every sample is a pure function of (seed, index, size, max_objects, scene), so a set can be built
+in parallel chunks.
 
 Two deterministic readers turn model outputs back into attributes for scoring:
 
 * ``read_attributes`` recovers the objects from pixels (text -> image: compare with the prompt);
 * ``parse_caption`` recovers them from caption words (image -> text: compare with the image).
 
-``score`` compares a prediction with the truth, attribute by attribute.
+``score`` compares a prediction with the truth, attribute by attribute; ``score_image`` and
+``score_caption`` apply it to a generated image or caption and the caption it should match, reading
+positions as absolute or relative as that caption states them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+SCENES = ("objects", "relations")
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 ATTRIBUTES = ("shape", "colour", "size", "position")
-# Accuracy of a uniform random guess of one object's attribute: the bar a trained model must clear.
-CHANCE = {name: 1 / len(values) for name, values in zip(ATTRIBUTES, (SHAPES, COLOURS, SIZES, POSITIONS))}
+# A relation caption's phrases, by the position of the object it describes relative to the other
+# object (first is canonical); the other object gets the opposite position.
+RELATION_PHRASES = {
+    "left": ("left of", "to the left of"),
+    "right": ("right of", "to the right of"),
+    "top": ("above", "over"),
+    "bottom": ("below", "under"),
+}
+RELATIONS = tuple(RELATION_PHRASES)
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+# Accuracy of a uniform random guess of one object's attribute, per scene: the bar a trained model must clear.
+CHANCE = {
+    scene: {name: 1 / len(values) for name, values in zip(ATTRIBUTES, (SHAPES, COLOURS, SIZES, positions))}
+    for scene, positions in zip(SCENES, (POSITIONS, RELATIONS))
+}
 
 PALETTE = {
     "red": (230, 30, 30),
@@ -51,6 +77,12 @@ MAX_OFFSET = 1
 # Only these pairs are far enough apart never to overlap; "center" is single-object only.
 POSITION_PAIRS = (("left", "right"), ("top", "bottom"))
 TWO_OBJECT_PROBABILITY = 0.3
+# Relations scenes: each object at least EDGE_MARGIN inside the canvas; along the relation's axis the
+# two bounding boxes at least GAP apart, across it the centres' offset at most MAX_CROSS_RATIO of
+# their offset along it, so the relation is unambiguous.
+EDGE_MARGIN = 1.0
+GAP = 1.0
+MAX_CROSS_RATIO = 0.5
 
 # Caption words: each canonical value and the words that may stand for it (first is canonical).
 SYNONYMS = {
@@ -92,12 +124,17 @@ class DemoSample:
     key: str
     image: np.ndarray  # HxWx3 uint8
     caption: str
-    objects: tuple[ObjectSpec, ...]
+    objects: tuple[ObjectSpec, ...]  # in a relations scene: the object the relation describes first
+
+
+def _check_scene(scene: str) -> None:
+    if scene not in SCENES:
+        raise ValueError(f"unknown scene {scene!r}; choose one of {', '.join(SCENES)}")
 
 
 def _canonical(objects: Sequence[ObjectSpec]) -> tuple[ObjectSpec, ...]:
-    """Objects sorted by position (POSITIONS order)."""
-    return tuple(sorted(objects, key=lambda o: POSITIONS.index(o.position)))
+    """Objects sorted by position (POSITIONS order; unknown positions last)."""
+    return tuple(sorted(objects, key=lambda o: POSITIONS.index(o.position) if o.position else len(POSITIONS)))
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -114,41 +151,63 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.nda
 
 
 def render(
-    objects: Sequence[ObjectSpec], size: int = 32, rng: np.random.Generator | None = None
+    objects: Sequence[ObjectSpec],
+    size: int = 32,
+    rng: np.random.Generator | None = None,
+    centres: Sequence[tuple[float, float]] | None = None,
 ) -> np.ndarray:
-    """Draw the objects on black. With an rng, colours and centres get a small random jitter."""
+    """Draw the objects on black, each with its bounding box centred at its entry of `centres`
+    ((x, y) in units of size / 32), by default at its position's CENTRES entry. With an rng, colours
+    get a small random jitter, and so do default centres."""
     unit = size / 32
     image = np.zeros((size, size, 3), np.uint8)
-    for obj in objects:
+    for index, obj in enumerate(objects):
         colour = np.array(PALETTE[obj.colour])
-        cx, cy = (c * unit for c in CENTRES[obj.position])
+        cx, cy = CENTRES[obj.position] if centres is None else centres[index]
         if rng is not None:
             colour = colour + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)
-            ox, oy = rng.integers(-MAX_OFFSET, MAX_OFFSET + 1, 2) * unit
-            cx, cy = cx + ox, cy + oy
-        mask = _shape_mask(obj.shape, cx, cy, HALF_EXTENT[obj.size] * unit, size)
+            if centres is None:
+                ox, oy = rng.integers(-MAX_OFFSET, MAX_OFFSET + 1, 2)
+                cx, cy = cx + ox, cy + oy
+        mask = _shape_mask(obj.shape, cx * unit, cy * unit, HALF_EXTENT[obj.size] * unit, size)
         image[mask] = np.clip(colour, 0, 255)
     return image
 
 
-def _word(value: str, rng: np.random.Generator) -> str:
-    options = SYNONYMS.get(value, (value,))
+def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
     return options[rng.integers(len(options))]
 
 
+def _word(value: str, rng: np.random.Generator) -> str:
+    return _pick(SYNONYMS.get(value, (value,)), rng)
+
+
+def _what(obj: ObjectSpec, rng: np.random.Generator) -> str:
+    return f"{_word(obj.size, rng)} {_word(obj.colour, rng)} {_word(obj.shape, rng)}"
+
+
 def _phrase(obj: ObjectSpec, rng: np.random.Generator, alone: bool) -> str:
-    prepositions = POSITION_PHRASES[obj.position]
-    where = f"{prepositions[rng.integers(len(prepositions))]} {_word(obj.position, rng)}"
-    what = f"{_word(obj.size, rng)} {_word(obj.colour, rng)} {_word(obj.shape, rng)}"
+    where = f"{_pick(POSITION_PHRASES[obj.position], rng)} {_word(obj.position, rng)}"
+    what = _what(obj, rng)
     templates = [f"a {what} {where}", f"{what} {where}", f"{where} a {what}"]
     if alone:  # keeps two-object captions within MAX_CAPTION_WORDS
         templates.append(f"there is a {what} {where}")
-    return templates[rng.integers(len(templates))]
+    return _pick(templates, rng)
 
 
 def make_caption(objects: Sequence[ObjectSpec], rng: np.random.Generator) -> str:
-    """A caption naming every object, in the given order, joined with "and"."""
+    """A caption naming every object at its absolute position, in the given order, joined with "and"."""
     return " and ".join(_phrase(obj, rng, alone=len(objects) == 1) for obj in objects)
+
+
+def make_relation_caption(subject: ObjectSpec, other: ObjectSpec, rng: np.random.Generator) -> str:
+    """A caption naming both objects and `subject`'s position relative to `other` ("a small red circle
+    left of a big blue square", or led by the relation: "to the left of a big blue box is a tiny red disc")."""
+    relation = _pick(RELATION_PHRASES[subject.position], rng)
+    a, b = _what(subject, rng), _what(other, rng)
+    templates = [f"a {a} {relation} a {b}", f"{a} {relation} {b}", f"there is a {a} {relation} a {b}",
+                 f"{relation} a {b} is a {a}"]
+    return _pick(templates, rng)
 
 
 def _sample_objects(rng: np.random.Generator, max_objects: int) -> tuple[ObjectSpec, ...]:
@@ -166,25 +225,72 @@ def _sample_objects(rng: np.random.Generator, max_objects: int) -> tuple[ObjectS
     )
 
 
-def sample_at(index: int, seed: int = 0, size: int = 32, max_objects: int = 2) -> DemoSample:
-    """Sample `index` of the set `seed`; depends only on its arguments."""
+def _sample_relation(rng: np.random.Generator) -> tuple[ObjectSpec, ObjectSpec]:
+    """A subject at a random relation to another object of a different colour (relative positions)."""
+    relation = _pick(RELATIONS, rng)
+    colours = [COLOURS[i] for i in rng.choice(len(COLOURS), 2, replace=False)]
+    subject, other = (
+        ObjectSpec(_pick(SHAPES, rng), colour, _pick(SIZES, rng), position)
+        for colour, position in zip(colours, (relation, OPPOSITE[relation]))
+    )
+    return subject, other
+
+
+def _relation_centres(
+    subject: ObjectSpec, other: ObjectSpec, rng: np.random.Generator
+) -> list[tuple[float, float]]:
+    """Random box centres (x, y), in units of size / 32, that put `subject` clearly at its relative
+    position to `other` and keep both inside the canvas (see EDGE_MARGIN, GAP, MAX_CROSS_RATIO)."""
+    r = [HALF_EXTENT[subject.size], HALF_EXTENT[other.size]]
+    low = [ri + EDGE_MARGIN for ri in r]
+    high = [32 - ri - EDGE_MARGIN for ri in r]
+    first, second = (0, 1) if subject.position in ("left", "top") else (1, 0)  # by coordinate along the axis
+    distance = r[0] + r[1] + GAP
+    along = [0.0, 0.0]
+    along[first] = rng.uniform(low[first], high[second] - distance)
+    along[second] = rng.uniform(along[first] + distance, high[second])
+    spread = MAX_CROSS_RATIO * (along[second] - along[first])
+    across = [rng.uniform(low[0], high[0]), 0.0]
+    across[1] = rng.uniform(max(low[1], across[0] - spread), min(high[1], across[0] + spread))
+    if subject.position in ("left", "right"):
+        return list(zip(along, across))
+    return list(zip(across, along))
+
+
+def sample_at(
+    index: int, seed: int = 0, size: int = 32, max_objects: int = 2, scene: str = "objects"
+) -> DemoSample:
+    """Sample `index` of the set (`seed`, `scene`); depends only on its arguments.
+
+    A relations scene always has two objects, so it needs max_objects = 2.
+    """
     if max_objects not in (1, 2):
         raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
+    _check_scene(scene)
     rng = np.random.default_rng([seed, index])
-    objects = _sample_objects(rng, max_objects)
-    image = render(objects, size, rng)
-    return DemoSample(f"demo-{seed}-{index:06d}", image, make_caption(objects, rng), objects)
+    if scene == "objects":
+        objects = _sample_objects(rng, max_objects)
+        image = render(objects, size, rng)
+        return DemoSample(f"demo-{seed}-{index:06d}", image, make_caption(objects, rng), objects)
+    if max_objects != 2:
+        raise ValueError(f"a relations scene has two objects, so max_objects must be 2, got {max_objects}")
+    subject, other = _sample_relation(rng)
+    image = render((subject, other), size, rng, _relation_centres(subject, other, rng))
+    caption = make_relation_caption(subject, other, rng)
+    return DemoSample(f"relations-{seed}-{index:06d}", image, caption, (subject, other))
 
 
 def iter_samples(
-    n: int, seed: int = 0, size: int = 32, max_objects: int = 2
+    n: int, seed: int = 0, size: int = 32, max_objects: int = 2, scene: str = "objects"
 ) -> Iterator[DemoSample]:
     for index in range(n):
-        yield sample_at(index, seed, size, max_objects)
+        yield sample_at(index, seed, size, max_objects, scene)
 
 
-def generate(n: int, seed: int = 0, size: int = 32, max_objects: int = 2) -> list[DemoSample]:
-    return list(iter_samples(n, seed, size, max_objects))
+def generate(
+    n: int, seed: int = 0, size: int = 32, max_objects: int = 2, scene: str = "objects"
+) -> list[DemoSample]:
+    return list(iter_samples(n, seed, size, max_objects, scene))
 
 
 def _label(mask: np.ndarray) -> np.ndarray:
@@ -228,11 +334,12 @@ def _box(shape: str, area: int, cx: float, cy: float) -> tuple[float, float, flo
     return cx, cy, r
 
 
-def _describe(blob: np.ndarray, colour: str) -> ObjectSpec:
-    """Attributes of one connected blob (HxW mask).
+def _describe(blob: np.ndarray, colour: str) -> tuple[ObjectSpec, tuple[float, float]]:
+    """Attributes of one connected blob (HxW mask), without a position, and its box centre (x, y) in
+    units of size / 32.
 
     Shape: the one whose template of the same area and centroid overlaps the blob best (IoU);
-    size: from the area; position: the centre nearest to the fitted template's box centre.
+    size: from the area; box centre: the fitted template's.
     """
     ys, xs = np.nonzero(blob)
     area, cx, cy = len(ys), xs.mean() + 0.5, ys.mean() + 0.5
@@ -246,23 +353,42 @@ def _describe(blob: np.ndarray, colour: str) -> ObjectSpec:
     unit = blob.shape[0] / 32
     bx, by, r = (v / unit for v in boxes[shape])
     size = "large" if r > np.sqrt(HALF_EXTENT["small"] * HALF_EXTENT["large"]) else "small"
-    position = min(POSITIONS, key=lambda p: (CENTRES[p][0] - bx) ** 2 + (CENTRES[p][1] - by) ** 2)
-    return ObjectSpec(shape, colour, size, position)
+    return ObjectSpec(shape, colour, size, None), (bx, by)
 
 
-def read_attributes(image: np.ndarray) -> tuple[ObjectSpec, ...]:
+def _nearest_position(centre: tuple[float, float]) -> str:
+    return min(POSITIONS, key=lambda p: (CENTRES[p][0] - centre[0]) ** 2 + (CENTRES[p][1] - centre[1]) ** 2)
+
+
+def _relative_positions(centres: Sequence[tuple[float, float]]) -> list[str | None]:
+    """Two objects' positions relative to each other, along the axis their centres differ most on;
+    None for each unless there are exactly two."""
+    if len(centres) != 2:
+        return [None] * len(centres)
+    (x0, y0), (x1, y1) = centres
+    if abs(x1 - x0) >= abs(y1 - y0):
+        first = "left" if x0 < x1 else "right"
+    else:
+        first = "top" if y0 < y1 else "bottom"
+    return [first, OPPOSITE[first]]
+
+
+def read_attributes(image: np.ndarray, scene: str = "objects") -> tuple[ObjectSpec, ...]:
     """Objects found in an HxWx3 image (uint8, or float in [0, 1]), in canonical position order.
 
     Bright, saturated pixels are classified to their nearest palette colour; each 8-connected
     blob of one colour larger than a speck is an object (see `_describe`). Returns () if none.
+    Positions as the scene defines them: "objects", the nearest of CENTRES; "relations", relative
+    to each other (see `_relative_positions`).
     """
+    _check_scene(scene)
     image = np.asarray(image)
     if image.dtype.kind == "f":
         image = np.clip(image, 0, 1) * 255
     unit = image.shape[0] / 32
     min_area = MIN_AREA * unit**2
     classes = _classify_pixels(image)
-    objects = []
+    found = []
     for index, colour in enumerate(COLOURS):
         mask = classes == index
         if mask.sum() < min_area:
@@ -271,8 +397,10 @@ def read_attributes(image: np.ndarray) -> tuple[ObjectSpec, ...]:
         for label in np.unique(labels[labels > 0]):
             blob = labels == label
             if blob.sum() >= min_area:
-                objects.append(_describe(blob, colour))
-    return _canonical(objects)
+                found.append(_describe(blob, colour))
+    centres = [centre for _, centre in found]
+    positions = _relative_positions(centres) if scene == "relations" else map(_nearest_position, centres)
+    return _canonical([replace(obj, position=p) for (obj, _), p in zip(found, positions)])
 
 
 # Caption word -> (attribute, canonical value).
@@ -282,24 +410,62 @@ _WORDS = {
     for value in values
     for word in SYNONYMS.get(value, (value,))
 }
+# Relation phrase as words -> the relative position it gives the object it describes.
+_RELATION_WORDS = [(phrase.split(), relation) for relation, phrases in RELATION_PHRASES.items() for phrase in phrases]
 
 
-def parse_caption(caption: str | Sequence[str]) -> tuple[ObjectSpec, ...]:
-    """Objects named in a caption, in caption order; attributes it does not name are None.
-
-    Objects are split on "and"; synonyms map to canonical names; other words are ignored.
-    """
+def _words(caption: str | Sequence[str]) -> list[str]:
     words = caption.split() if isinstance(caption, str) else list(caption)
-    words = [re.sub(r"[^a-z]", "", word.lower()) for word in words]
+    return [re.sub(r"[^a-z]", "", word.lower()) for word in words]
+
+
+def _find_relation(words: list[str]) -> tuple[int, int, str] | None:
+    """(start, stop, relation) of the first relation phrase in the words, None if there is none."""
+    for start in range(len(words)):
+        for phrase, relation in _RELATION_WORDS:
+            if words[start:start + len(phrase)] == phrase:
+                return start, start + len(phrase), relation
+    return None
+
+
+def _split_objects(words: list[str], separators: tuple[str, ...]) -> list[ObjectSpec]:
+    """Objects named by runs of words between separators; the first word naming an attribute sets it."""
     objects, current = [], {}
-    for word in [*words, "and"]:
-        if word == "and":
+    for word in [*words, separators[0]]:
+        if word in separators:
             if current:
                 objects.append(ObjectSpec(**{a: current.get(a) for a in ATTRIBUTES}))
             current = {}
         elif word in _WORDS:
             field, value = _WORDS[word]
             current.setdefault(field, value)
+    return objects
+
+
+def scene_of(caption: str | Sequence[str]) -> str:
+    """"relations" when the caption states a relation between objects, else "objects"."""
+    return "objects" if _find_relation(_words(caption)) is None else "relations"
+
+
+def parse_caption(caption: str | Sequence[str]) -> tuple[ObjectSpec, ...]:
+    """Objects named in a caption, in caption order; attributes it does not name are None.
+
+    Objects are split on "and"; synonyms map to canonical names; other words are ignored. A relation
+    caption is split at its first relation phrase (and at "is": "above a blue box is a red disc"): the
+    object it describes (the last one before the phrase, else the second after it) gets the relation's
+    position, the object after the phrase the opposite one.
+    """
+    words = _words(caption)
+    found = _find_relation(words)
+    if found is None:
+        return tuple(_split_objects(words, ("and",)))
+    start, stop, relation = found
+    before = _split_objects(words[:start], ("and", "is"))
+    objects = before + _split_objects(words[stop:], ("and", "is"))
+    subject, other = (len(before) - 1, len(before)) if before else (1, 0)
+    for index, position in ((subject, relation), (other, OPPOSITE[relation])):
+        if index < len(objects):
+            objects[index] = replace(objects[index], position=position)
     return tuple(objects)
 
 
@@ -333,3 +499,14 @@ def score(predicted: Sequence[ObjectSpec], truth: Sequence[ObjectSpec]) -> dict[
     everything_right = all(result[a] == 1.0 for a in ATTRIBUTES)
     result["all"] = float(len(predicted) == len(truth) and everything_right)
     return result
+
+
+def score_image(image: np.ndarray, caption: str) -> dict[str, float]:
+    """`score` of the objects read from an image against the caption it should show, reading positions
+    as the caption states them: relative to each other for a relation caption, else absolute."""
+    return score(read_attributes(image, scene_of(caption)), parse_caption(caption))
+
+
+def score_caption(generated: str, truth: str) -> dict[str, float]:
+    """`score` of the objects a generated caption names against those of the true caption."""
+    return score(parse_caption(generated), parse_caption(truth))

@@ -4,14 +4,14 @@
     python jobs/benchmark.py overhead --preset demo           # bare PyTorch loop vs TorchTrainer(1 worker), A/B/A/B
     python jobs/benchmark.py loader --data data/demo/train    # shard reader vs training speed; RSS at 1x and 10x shards
     python jobs/benchmark.py sampling --preset demo --model runs/<run>/model
-    python jobs/benchmark.py convergence --config configs/demo.yaml --steps 1500
+    python jobs/benchmark.py convergence --config configs/demo.yaml --steps 1000 --seeds 3 --accuracy-every 500
     python jobs/benchmark.py convergence --against ode --steps 1000 model.shared_depth=7 model.ode_solver=midpoint
     python jobs/benchmark.py convergence --against experts --experts 2 --steps 1500 --branch-at 1000
     python jobs/benchmark.py paint --model runs/<run>/model   # paint-with-words: objects landing in the region
     python jobs/benchmark.py serve --model runs/<run>/model   # Serve text-to-image, batching on vs off
 
-Figures are logged to MLflow (experiment psunet-benchmark) when --tracking-uri or MLFLOW_TRACKING_URI is
-set. No figure here is a test: tests only check that every field is present and positive.
+Figures are logged to MLflow (experiment psunet-benchmark): --tracking-uri, else $MLFLOW_TRACKING_URI, else
+the local store runs/mlflow.db. No figure here is a test: tests only check that every field is present and positive.
 """
 
 import argparse
@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from psunet.config import DiffusionConfig, preset  # noqa: E402
+from jobs.tracking import experiment_id, tracking_uri  # noqa: E402
+from psunet.config import DiffusionConfig, ModelConfig, baseline_of, preset  # noqa: E402
 from psunet.diffusion import NoiseSchedule  # noqa: E402
 from psunet.model import PSUNet, forward_flops  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
@@ -308,23 +309,31 @@ def bench_sampling(args) -> dict:
     return figures
 
 
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float:
-    """First step at which a (step, value) curve is at or below `target`, linearly interpolated."""
-    previous = (0, math.inf)
-    for step, value in curve:
-        if value <= target:
-            if math.isinf(previous[1]):
-                return float(step)
+def first_reach(points: list[tuple[float, float]], target: float, higher_is_better: bool = False) -> float:
+    """First x at which an (x, value) curve reaches `target` (at or below it; at or above it when higher is
+    better), linearly interpolated from the previous point; inf when it never does."""
+    sign = -1 if higher_is_better else 1
+    previous = None
+    for x, value in points:
+        if sign * value <= sign * target:
+            if previous is None:
+                return float(x)
             fraction = (previous[1] - target) / (previous[1] - value)
-            return previous[0] + fraction * (step - previous[0])
-        previous = (step, value)
+            return previous[0] + fraction * (x - previous[0])
+        previous = (x, value)
     return math.inf
+
+
+PROGRESS_KEYS = ("wall_seconds", "val_loss", "val_gap_image", "val_gap_text", "t2i_accuracy", "i2t_accuracy")
 
 
 def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, evaluate=None,
               eval_every: int = 0, name: str = "") -> tuple[PSUNet, list[dict]]:
     """Train `model` in this process with the training job's own step (jobs.train.train_step) and lr schedule,
-    for `steps` steps (cfg.branch.time_range limits the times); returns (EMA model, evaluation curve)."""
+    for `steps` steps (cfg.branch.time_range limits the times); returns (EMA model, evaluation curve).
+
+    evaluate(ema_model, step) -> dict is called every `eval_every` steps and at the end; each curve point also
+    has the wall-clock seconds spent in training steps so far."""
     from jobs.train import lr_at, make_optimizer, train_step
     from psunet.data import make_loader
     from psunet.ema import EMA
@@ -335,24 +344,29 @@ def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, e
     schedule = NoiseSchedule(cfg.diffusion)
     batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True, seed=seed,
                                rank=0, world_size=1))
-    curve = []
+    curve, training_seconds = [], 0.0
     for step in range(steps):
+        started = time.perf_counter()
         train_step(model, model, optimizer, ema, schedule, cfg, next(batches), lr_at(step, optim), device)
+        training_seconds += time.perf_counter() - started
         if evaluate and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            curve.append({"step": step + 1, **evaluate(ema.model)})
+            curve.append({"step": step + 1, "wall_seconds": training_seconds, **evaluate(ema.model, step + 1)})
             print(f"convergence: {name} step {step + 1} " + " ".join(
-                f"{k}={v:.4g}" for k, v in curve[-1].items() if k != "step"), file=sys.stderr, flush=True)
+                f"{k}={v:.4g}" for k, v in curve[-1].items() if k in PROGRESS_KEYS), file=sys.stderr, flush=True)
     return ema.model, curve
 
 
 def activation_mb(model: PSUNet, batch_size: int, device: torch.device) -> float:
-    """MB of tensors saved for backward in one training forward: the activation memory of a step, any device."""
+    """MB of tensors saved for backward in one training forward, the weights themselves left out: the
+    activation memory of a step, any device."""
     c = model.config
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = 0
 
     def pack(tensor):
         nonlocal saved
-        saved += tensor.numel() * tensor.element_size()
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved += tensor.numel() * tensor.element_size()
         return tensor
 
     latents = torch.randn(batch_size, *c.latent_shape, device=device)
@@ -374,62 +388,219 @@ def sampling_ms_per_step(model, config, diffusion, batch: int, device: torch.dev
     return seconds / steps * 1000
 
 
-def bench_convergence(args) -> dict:
-    """PS-U-Net against another model on the same data, seed, steps and evaluation.
+def training_memory_mb(model: PSUNet, batch_size: int, device: torch.device) -> dict[str, float]:
+    """A training step's memory, counted from the model: activations saved for backward, plus the state of
+    weights, gradients, AdamW's two moments and the EMA copy (5 x the parameters, fp32)."""
+    state = 5 * 4 * sum(p.numel() for p in model.parameters()) / 2**20
+    activations = activation_mb(model, batch_size, device)
+    return {"activation_mb": activations, "state_mb": state, "training_memory_mb": activations + state}
 
-    --against baseline: the parameter-matched U-ViT-multi; ode: the same model with neural-ODE shared blocks;
-    experts: K experts branched from a base trained to --branch-at, against one model fine-tuned from the same
-    base for the same steps (the K = 1 control).
+
+def equal_flops_baseline(config: ModelConfig) -> ModelConfig:
+    """The U-ViT-multi baseline of `config` at PS-U-Net's FLOPs per sample instead of its parameters: the same
+    depth, narrowed (in steps of the head count) to the width whose forward FLOPs come closest."""
+    target = forward_flops(PSUNet(config))
+    wide = baseline_of(config)
+    widths = range(config.heads * max(1, 8 // config.heads), wide.width + 1, config.heads)
+    return min((wide.model_copy(update={"width": width}) for width in widths),
+               key=lambda c: abs(forward_flops(PSUNet(c)) - target))
+
+
+def backbone_configs(base, names: list[str]) -> dict:
+    """Training config per compared model, all from `base`: psunet (its model), baseline (U-ViT-multi at equal
+    parameters), baseline_flops (U-ViT-multi at equal training FLOPs per sample), psunet_memory (PS-U-Net at
+    the batch size whose activations fill the baseline's at base's batch), ode (neural-ODE shared blocks)."""
+    def with_model(model, batch=None):
+        optim = base.optim.model_copy(update={"batch_size": batch}) if batch else base.optim
+        return base.model_copy(update={"model": model, "optim": optim})
+
+    def memory_batch() -> int:
+        batch = base.optim.batch_size
+        per_sample = {name: activation_mb(PSUNet(model), batch, torch.device("cpu")) / batch
+                      for name, model in (("psunet", base.model), ("baseline", baseline_of(base.model)))}
+        return max(1, round(batch * per_sample["baseline"] / per_sample["psunet"]))
+
+    builders = {"psunet": lambda: with_model(base.model),
+                "baseline": lambda: with_model(baseline_of(base.model)),
+                "baseline_flops": lambda: with_model(equal_flops_baseline(base.model)),
+                "psunet_memory": lambda: with_model(base.model, memory_batch()),
+                "ode": lambda: with_model(base.model.model_copy(update={"block_type": "ode"}))}
+    unknown = [name for name in names if name not in builders]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(builders)}")
+    return {name: builders[name]() for name in names}
+
+
+def model_costs(cfg, seconds_per_step: float, device: torch.device) -> dict:
+    """What one compared model costs, from the model itself: parameters, FLOPs, memory, the measured training
+    step time, and sampling ms per step at batch 1 and 16 (speed does not depend on the weights)."""
+    from psunet.model import parameter_counts
+
+    model = PSUNet(cfg.model).to(device)
+    forward = forward_flops(model)
+    costs = {"parameters": parameter_counts(model)["total"], "batch_size": cfg.optim.batch_size,
+             "forward_flops_per_sample": forward, "train_flops_per_sample": 3 * forward,
+             **training_memory_mb(model, cfg.optim.batch_size, device), "seconds_per_step": seconds_per_step,
+             "samples_per_s": cfg.optim.batch_size / seconds_per_step}
+    model.eval()
+    for batch in (1, 16):
+        costs[f"sampling_ms_per_step_batch{batch}"] = sampling_ms_per_step(model, cfg.model, cfg.diffusion, batch,
+                                                                           device)
+    return costs
+
+
+def interleaved_step_seconds(configs: dict, device: torch.device, steps: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per training step of each config (the job's step, synthetic batch), timed in turn
+    round after round so drift and other load on the machine hit every model alike."""
+    timers = {name: StepTimer(cfg, device) for name, cfg in configs.items()}
+    times = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.seconds_per_step(steps, warmup=1))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+class HeldOut:
+    """The evaluation every compared model gets: the validation losses and conditional gaps (jobs.train's
+    Validator, on the same fixed batches for every model), and at accuracy points text->image and
+    image->text attribute accuracy of held-out pairs at each direction's best guidance scale of a sweep."""
+
+    def __init__(self, base, samples: int, scales: list[float], settings: SamplerSettings, device: torch.device):
+        from jobs.evaluate import held_out_pairs
+
+        self.base, self.scales, self.settings, self.device = base, scales, settings, device
+        self.prompts, self.latents = held_out_pairs(base.data.val or base.data.train, samples)
+
+    def __call__(self, model, model_config, accuracy: bool) -> dict:
+        from jobs.quality import guidance_sweep
+        from jobs.train import Validator
+
+        validator = Validator(self.base.model_copy(update={"model": model_config}), self.device)
+        point = validator.loss(model)
+        if accuracy:
+            sweep = guidance_sweep(validator.make_pipeline(model), self.prompts, self.latents, self.scales,
+                                   self.settings)
+            for task in ("t2i", "i2t"):
+                point.update({f"{task}_accuracy": sweep[task]["best"], f"{task}_guidance": sweep[task]["best_scale"],
+                              **{f"{task}_accuracy_w{scale:g}": value["mean"]
+                                 for scale, value in sweep[task]["by_scale"].items()}})
+        return point
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max over seeds."""
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < len(values):
+        return {"mean": math.inf, "std": math.nan, "min": min(values), "max": max(values), "never": len(values) - len(finite)}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def axes_at(step: int, costs: dict) -> dict:
+    """Where a model is after `step` steps: samples seen, training FLOPs, seconds at its measured step time."""
+    samples = step * costs["batch_size"]
+    return {"samples": samples, "train_flops": samples * costs["train_flops_per_sample"],
+            "seconds": step * costs["seconds_per_step"]}
+
+
+CURVE_METRICS = {"val_loss": False, "t2i_accuracy": True, "i2t_accuracy": True}  # name: higher is better
+AXES = ("step", "train_flops", "seconds")
+
+
+def reach_table(runs: dict[str, list[dict]]) -> dict:
+    """For one seed's curves {model: points}: per metric, the target every model reaches (the worst final
+    value among them) and where each model first reaches it on each axis (steps, training FLOPs, seconds)."""
+    table = {}
+    for metric, higher in CURVE_METRICS.items():
+        curves = {name: [p for p in points if metric in p] for name, points in runs.items()}
+        if not all(curves.values()):
+            continue
+        finals = [curve[-1][metric] for curve in curves.values()]
+        target = min(finals) if higher else max(finals)
+        table[metric] = {"target": target, **{axis: {name: first_reach([(p[axis], p[metric]) for p in curve], target,
+                                                                        higher)
+                                                      for name, curve in curves.items()} for axis in AXES}}
+    return table
+
+
+def convergence_run(cfg, name: str, seed: int, steps: int, held_out: HeldOut, args, device: torch.device
+                    ) -> list[dict]:
+    """One model trained from `seed` for `steps`, evaluated every --eval-every steps (accuracy every
+    --accuracy-every). Kept as JSON in --out-dir, so a rerun with the same settings reuses it (and only
+    measures the step times again)."""
+    import hashlib
+
+    key = json.dumps({"config": cfg.model_dump(mode="json"), "seed": seed, "steps": steps,
+                      "eval": [args.eval_every, args.accuracy_every, args.samples, held_out.scales,
+                               held_out.settings.model_dump(mode="json")]}, sort_keys=True)
+    cache = Path(args.out_dir) / "runs" / f"{name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    if cache.exists():
+        print(f"convergence: {name} seed {seed}: reusing {cache}", file=sys.stderr, flush=True)
+        return json.loads(cache.read_text())
+
+    def evaluate(model, step: int) -> dict:
+        return held_out(model, cfg.model, args.accuracy and (step % args.accuracy_every == 0 or step == steps))
+
+    torch.manual_seed(seed)
+    _, curve = train_for(cfg, PSUNet(cfg.model).to(device), steps, seed, device, evaluate, args.eval_every,
+                         f"{name} seed {seed}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(curve))
+    return curve
+
+
+def bench_convergence(args) -> dict:
+    """Backbones compared on the same data, seeds, data order, steps and evaluation, --seeds times.
+
+    --against baseline (default models psunet, baseline, baseline_flops, psunet_memory): PS-U-Net against
+    U-ViT-multi at equal parameters, at equal training FLOPs per sample, and PS-U-Net at the baseline's memory;
+    ode: the same model with neural-ODE shared blocks; experts: K experts branched from a base trained to
+    --branch-at, against one model fine-tuned from the same base for the same steps (the K = 1 control).
+    Every curve is reported against steps, training FLOPs and seconds (the step time each model measured in
+    an interleaved timing run on this machine), with each model's parameters, FLOPs and training memory.
     """
     from jobs.config import load_config
-    from jobs.quality import text_to_image_accuracy
-    from jobs.train import Validator
-    from psunet.config import baseline_of
-    from psunet.model import parameter_counts
 
     device = device_of(args.device)
     base = load_config(args.config, args.overrides).resolved()
-    validator = Validator(base, device)
-
-    def evaluate(model) -> dict:
-        point = validator.loss(model)
-        if args.accuracy:
-            accuracy, _ = text_to_image_accuracy(validator.make_pipeline(model), validator.captions,
-                                                 validator.settings)
-            point["t2i_accuracy"] = sum(v for k, v in accuracy.items() if k != "all") / (len(accuracy) - 1)
-        return point
-
+    settings = SamplerSettings(steps=args.sample_steps, seed=args.seed)
+    held_out = HeldOut(base, args.samples, args.guidance_scales, settings, device)
     if args.against == "experts":
-        return _experts_against_one(args, base, device, evaluate)
-    other = baseline_of(base.model) if args.against == "baseline" else \
-        base.model.model_copy(update={"block_type": "ode"})
-    names = ("psunet", args.against)
-    curves, figures = {}, {"config": args.config, "against": args.against, "steps": args.steps, "seed": args.seed}
-    for name, model_config in zip(names, (base.model, other)):
-        cfg = base.model_copy(update={"model": model_config})
-        torch.manual_seed(args.seed)
-        model = PSUNet(model_config).to(device)
-        figures[f"parameters_{name}"] = parameter_counts(model)["total"]
-        figures[f"activation_mb_{name}"] = activation_mb(model, cfg.optim.batch_size, device)
-        ema_model, curves[name] = train_for(cfg, model, args.steps, args.seed, device, evaluate, args.eval_every,
-                                            name)
-        for batch in (1, 16):
-            figures[f"sampling_ms_per_step_batch{batch}_{name}"] = sampling_ms_per_step(
-                ema_model, model_config, cfg.diffusion, batch, device)
-    final = {name: curve[-1]["val_loss"] for name, curve in curves.items()}
-    target = max(final.values())  # both models reach the worse final loss within the budget
-    reach = {name: steps_to_reach([(p["step"], p["val_loss"]) for p in curve], target)
-             for name, curve in curves.items()}
-    plot = plot_curves(curves, Path(args.out_dir) / f"convergence_{args.against}.png") if args.out_dir else None
-    other_name = names[1]
-    figures.update({
-        "parameter_gap": abs(figures["parameters_psunet"] - figures[f"parameters_{other_name}"])
-        / figures[f"parameters_{other_name}"],
-        **{f"final_val_loss_{name}": value for name, value in final.items()}, "target_val_loss": target,
-        **{f"steps_to_target_{name}": value for name, value in reach.items()},
-        "step_ratio": reach[other_name] / reach["psunet"], "curves": curves, "plot": str(plot) if plot else None})
-    if args.accuracy:
-        figures.update({f"final_t2i_accuracy_{name}": curve[-1]["t2i_accuracy"] for name, curve in curves.items()})
+        return _experts_against_one(args, base, device, lambda model: held_out(model, base.model, args.accuracy))
+    names = args.models or (["psunet", "ode"] if args.against == "ode" else
+                            ["psunet", "baseline", "baseline_flops", "psunet_memory"])
+    configs = backbone_configs(base, names)
+    step_seconds = interleaved_step_seconds(configs, device, args.timing_steps)
+    costs = {name: model_costs(cfg, step_seconds[name], device) for name, cfg in configs.items()}
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs = {seed: {name: [{**point, **axes_at(point["step"], costs[name])}
+                          for point in convergence_run(cfg, name, seed, args.steps, held_out, args, device)]
+                   for name, cfg in configs.items()} for seed in seeds}
+    reach = {seed: reach_table(runs[seed]) for seed in seeds}
+    figures = {"config": args.config, "against": args.against, "models": names, "steps": args.steps, "seeds": seeds,
+               "samples": args.samples, "guidance_scales": args.guidance_scales, "sample_steps": args.sample_steps,
+               "objective": base.diffusion.timesteps, "costs": costs}
+    for name, cost in costs.items():
+        figures.update({f"{key}_{name}": value for key, value in cost.items()})
+    summary = {}
+    for metric in CURVE_METRICS:
+        if metric not in reach[seeds[0]]:
+            continue
+        finals = {name: spread([runs[seed][name][-1][metric] for seed in seeds]) for name in names}
+        entry = {"final": finals, "target": spread([reach[seed][metric]["target"] for seed in seeds])}
+        for axis in AXES:
+            entry[f"reach_{axis}"] = {name: spread([reach[seed][metric][axis][name] for seed in seeds])
+                                      for name in names}
+            # > 1: PS-U-Net reaches the target first; per seed, then spread over seeds
+            entry[f"ratio_{axis}"] = {name: spread([reach[seed][metric][axis][name] / reach[seed][metric][axis]["psunet"]
+                                                    for seed in seeds]) for name in names if name != "psunet"}
+        summary[metric] = entry
+        figures.update({f"final_{metric}_{name}": value["mean"] for name, value in finals.items()})
+        figures.update({f"{metric}_{axis}_ratio_{name}": value["mean"] for axis in AXES
+                        for name, value in entry[f"ratio_{axis}"].items()})
+    figures["summary"] = summary
+    figures["curves"] = {name: [runs[seed][name] for seed in seeds] for name in names}
+    figures["plot"] = str(plot_curves(figures["curves"], Path(args.out_dir) / f"convergence_{args.against}.png"))
     return figures
 
 
@@ -558,20 +729,31 @@ def bench_paint(args) -> dict:
     return figures
 
 
-def plot_curves(curves: dict, path: Path) -> Path:
+def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> Path:
+    """One panel per (metric, axis): each model's mean over seeds, its min-max band shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    metrics = [m for m in ("val_loss", "t2i_accuracy") if m in next(iter(curves.values()))[0]]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
-    for axis, metric in zip(axes[0], metrics):
-        for name, curve in curves.items():
-            axis.plot([p["step"] for p in curve], [p[metric] for p in curve], marker="o", label=name)
-        axis.set_xlabel("step")
-        axis.set_ylabel(metric)
-        axis.legend()
+    first = next(iter(curves.values()))[0]
+    metrics = [m for m in CURVE_METRICS if any(m in p for p in first)]
+    figure, axes = plt.subplots(len(metrics), len(AXES), figsize=(4.5 * len(AXES), 3.2 * len(metrics)),
+                                squeeze=False)
+    for row, metric in enumerate(metrics):
+        for column, axis in enumerate(AXES):
+            panel = axes[row][column]
+            for name, seeds in curves.items():
+                points = [[p for p in seed if metric in p] for seed in seeds]
+                x = np.mean([[p[axis] for p in seed] for seed in points], axis=0)
+                values = np.array([[p[metric] for p in seed] for seed in points])
+                panel.plot(x, values.mean(axis=0), marker="o", markersize=3, label=name)
+                if len(seeds) > 1:
+                    panel.fill_between(x, values.min(axis=0), values.max(axis=0), alpha=0.2)
+            panel.set_xlabel({"step": "step", "train_flops": "training FLOPs", "seconds": "seconds (this machine)"}[axis])
+            panel.set_ylabel(metric)
+    axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -638,16 +820,22 @@ def bench_serve(args) -> dict:
 
 def log_to_mlflow(uri: str, command: str, figures: dict) -> str:
     import mlflow
-
-    from jobs.tracking import experiment_id
+    from mlflow.entities import Metric
 
     client = mlflow.MlflowClient(uri)
     run = client.create_run(experiment_id(client, "psunet-benchmark", "runs"), run_name=command,
                             tags={"psunet.benchmark": command})
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), stamp, 0) for key, value in figures.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+    for name, seeds in (figures.get("curves") or {}).items():  # convergence: every point at its step
+        metrics += [Metric(f"{name}_seed{seed}_{key}", float(value), stamp, point["step"])
+                    for seed, points in zip(figures["seeds"], seeds) for point in points
+                    for key, value in point.items() if key != "step" and math.isfinite(value)]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
     for key, value in figures.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            client.log_metric(run.info.run_id, key, float(value))
-        elif isinstance(value, str):
+        if isinstance(value, str):
             client.log_param(run.info.run_id, key, value[:500])
     if figures.get("plot"):
         client.log_artifact(run.info.run_id, figures["plot"])
@@ -681,7 +869,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="sampling, serve: the denoiser's precision (bf16: GPUs, CPUs with native bf16)")
     parser.add_argument("--config", default="configs/demo.yaml",
                         help="training config: convergence trains with it; train, overhead, loader time its step")
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=250, help="convergence: validation losses every N steps")
+    parser.add_argument("--accuracy-every", type=int, help="convergence: the accuracy sweep every N steps "
+                        "(default: --eval-every; always at the last step)")
+    parser.add_argument("--seeds", type=int, default=1, help="convergence: seeds --seed, --seed+1, ...; figures "
+                        "give mean and spread over them")
+    parser.add_argument("--models", type=lambda text: text.split(","),
+                        help="convergence: compared models (psunet, baseline, baseline_flops, psunet_memory, ode); "
+                        "default: by --against")
+    parser.add_argument("--timing-steps", type=int, default=10, help="convergence: steps per model per round of "
+                        "the interleaved step timing")
     parser.add_argument("--against", choices=("baseline", "ode", "experts"), default="baseline",
                         help="convergence: the U-ViT-multi baseline, neural-ODE shared blocks, or K experts")
     parser.add_argument("--experts", type=int, default=2, help="convergence --against experts: K")
@@ -689,22 +886,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                         help="convergence: skip text->image accuracy (non-demo data)")
-    parser.add_argument("--samples", type=int, default=64, help="paint: samples per weight; objectives: held-out "
-                        "samples evaluated")
+    parser.add_argument("--samples", type=int, default=128, help="paint: samples per weight; objectives, "
+                        "convergence: held-out samples evaluated")
     parser.add_argument("--objectives", type=lambda text: text.split(","), default=["shared", "independent", "slices"],
                         help="objectives: the diffusion.timesteps settings compared")
     parser.add_argument("--guidance-scales", type=lambda text: [float(v) for v in text.split(",")],
-                        default=[1.0, 3.0, 5.0, 7.0], help="objectives: the guidance sweep (both modalities)")
+                        default=[1.0, 2.0, 3.0, 5.0, 7.0], help="objectives, convergence: the guidance sweep "
+                        "(both modalities)")
     parser.add_argument("--paint-weights", type=lambda text: [float(v) for v in text.split(",")], default=[0, 1, 4],
                         help="paint: comma-separated weights w (0 = no bias)")
     parser.add_argument("--paint-fraction", type=float, default=1.0, help="paint: share of steps with the bias")
     parser.add_argument("--out-dir", default="runs/benchmark", help="convergence: where the curves PNG goes")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    parser.add_argument("--tracking-uri", help="MLflow store; default: $MLFLOW_TRACKING_URI, else runs/mlflow.db")
     parser.add_argument("overrides", nargs="*", help="convergence: section.field=value for the config")
     args = parser.parse_intermixed_args(argv)
+    if args.accuracy_every is None:
+        args.accuracy_every = args.eval_every
     if args.branch_at is None:
         args.branch_at = 2 * args.steps // 3
-    for name in ("batch_size", "steps", "rounds", "sample_steps", "requests", "eval_every", "samples", "experts"):
+    for name in ("batch_size", "steps", "rounds", "sample_steps", "requests", "eval_every", "samples", "experts",
+                 "accuracy_every", "seeds", "timing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.command == "loader" and not args.data:
@@ -720,8 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"benchmark: error: {exc}", file=sys.stderr)
         return 2
-    if args.tracking_uri:
-        figures["mlflow_run_id"] = log_to_mlflow(args.tracking_uri, args.command, figures)
+    figures["mlflow_run_id"] = log_to_mlflow(tracking_uri(args.tracking_uri), args.command, figures)
     print(json.dumps(figures), flush=True)
     return 0
 

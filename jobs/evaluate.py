@@ -9,7 +9,8 @@ number sets both modalities' scales, image:text a pair; each --steps-sweep value
     image->text attribute accuracy (per attribute and all-correct), caption infilling (the colour word
     blanked, the image given: is the filled word the image's colour) and the joint coherence of
     unconditional pairs (the image read back agrees with its own caption), each with a 95 % Wilson
-    interval from the number of samples, and the best guidance scale of each direction;
+    interval from the number of samples, the best guidance scale of each direction, and each attribute's
+    chance level (`chance`; positions relative to each other in the relations set);
   - any data: BLEU-4 and ROUGE-L of image->text captions against the references (torchmetrics), and
     FID (torchmetrics FrechetInceptionDistance) of text->image images against the autoencoder's
     reconstructions of the held-out latents. --fid picks the feature extractor: inception (needs
@@ -62,6 +63,14 @@ def wilson_interval(fraction: float, count: int, z: float = 1.96) -> tuple[float
 def held_out_captions(data: str, count: int) -> list[str]:
     """The first `count` captions of a shard folder, in order."""
     return [item["caption"] for _, item in zip(range(count), ShardStream(data, training=False))]
+
+
+def held_out_pairs(data: str, count: int) -> tuple[list[str], torch.Tensor]:
+    """The first `count` (caption, image latent) pairs of a shard folder, in order: captions and (N, C, h, w)."""
+    items = [item for _, item in zip(range(count), ShardStream(data, training=False))]
+    if not items:
+        raise ValueError(f"no held-out samples in {data}")
+    return [item["caption"] for item in items], torch.stack([item["latent"] for item in items])
 
 
 def is_demo_data(captions: list[str]) -> bool:
@@ -161,12 +170,11 @@ def evaluate_group(pipe: Pipeline, data: str, group: int, groups: int, limit: in
         t2i_images = np.concatenate(t2i_images)
         result = {"captions": captions, "t2i_images": t2i_images if want_images else None}
         if demo:
-            truth = [shapes.parse_caption(caption) for caption in references]
-            result["t2i"] = [shapes.score(shapes.read_attributes(image), t) for image, t in zip(t2i_images, truth)]
-            result["i2t"] = [shapes.score(shapes.parse_caption(c), t) for c, t in zip(captions, truth)]
-            result["infill"] = [{"colour": float(shapes.score(shapes.parse_caption(c), t)["colour"])}
-                                for c, t in zip(filled, truth)]
-            result["joint"] = [shapes.score(shapes.read_attributes(image), shapes.parse_caption(caption))
+            result["t2i"] = [shapes.score_image(image, r) for image, r in zip(t2i_images, references)]
+            result["i2t"] = [shapes.score_caption(c, r) for c, r in zip(captions, references)]
+            result["infill"] = [{"colour": float(shapes.score_caption(c, r)["colour"])}
+                                for c, r in zip(filled, references)]
+            result["joint"] = [shapes.score_image(image, caption)
                                for image, caption in zip(np.concatenate(joint_images), joint_captions)]
         per_setting.append(result)
     return {"references": references, "real_images": real, "per_setting": per_setting,
@@ -309,7 +317,8 @@ def run(args) -> dict:
         setting.check_for(pipe.diffusion_config.num_train_timesteps)
     fid, fid_note = fid_metric(args.fid, pipe)
     print(f"evaluate: {fid_note}", flush=True)
-    demo = is_demo_data(held_out_captions(args.data, 64))
+    held_out = held_out_captions(args.data, 64)
+    demo = is_demo_data(held_out)
     groups = max(1, min(args.groups or len(manifest.shards), len(manifest.shards)))
     per_group = math.ceil(min(args.samples, manifest.samples) / groups)
     ray.init(ignore_reinit_error=True)
@@ -333,7 +342,7 @@ def run(args) -> dict:
     rows = combine(results, settings, demo, fid)
     guidance_sweep = [r for r in rows if r["steps"] == base.steps]
     return {"model": args.model, "data": str(args.data), "precision": args.precision, "samples": samples,
-            "demo_metrics": demo,
+            "demo_metrics": demo, "chance": shapes.CHANCE[shapes.scene_of(held_out[0])] if demo else None,
             "skipped": sum(r["skipped"] for r in results), "fid_note": fid_note,
             "seconds": round(time.perf_counter() - started, 1), "default": rows[0], "results": rows,
             "guidance_sweep": guidance_sweep,
@@ -349,6 +358,8 @@ def print_table(report: dict) -> None:
         values = [f"{row['metrics'][k]:.3f}" for k in keys]
         print("evaluate: " + "  ".join([f"{row['guidance_scale_image']:7g}", f"{row['guidance_scale_text']:6g}",
                                         f"{row['steps']:5d}", *values]))
+    if report.get("chance"):
+        print("evaluate: chance per attribute: " + ", ".join(f"{k} {v:.3f}" for k, v in report["chance"].items()))
     for task, best in (report.get("best_guidance") or {}).items():
         print(f"evaluate: best {task}: " + ", ".join(f"{k} {v:.3g}" for k, v in best.items()))
 

@@ -1,6 +1,7 @@
 """Ray Tune sweeps: where should the layers go, and at which guidance. Trials are real training runs.
 
     python jobs/tune.py train --sweep configs/sweeps/depths.yaml [--restart]
+    python jobs/tune.py train --sweep configs/sweeps/splits.yaml     # (n_text, n_image) pairs, both directions
     python jobs/tune.py guidance --model MODEL --data data/demo/val --guidance-scales 1,2,3,5 \
         --steps 10,25 --schedulers dpmsolver++,ddim
     python jobs/tune.py guidance --model MODEL --data data/demo/val --guidance-scales-image 1,3,5 \
@@ -9,8 +10,9 @@
 `train`: each trial runs a driver function that builds and fits a TorchTrainer from jobs/train.py
 (the Ray Train V2 pattern), so a trial may use several DDP workers; metrics reach Tune through
 TuneReportCallback at every checkpoint. ASHA stops trials early on validation loss; `fifo` runs
-the grid / random search to the end. The objective is the validation loss or, on demo data, the
-text->image accuracy at the trial's best guidance scale. Running the same sweep name again
+the grid / random search to the end. The objective is the validation loss or, on demo data, text->image
+and/or image->text accuracy, each direction at the trial's best guidance scale. A search key "a+b" is one
+dimension setting fields a and b together (a grid of pairs, not their product). Running the same sweep name again
 continues an interrupted sweep (Tune's restore); --restart starts it over.
 `guidance`: no training, every (guidance scales, steps, scheduler) is a trial of the evaluation.
 --guidance-scales gives each trial one scale for both modalities; --guidance-scales-image /
@@ -116,7 +118,9 @@ class SweepConfig(StrictModel):
     search: dict[str, ParamSpec]
     num_samples: int = Field(1, ge=1, description="repeats of the grid / random draws")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    objective: Literal["val_loss", "t2i_accuracy"] = "val_loss"
+    objective: Literal["val_loss", "t2i_accuracy", "i2t_accuracy", "accuracy"] = Field(
+        "val_loss", description="demo data: t2i_accuracy / i2t_accuracy (each direction at its best guidance "
+        "scale) or accuracy (their mean)")
     hold_parameters: bool = Field(False, description="pick model.shared_depth so every trial has about the "
                                                      "base config's parameter count")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
@@ -129,9 +133,28 @@ class SweepConfig(StrictModel):
     def _search(self) -> "SweepConfig":
         if not self.search:
             raise ValueError("search: the search space is empty")
-        if self.hold_parameters and "model.shared_depth" in self.search:
+        if self.hold_parameters and "model.shared_depth" in searched_fields(self.search):
             raise ValueError("search: model.shared_depth cannot be searched with hold_parameters (it is derived)")
         return self
+
+
+def searched_fields(search: dict) -> list[str]:
+    """Every config field a search space sets: a key "a+b" is one dimension setting fields a and b together."""
+    return [field for key in search for field in key.split("+")]
+
+
+def field_values(values: dict) -> dict:
+    """A trial's values per field: a joint dimension's value (a list) spread over its fields."""
+    spread = {}
+    for key, value in values.items():
+        fields = key.split("+")
+        if len(fields) == 1:
+            spread[key] = value
+        elif not isinstance(value, (list, tuple)) or len(value) != len(fields):
+            raise ValueError(f"search: {key} needs {len(fields)} values per entry, got {value!r}")
+        else:
+            spread.update(zip(fields, value))
+    return spread
 
 
 def load_sweep(path: str) -> SweepConfig:
@@ -157,7 +180,7 @@ def parameter_count(model_config) -> int:
 
 def trial_config(sweep: SweepConfig, values: dict, run_name: str) -> TrainJobConfig:
     """The training config of one trial: base YAML, sweep overrides, the trial's values (eval.* left out)."""
-    overrides = list(sweep.overrides) + [f"{key}={json.dumps(value)}" for key, value in values.items()
+    overrides = list(sweep.overrides) + [f"{key}={json.dumps(value)}" for key, value in field_values(values).items()
                                          if key not in EVAL_KEYS]
     cfg = load_config(sweep.train_config, overrides + [f"run.name={run_name}"])
     if sweep.hold_parameters:
@@ -176,13 +199,17 @@ def check_sweep(sweep: SweepConfig, cluster: dict) -> TrainJobConfig:
     base = load_config(sweep.train_config, sweep.overrides).resolved()
     known = set(TrainJobConfig.model_json_schema()["properties"])
     for key, spec in sweep.search.items():
-        section, _, field = key.partition(".")
-        if key in EVAL_KEYS:
-            continue
-        if section not in known or field not in type(getattr(base, section)).model_fields:
-            raise ValueError(f"search: {key!r} is not a training config field (nor {' or '.join(EVAL_KEYS)})")
-        if section == "model" and spec.values() is None:
-            raise ValueError(f"search: {key} is a model shape; use grid, choice or randint, not a continuous range")
+        for name in key.split("+"):
+            section, _, field = name.partition(".")
+            if name in EVAL_KEYS:
+                continue
+            if section not in known or field not in type(getattr(base, section)).model_fields:
+                raise ValueError(f"search: {name!r} is not a training config field (nor {' or '.join(EVAL_KEYS)})")
+            if section == "model" and spec.values() is None:
+                raise ValueError(f"search: {key} is a model shape; use grid, choice or randint, not a continuous range")
+        if "+" in key:
+            for value in spec.values() or []:
+                field_values({key: value})
     check_evaluation_search(sweep)
     structural = {key: spec.values() for key, spec in sweep.search.items() if key.startswith("model.")}
     manifest = load_manifest(base.data.train)
@@ -227,20 +254,21 @@ def concurrent_trials(sweep: SweepConfig, base: TrainJobConfig, cluster: dict) -
 
 def demo_accuracy(model_folder: str, val: str, evaluation: EvaluationSpec, guidance_scales: list[float],
                   steps: int) -> dict:
-    """Text->image accuracy (mean over the attributes) per guidance scale on held-out prompts, and the best."""
-    from jobs.evaluate import held_out_captions
-    from jobs.quality import text_to_image_accuracy
+    """Text->image and image->text accuracy (mean over the attributes) of held-out pairs at each guidance
+    scale, each direction at its best scale, and the mean of the two bests ("accuracy")."""
+    from jobs.evaluate import held_out_pairs
+    from jobs.quality import guidance_sweep
     from psunet.pipeline import Pipeline
 
-    pipe = Pipeline.from_checkpoint(model_folder)
-    prompts = held_out_captions(val, evaluation.samples)
-    scores = {}
-    for scale in guidance_scales:
-        accuracy, _ = text_to_image_accuracy(pipe, prompts, SamplerSettings(guidance_scale=scale, steps=steps))
-        scores[scale] = sum(accuracy[k] for k in accuracy if k != "all") / (len(accuracy) - 1)
-    best = max(scores, key=scores.get)
-    return {"t2i_accuracy": scores[best], "best_guidance_scale": best,
-            **{f"t2i_accuracy_w{scale:g}": value for scale, value in scores.items()}}
+    prompts, latents = held_out_pairs(val, evaluation.samples)
+    sweep = guidance_sweep(Pipeline.from_checkpoint(model_folder), prompts, latents, guidance_scales,
+                           SamplerSettings(steps=steps))
+    result = {"accuracy": (sweep["t2i"]["best"] + sweep["i2t"]["best"]) / 2}
+    for task in ("t2i", "i2t"):
+        result.update({f"{task}_accuracy": sweep[task]["best"], f"{task}_guidance": sweep[task]["best_scale"],
+                       **{f"{task}_accuracy_w{scale:g}": value["mean"]
+                          for scale, value in sweep[task]["by_scale"].items()}})
+    return result
 
 
 def train_trial(config: dict, sweep: dict, parent_run_id: str) -> None:
@@ -261,7 +289,7 @@ def train_trial(config: dict, sweep: dict, parent_run_id: str) -> None:
     result = make_trainer(cfg, run_id, callbacks=[TuneReportCallback()]).fit()
     final = {"step": result.metrics["step"], "parameters": parameter_count(cfg.model),
              "shared_depth": cfg.model.shared_depth, "val_loss": result.metrics.get("val_loss")}
-    wants_accuracy = sweep.objective == "t2i_accuracy" or any(key in config for key in EVAL_KEYS)
+    wants_accuracy = sweep.objective != "val_loss" or any(key in config for key in EVAL_KEYS)
     if wants_accuracy:
         from jobs.train import bundle_model
 
@@ -322,7 +350,8 @@ def plot_results(table, x_keys: list[str], metric: str, path: Path) -> Path | No
         return None
     figure, axes = plt.subplots(1, len(x_keys), figsize=(4.5 * len(x_keys), 4), squeeze=False)
     for axis, key in zip(axes[0], x_keys):
-        axis.scatter(table[key], table[metric])
+        numeric = all(isinstance(value, (int, float)) for value in table[key].dropna())
+        axis.scatter(table[key] if numeric else table[key].map(str), table[metric])  # joint dimensions: labels
         axis.set_xlabel(key)
         axis.set_ylabel(metric)
     figure.tight_layout()
@@ -411,14 +440,13 @@ def finish(sweep: SweepConfig, grid, parent: str, uri: str, folder: Path, steps:
     import mlflow
 
     metric, mode = (sweep.objective, "min" if sweep.objective == "val_loss" else "max")
-    columns = ["step", "val_loss", "parameters", "shared_depth", "t2i_accuracy", "best_guidance_scale"]
+    columns = ["step", "val_loss", "parameters", "shared_depth", "accuracy", "t2i_accuracy", "t2i_guidance",
+               "i2t_accuracy", "i2t_guidance"]
     table = results_table(grid, columns)
     table["stopped_early"] = table["step"].fillna(0) < steps
     table_path = folder / "results.csv"
     table.to_csv(table_path, index=False)
-    plot = plot_results(table, [k for k in ("model.n_text", "model.n_image", "model.shared_depth", "model.width",
-                                            "optim.lr", "eval.guidance_scale") if k in sweep.search], metric,
-                        folder / "results.png")
+    plot = plot_results(table, list(sweep.search), metric, folder / "results.png")
     finished = table[table["error"].isna() & table[metric].notna()]
     if finished.empty:
         raise RuntimeError(f"sweep {sweep.name}: no trial reported {metric}")

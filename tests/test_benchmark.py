@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from jobs.benchmark import steps_to_reach
 
 pytestmark = pytest.mark.ray
 
@@ -22,13 +21,16 @@ FIELDS = {
     "sampling": ["ms_per_step_batch1", "ms_per_step_batch16", "ms_per_step_batch64", "evaluations_per_step_guided",
                  "evaluations_per_step_unguided", "batched_guidance_forward_ms", "two_forwards_ms",
                  "guidance_batching_speedup", "text_to_image_latency_ms", "image_to_text_latency_ms"],
-    "convergence": ["parameters_psunet", "parameters_baseline", "final_val_loss_psunet", "final_val_loss_baseline",
-                    "target_val_loss", "steps_to_target_psunet", "steps_to_target_baseline", "step_ratio",
-                    "final_t2i_accuracy_psunet", "final_t2i_accuracy_baseline"],
+    "convergence": [f"{key}_{model}" for model in ("psunet", "baseline", "baseline_flops", "psunet_memory")
+                    for key in ("parameters", "train_flops_per_sample", "activation_mb", "training_memory_mb",
+                                "seconds_per_step", "batch_size", "final_val_loss", "final_t2i_accuracy",
+                                "final_i2t_accuracy")]
+                   + [f"{metric}_{axis}_ratio_{model}" for metric in ("val_loss", "t2i_accuracy", "i2t_accuracy")
+                      for axis in ("step", "train_flops", "seconds") for model in ("baseline", "baseline_flops")],
     "serve": [f"{mode}_{clients}c_{key}" for mode in ("batching", "no_batching") for clients in (1, 4, 16)
               for key in ("requests_per_s", "p50_ms", "p99_ms", "requests_per_forward")]
              + ["batching_speedup_16_clients", "replica_threads"],
-    "convergence-ode": ["parameters_psunet", "parameters_ode", "activation_mb_psunet", "activation_mb_ode",
+    "convergence-ode": ["parameters_ode", "parameters_psunet", "activation_mb_psunet", "activation_mb_ode",
                         "sampling_ms_per_step_batch1_psunet", "sampling_ms_per_step_batch1_ode",
                         "sampling_ms_per_step_batch16_ode", "final_val_loss_ode", "final_t2i_accuracy_ode"],
     "convergence-experts": ["base_val_loss", "base_t2i_accuracy", "one_model_val_loss", "one_model_t2i_accuracy",
@@ -47,14 +49,16 @@ def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
         "overhead": small + ["--rounds", "1"],
         "loader": small + ["--data", f"{demo_set}/train"],
         "sampling": ["--preset", "tiny", "--model", str(tiny_model), "--sample-steps", "2"],
-        "convergence": ["--config", "configs/tiny.yaml", "--steps", "4", "--eval-every", "2", "--out-dir",
-                        str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
+        "convergence": ["--config", "configs/tiny.yaml", "--steps", "4", "--eval-every", "2", "--accuracy-every", "4",
+                        "--seeds", "2", "--samples", "4", "--guidance-scales", "1,3", "--sample-steps", "2",
+                        "--timing-steps", "1", "--out-dir", str(tmp_path), f"data.train={demo_set}/train",
+                        f"data.val={demo_set}/val"],
         "serve": ["--model", str(tiny_model), "--sample-steps", "2", "--requests", "2", "--precision", "bf16"],
         "convergence-ode": ["--against", "ode", "--config", "configs/tiny.yaml", "--steps", "2", "--eval-every", "2",
-                            "--out-dir", str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val",
+                            "--samples", "4", "--sample-steps", "2", "--timing-steps", "1", "--out-dir", str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val",
                             "model.shared_depth=5", "model.ode_solver=euler"],
         "convergence-experts": ["--against", "experts", "--config", "configs/tiny.yaml", "--steps", "3",
-                                "--branch-at", "1", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
+                                "--branch-at", "1", "--samples", "4", "--sample-steps", "2", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
         "paint": ["--model", str(tiny_model), "--sample-steps", "2", "--samples", "4", "--paint-weights", "0,4"],
         "objectives": ["--config", "configs/tiny.yaml", "--steps", "2", "--samples", "8", "--sample-steps", "2",
                        "--guidance-scales", "1,3", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
@@ -76,7 +80,8 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
         value = figures[field]
         assert isinstance(value, (int, float)) and math.isfinite(value), (field, value)
         # accuracies are fractions (0 is possible after a few steps); everything else is a positive measure
-        assert 0 <= value <= 1 if "accuracy" in field or "in_region" in field else value > 0, (field, value)
+        fraction = ("accuracy" in field and "ratio" not in field) or "in_region" in field
+        assert 0 <= value <= 1 if fraction else value > 0, (field, value)
     if command == "sampling":
         assert figures["evaluations_per_step_guided"] == 2 and figures["evaluations_per_step_unguided"] == 1
     if command == "serve":
@@ -97,9 +102,7 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
             assert set(figures[objective]["by_guidance"]) == {"1.0", "3.0"}  # JSON keys
             assert 0 <= figures[objective]["by_guidance"]["3.0"]["infill_colour"] <= 1
     if figures.get("against") == "baseline":
-        assert abs(figures["parameters_psunet"] - figures["parameters_baseline"]) / figures["parameters_baseline"] < 0.02
-        assert [p["step"] for p in figures["curves"]["psunet"]] == [2, 4]
-        assert (tmp_path / "convergence_baseline.png").stat().st_size > 0
+        _check_backbones(figures, tmp_path)
 
     import mlflow
 
@@ -108,10 +111,31 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
     assert run.data.tags["psunet.benchmark"] == command
     first = FIELDS[case][0]
     assert run.data.metrics[first] == pytest.approx(figures[first])
+    if figures.get("against") == "baseline":  # every curve point at its step
+        history = client.get_metric_history(run.info.run_id, "psunet_seed1_val_loss")
+        assert [m.step for m in history] == [2, 4]
+        assert history[-1].value == pytest.approx(figures["curves"]["psunet"][1][-1]["val_loss"])
 
 
-def test_steps_to_reach_interpolates_and_says_never():
-    curve = [(10, 4.0), (20, 2.0), (30, 1.0)]
-    assert steps_to_reach(curve, 3.0) == 15.0
-    assert steps_to_reach(curve, 5.0) == 10.0
-    assert steps_to_reach(curve, 0.5) == math.inf
+def _check_backbones(figures: dict, tmp_path) -> None:
+    """Equal parameters, equal FLOPs and equal memory hold by construction; two seeds, same evaluation points."""
+    assert figures["parameters_psunet"] == figures["parameters_baseline"]
+    assert figures["train_flops_per_sample_baseline"] > 1.2 * figures["train_flops_per_sample_psunet"]
+    assert figures["train_flops_per_sample_baseline_flops"] == pytest.approx(figures["train_flops_per_sample_psunet"],
+                                                                              rel=0.1)
+    assert figures["parameters_baseline_flops"] < figures["parameters_baseline"]
+    assert figures["batch_size_psunet_memory"] > figures["batch_size_psunet"]
+    assert figures["activation_mb_psunet_memory"] == pytest.approx(figures["activation_mb_baseline"], rel=0.1)
+    assert figures["seeds"] == [0, 1]
+    for model, seeds in figures["curves"].items():
+        assert len(seeds) == 2
+        for points in seeds:
+            assert [p["step"] for p in points] == [2, 4]
+            assert "t2i_accuracy" not in points[0] and points[1]["t2i_guidance"] in (1.0, 3.0)
+            assert points[1]["train_flops"] == 4 * figures[f"batch_size_{model}"] * figures[f"train_flops_per_sample_{model}"]
+    loss = figures["summary"]["val_loss"]
+    for model in figures["models"]:
+        final = [seed[-1]["val_loss"] for seed in figures["curves"][model]]
+        assert loss["final"][model]["mean"] == pytest.approx(sum(final) / 2)
+        assert loss["final"][model]["min"] == min(final) and loss["final"][model]["max"] == max(final)
+    assert (tmp_path / "convergence_baseline.png").stat().st_size > 0

@@ -106,13 +106,11 @@ def jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_with_demo_assets(source: str, demo_set, out):
-    """`dataprep encode` of a real-data source with the demo set's autoencoder and word vectors."""
-    code = dataprep_main(["encode", "--source", source, "--out", str(out), "--resolution", "32",
+def encode_with_demo_assets(source: str, demo_set, out, val_fraction: float = 0) -> int:
+    """`dataprep encode` of a real-data source with the demo set's autoencoder and word vectors; its exit code."""
+    return dataprep_main(["encode", "--source", source, "--out", str(out), "--resolution", "32",
                           "--vae", str(demo_set / "vae"), "--word-vectors", str(demo_set / "words.bin"),
-                          "--word-dim", "16", "--val-fraction", "0"])
-    assert code == 0
-    return out
+                          "--word-dim", "16", "--val-fraction", str(val_fraction)])
 
 
 def test_real_sources_skip_and_report_bad_records(demo_set, tmp_path):
@@ -128,7 +126,8 @@ def test_real_sources_skip_and_report_bad_records(demo_set, tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    out = encode_with_demo_assets(f"wds:{tar_path}", demo_set, tmp_path / "shards")
+    out = tmp_path / "shards"
+    assert encode_with_demo_assets(f"wds:{tar_path}", demo_set, out) == 0
     manifest = load_manifest(out / "train")
     assert manifest.samples == 4
     reasons = {entry["key"]: entry["reason"] for entry in manifest.skipped}
@@ -153,12 +152,70 @@ def test_coco_layout_with_missing_and_corrupt_images(demo_set, tmp_path):
     (root / "val2017" / images[0]["file_name"]).write_bytes(jpeg(demo[0].image))
     (root / "val2017" / images[1]["file_name"]).write_bytes(jpeg(demo[1].image))
     (root / "val2017" / images[2]["file_name"]).write_bytes(b"truncated")  # corrupt; image 4 is missing
-    out = encode_with_demo_assets(f"coco:{root}", demo_set, tmp_path / "shards")
+    out = tmp_path / "shards"
+    assert encode_with_demo_assets(f"coco:{root}", demo_set, out) == 0
     manifest = load_manifest(out / "train")
     assert manifest.samples == 4  # 2 good images x 2 captions
     reasons = [entry["reason"] for entry in manifest.skipped]
     assert len(reasons) == 4 and sum("corrupt" in r for r in reasons) == 2
     assert sum("missing" in r or "not found" in r for r in reasons) == 2
+
+
+def coco_source(root, images: int, captions: int) -> tuple[str, dict[str, str]]:
+    """A COCO-layout source of demo images with `captions` captions each; its spec and each key's image."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    entries = [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": 48, "height": 48} for i in range(images)]
+    annotations = [{"id": 100 * i + j, "image_id": i + 1, "caption": shapes.sample_at(i + 50 * j, seed=3).caption}
+                   for i in range(images) for j in range(captions)]
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": entries,
+                                                                               "annotations": annotations}))
+    for i, entry in enumerate(entries):
+        (root / "train2017" / entry["file_name"]).write_bytes(jpeg(shapes.sample_at(i, seed=3).image))
+    return f"coco:{root}", {f"coco-{i + 1:012d}-{j}": entry["file_name"] for i, entry in enumerate(entries)
+                            for j in range(captions)}
+
+
+def folder_source(root, images: int, rows_per_image: int = 2) -> tuple[str, dict[str, str]]:
+    """A folder index whose rows name each image `rows_per_image` times, spelled `img0.jpg` then `./img0.jpg`."""
+    root.mkdir()
+    rows, image_of = [], {}
+    for i in range(images):
+        (root / f"img{i}.jpg").write_bytes(jpeg(shapes.sample_at(i, seed=4).image))
+        for j in range(rows_per_image):
+            image_of[f"folder-{len(rows):09d}"] = f"img{i}.jpg"
+            rows.append({"file": f"./img{i}.jpg" if j else f"img{i}.jpg",
+                         "caption": shapes.sample_at(i + 50 * j, seed=4).caption})
+    (root / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return f"folder:{root}:index.jsonl", image_of
+
+
+@pytest.mark.parametrize("make_source", [lambda root: coco_source(root, images=8, captions=3),
+                                         lambda root: folder_source(root, images=6)], ids=["coco", "folder"])
+def test_all_captions_of_one_image_land_on_one_side(demo_set, tmp_path, make_source):
+    """Split by source image: a per-caption hash would put captions of one image on both sides here."""
+    spec, image_of = make_source(tmp_path / "source")
+    out = tmp_path / "shards"
+    assert encode_with_demo_assets(spec, demo_set, out, val_fraction=0.5) == 0
+    side = {split: {s["key"] for s in read_plain(out / split)[1]} for split in ("train", "val")}
+    assert sorted(side["train"] | side["val"]) == sorted(image_of)
+    images = {split: {image_of[key] for key in keys} for split, keys in side.items()}
+    assert images["train"] and images["val"] and not images["train"] & images["val"]
+    for split in side:
+        assert load_manifest(out / split).stats["source_images"] == len(images[split])
+
+
+@pytest.mark.parametrize("val_fraction, message", [
+    (0.05, "the validation split is empty: --val-fraction 0.05 picked none of the 1 source images (2 samples); "
+           "use more data, a larger --val-fraction, or --val-fraction 0 for no validation set"),
+    (0.9, "the training split is empty: --val-fraction 0.9 picked all 1 source images (2 samples) for validation; "
+          "use more data or a smaller --val-fraction"),
+])
+def test_a_split_that_leaves_a_side_empty_is_an_error(demo_set, tmp_path, capsys, val_fraction, message):
+    spec, _ = folder_source(tmp_path / "source", images=1)
+    assert encode_with_demo_assets(spec, demo_set, tmp_path / "shards", val_fraction=val_fraction) == 2
+    assert f"dataprep: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "shards" / "val" / "manifest.json").exists()
 
 
 def test_missing_input_fails_at_once_with_a_clear_message(tmp_path, capsys, ray_local):

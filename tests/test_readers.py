@@ -90,6 +90,7 @@ def test_webdataset_mixed_shard(mixed_shard):
     assert [r.key for r in good] == ["000000", "000001", "000002", "000003", "000005"]
     assert [r.caption for r in good][:2] == ["A red Square.", "blue"]
     assert all(r.image_bytes and r.image_path is None for r in good)
+    assert all(r.image_key == r.key for r in good)  # one image per sample
     assert good[1].meta["json"] == {"url": "http://x/1.png"}
 
     assert [s.key for s in skipped] == ["000004"]
@@ -230,6 +231,7 @@ def test_coco(tmp_path):
         "coco-000000000632-1",
     ]
     assert good[0].caption == "Image 139, caption 0."
+    assert [r.image_key for r in good] == ["coco-000000000139"] * 2 + ["coco-000000000632"] * 2
     assert good[0].image_path == str(tmp_path / "val2017" / "000000000139.jpg")
     assert good[0].meta["split"] == "val2017" and good[0].meta["annotation_id"] == 10
     json.dumps(good[0].meta)
@@ -296,6 +298,7 @@ def test_folder_csv(image_folder):
         ("folder-000000004", "second caption for a"),
     ]
     assert good[1].image_path == str(image_folder / "sub" / "b.png")
+    assert [r.image_key for r in good] == ["a.jpg", "sub/b.png", "a.jpg"]
     assert good[0].meta["extra"] == {"source": "web"}
     assert [s.key for s in skipped] == ["folder-000000002", "folder-000000003"]
     assert "missing" in skipped[0].reason and "gone.jpg" in skipped[0].reason
@@ -313,7 +316,7 @@ def test_folder_csv_needs_header(image_folder):
 def test_folder_jsonl(image_folder):
     lines = [
         json.dumps({"file": "a.jpg", "caption": "a cat"}),
-        json.dumps({"file": "sub/b.png", "caption": "a dog", "id": 7}),
+        json.dumps({"file": "./sub//b.png", "caption": "a dog", "id": 7}),
         json.dumps({"file": "nope.png", "caption": "missing"}),
         "{not json",
         json.dumps(["a.jpg", "list"]),
@@ -323,6 +326,7 @@ def test_folder_jsonl(image_folder):
     (image_folder / "index.jsonl").write_text("\n".join(lines) + "\n")
     good, skipped = split(list(read_folder(str(image_folder), str(image_folder / "index.jsonl"))))
     assert [r.caption for r in good] == ["a cat", "a dog"]
+    assert [r.image_key for r in good] == ["a.jpg", "sub/b.png"]
     assert good[1].meta["extra"] == {"id": 7}
     reasons = [s.reason for s in skipped]
     assert len(reasons) == 4
@@ -335,7 +339,7 @@ def test_folder_jsonl(image_folder):
 
 
 def record_of(data):
-    return RawRecord("k", "c", data, None, {})
+    return RawRecord("k", "c", data, None, {}, "k")
 
 
 def test_load_image_resizes_short_side_and_center_crops():
@@ -392,9 +396,9 @@ def test_load_image_truncated_jpeg_is_corrupt():
 
 def test_load_image_from_path(tmp_path):
     (tmp_path / "x.png").write_bytes(image_bytes(fmt="PNG"))
-    assert load_image(RawRecord("k", "c", None, str(tmp_path / "x.png"), {}), RES).shape == (RES, RES, 3)
+    assert load_image(RawRecord("k", "c", None, str(tmp_path / "x.png"), {}, "k"), RES).shape == (RES, RES, 3)
     with pytest.raises(Skip, match="cannot read image"):
-        load_image(RawRecord("k", "c", None, str(tmp_path / "gone.png"), {}), RES)
+        load_image(RawRecord("k", "c", None, str(tmp_path / "gone.png"), {}, "k"), RES)
 
 
 # --------------------------------------------------------------- clean_caption

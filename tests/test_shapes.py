@@ -1,26 +1,37 @@
-"""Tests for the demo shapes data set, its attribute reader, caption parser and scorer."""
+"""Tests for the demo shapes data set (both scenes), its attribute reader, caption parser and scorer."""
 
+import hashlib
+import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from dataprep.shapes import (
     ATTRIBUTES,
+    CHANCE,
     COLOURS,
     MAX_CAPTION_WORDS,
+    OPPOSITE,
     POSITIONS,
+    RELATION_PHRASES,
+    RELATIONS,
     SHAPES,
     SIZES,
     ObjectSpec,
     generate,
     iter_samples,
     make_caption,
+    make_relation_caption,
     parse_caption,
     read_attributes,
     render,
     sample_at,
+    scene_of,
     score,
+    score_caption,
+    score_image,
 )
 
 
@@ -163,3 +174,152 @@ def test_demo_encoding_units_carry_the_object_limit(max_objects):
     assert [s.key for s in samples] == [sample_at(i, seed=4).key for i in range(300)]
     counts = {len(s.objects) for s in samples}
     assert counts == ({1} if max_objects == 1 else {1, 2})
+
+
+def digest(samples):
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.key.encode() + s.caption.encode() + s.image.tobytes() + repr(s.objects).encode())
+    return h.hexdigest()
+
+
+def test_objects_scene_is_unchanged_by_the_relations_scene():
+    # digests of the set as generated before the relations scene existed
+    assert digest(generate(200, seed=3)) == "314307610e4744d3f74c7c93894c6cbf15a4721bb8e73b0b2418bbb402cf048e"
+    assert digest(generate(200, seed=3, size=64)) == "0b75b699368928b35ac4f80569b47fb0eecdfddf0a7188b69967e1b02d9e4b0f"
+    assert digest(generate(200, seed=3, max_objects=1, scene="objects")) == \
+        "3df37324b4abd1c597485f372f2546fc42eb7a26eec03b6e57a2bd5945950e52"
+
+
+def test_relation_samples_are_deterministic_and_well_formed():
+    samples = generate(400, seed=2, size=64, scene="relations")
+    assert digest(samples) == digest(iter_samples(400, 2, 64, 2, "relations"))
+    assert digest(samples) != digest(generate(400, seed=3, size=64, scene="relations"))
+    again = sample_at(17, seed=2, size=64, scene="relations")
+    assert again.key == samples[17].key == "relations-2-000017" and again.caption == samples[17].caption
+    np.testing.assert_array_equal(again.image, samples[17].image)
+    for s in samples:
+        subject, other = s.objects
+        assert subject.position in RELATIONS and other.position == OPPOSITE[subject.position]
+        assert subject.colour != other.colour
+        assert s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
+        assert not s.image[0].any() and not s.image[-1].any() and not s.image[:, 0].any()  # a black margin
+        assert re.fullmatch(r"[a-z]+( [a-z]+)*", s.caption) and len(s.caption.split()) <= MAX_CAPTION_WORDS
+        assert scene_of(s.caption) == "relations"
+    relations = [s.objects[0].position for s in samples]
+    assert all(0.15 < relations.count(r) / len(samples) < 0.35 for r in RELATIONS)
+
+
+def test_scene_arguments_are_checked():
+    with pytest.raises(ValueError, match="max_objects must be 2"):
+        sample_at(0, max_objects=1, scene="relations")
+    with pytest.raises(ValueError, match="unknown scene"):
+        sample_at(0, scene="grid")
+    with pytest.raises(ValueError, match="unknown scene"):
+        read_attributes(np.zeros((32, 32, 3), np.uint8), scene="grid")
+
+
+def test_reader_recovers_clean_relation_images():
+    """Every attribute, the relation included, on 500 clean 64 px images (positions read relative)."""
+    samples = generate(500, seed=11, size=64, scene="relations")
+    result = mean_scores((read_attributes(s.image, "relations"), s.objects) for s in samples)
+    assert all(result[name] >= 0.99 for name in (*ATTRIBUTES, "all")), result
+
+
+def test_relative_positions_need_exactly_two_objects():
+    alone = ObjectSpec("circle", "red", "small", "left")
+    assert read_attributes(render([alone], 64), "relations") == (replace(alone, position=None),)
+    above = [ObjectSpec("square", "green", "large", "top"), ObjectSpec("triangle", "blue", "small", "bottom")]
+    image = render(above, 64, centres=[(20, 8), (14, 24)])
+    assert set(read_attributes(image, "relations")) == set(above)
+    assert {o.position for o in read_attributes(image)} == {"top", "bottom"}  # absolute, by default
+
+
+def caption_template(caption, phrase):
+    if caption.startswith("there is a "):
+        return "there is"
+    if caption.startswith(phrase):
+        return "relation first"
+    return "article" if caption.startswith("a ") else "no article"
+
+
+def test_relation_captions_round_trip_for_every_template_and_phrase():
+    seen = set()
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        relation = RELATIONS[seed % len(RELATIONS)]
+        subject = ObjectSpec(SHAPES[seed % 3], COLOURS[seed % 6], SIZES[seed % 2], relation)
+        other = ObjectSpec(SHAPES[seed // 3 % 3], COLOURS[(seed + 1) % 6], SIZES[seed // 2 % 2], OPPOSITE[relation])
+        caption = make_relation_caption(subject, other, rng)
+        assert len(caption.split()) <= MAX_CAPTION_WORDS
+        assert set(parse_caption(caption)) == {subject, other}, caption
+        phrase = next(p for p in sorted(RELATION_PHRASES[relation], key=len, reverse=True) if p in caption)
+        seen.add((phrase, caption_template(caption, phrase)))
+    phrases = {p for options in RELATION_PHRASES.values() for p in options}
+    templates = {"there is", "relation first", "article", "no article"}
+    assert seen == {(p, t) for p in phrases for t in templates}
+
+
+def test_parse_relation_captions_by_hand():
+    red, blue = ObjectSpec("circle", "red", None, "left"), ObjectSpec("square", "blue", None, "right")
+    assert parse_caption("a red circle left of a blue square") == (red, blue)
+    assert parse_caption("A red circle, to the RIGHT of a blue square.") == (
+        replace(red, position="right"), replace(blue, position="left"))
+    big_blue = ObjectSpec("square", "blue", "large", "bottom")
+    assert parse_caption("above a big blue box is a tiny red disc") == (
+        big_blue, ObjectSpec("circle", "red", "small", "top"))
+    assert parse_caption("a red circle under") == (replace(red, position="bottom"),)
+    assert scene_of("a big blue box on the left") == "objects"
+    assert scene_of("a big blue box below a red disc") == "relations"
+    # absolute captions parse as before
+    assert parse_caption("a small red circle on the left and a big blue box on the right") == (
+        ObjectSpec("circle", "red", "small", "left"), ObjectSpec("square", "blue", "large", "right"))
+
+
+def test_score_image_and_score_caption_read_positions_as_the_caption_states_them():
+    for s in generate(20, seed=6, size=64, scene="relations"):
+        assert score_image(s.image, s.caption)["all"] == 1.0
+        assert score_caption(s.caption, s.caption)["all"] == 1.0
+        subject, other = s.objects
+        swapped = make_relation_caption(replace(subject, position=other.position),
+                                        replace(other, position=subject.position), np.random.default_rng(0))
+        assert score_image(s.image, swapped)["all"] == 0.0 and score_image(s.image, swapped)["colour"] == 0.0
+        assert score_caption(swapped, s.caption)["all"] == 0.0
+    for s in generate(20, seed=6):
+        assert score_image(s.image, s.caption) == score(read_attributes(s.image), parse_caption(s.caption))
+        assert score_image(s.image, s.caption)["all"] == 1.0
+
+
+def test_chance_levels_per_scene():
+    assert CHANCE["objects"] == {"shape": 1 / 3, "colour": 1 / 6, "size": 1 / 2, "position": 1 / 5}
+    assert CHANCE["relations"] == {"shape": 1 / 3, "colour": 1 / 6, "size": 1 / 2, "position": 1 / 4}
+
+
+def test_demo_encoding_units_carry_the_scene():
+    from dataprep.encode import demo_units, load_rows
+
+    units = demo_units(40, seed=4, resolution=64, scene="relations", per_unit=16)
+    rows = [row for unit in units for row in load_rows(unit, 64)]
+    samples = generate(40, seed=4, size=64, scene="relations")
+    assert [(row["key"], row["caption"]) for row in rows] == [(s.key, s.caption) for s in samples]
+    np.testing.assert_array_equal(np.stack([row["image"] for row in rows]), np.stack([s.image for s in samples]))
+
+
+@pytest.mark.ray
+def test_dataprep_builds_relation_shards_with_16x16_latents(ray_local, tmp_path):
+    from dataprep.__main__ import main as dataprep_main
+
+    code = dataprep_main(["demo", "--scene", "relations", "--resolution", "64", "--samples", "60",
+                          "--samples-per-shard", "30", "--vae-steps", "20", "--val-fraction", "0.2",
+                          "--word-dim", "16", "--out", str(tmp_path)])
+    assert code == 0
+    train = json.loads((tmp_path / "train" / "manifest.json").read_text())
+    val = json.loads((tmp_path / "val" / "manifest.json").read_text())
+    assert train["latent_shape"] == val["latent_shape"] == [4, 16, 16] and train["resolution"] == 64
+    assert train["samples"] + val["samples"] == 60 and train["skipped"] == []
+    from psunet.data import ShardStream
+
+    item = next(iter(ShardStream(tmp_path / "train", training=False)))
+    assert tuple(item["latent"].shape) == (4, 16, 16)
+    index = int(item["key"].rsplit("-", 1)[1])
+    assert item["caption"] == sample_at(index, seed=0, size=64, scene="relations").caption

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from jobs.config import load_config
-from jobs.tune import SweepConfig, main as tune_main, parameter_count, trial_config
+from jobs.tune import SweepConfig, load_sweep, main as tune_main, parameter_count, trial_config
 
 pytestmark = pytest.mark.ray
 
@@ -80,6 +80,9 @@ def _sweep(tmp_path, demo_set, **fields) -> str:
     ({"search": {"eval.steps": {"uniform": [1, 10]}}}, "eval.steps must list whole numbers"),
     ({"search": {"eval.guidance_scale": {"uniform": [-1, 3]}}}, "eval.guidance_scale=-1"),
     ({"evaluation": {"guidance_scales": [1, -2]}}, "guidance_scale_text"),
+    ({"search": {"model.n_text+model.n_image": {"grid": [[1, 1], [2]]}}}, "needs 2 values per entry"),
+    ({"search": {"model.n_text+model.depth": {"grid": [[1, 1]]}}}, "'model.depth' is not a training config field"),
+    ({"search": {"model.n_text+model.shared_depth": {"grid": [[1, 1]]}}, "hold_parameters": True}, "derived"),
 ])
 def test_a_sweep_that_cannot_work_is_refused_before_any_trial(tmp_path, demo_set, ray_local, capsys, fields, message):
     path = _sweep(tmp_path, demo_set, **fields)
@@ -102,6 +105,37 @@ def test_holding_parameters_moves_layers_into_the_shared_section(demo_set):
         depths.append(cfg.model.shared_depth)
         assert abs(parameter_count(cfg.model) - base) / base < 0.05
     assert depths[0] > depths[1] > depths[2]
+
+
+def test_a_joint_dimension_sets_its_fields_together_at_constant_parameters():
+    sweep = load_sweep("configs/sweeps/splits.yaml")
+    splits = sweep.search["model.n_text+model.n_image"].grid
+    assert [0, 0] in splits and [2, 4] in splits
+    budget = parameter_count(load_config(sweep.train_config, sweep.overrides).model)
+    depths = {}
+    for split in splits:
+        model = trial_config(sweep, {"model.n_text+model.n_image": split}, "t").model
+        assert [model.n_text, model.n_image] == split
+        assert parameter_count(model) == budget
+        depths[tuple(split)] = model.shared_depth
+    assert depths[(0, 0)] == 13 and depths[(2, 4)] == 1
+
+
+def test_a_split_sweep_with_both_directions_as_objective(tmp_path, demo_set):
+    path = _sweep(tmp_path, demo_set, search={"model.n_text+model.n_image": {"grid": [[0, 0], [1, 1]]}},
+                  hold_parameters=True, objective="accuracy",
+                  evaluation={"guidance_scales": [1.0, 3.0], "steps": 2, "samples": 4})
+    _, summary = _run_tune(["train", "--sweep", path])
+    assert summary["trials"] == 2 and summary["errors"] == 0
+    assert summary["best"]["model.n_text+model.n_image"] in ([0, 0], [1, 1])
+    table = pd.read_csv(summary["results"])
+    assert sorted(table["shared_depth"]) == [1, 5]  # tiny preset: (1, 1, 1) holds as many parameters as (0, 0, 5)
+    for column in ("accuracy", "t2i_accuracy", "i2t_accuracy"):
+        assert table[column].between(0, 1).all(), column
+    assert (table["accuracy"] - (table["t2i_accuracy"] + table["i2t_accuracy"]) / 2).abs().max() < 1e-9
+    assert set(table["t2i_guidance"]) <= {1.0, 3.0} and set(table["i2t_guidance"]) <= {1.0, 3.0}
+    assert summary["best_accuracy"] == pytest.approx(table["accuracy"].max())
+    assert Path(summary["plot"]).stat().st_size > 0
 
 
 def _children(client, parent_id: str) -> list:
