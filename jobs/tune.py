@@ -378,9 +378,11 @@ def run_train_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     cluster = ray.cluster_resources()
     base = check_sweep(sweep, cluster)
     uri = tracking_uri(sweep.mlflow_tracking_uri, sweep.storage_path)
-    sweep = sweep.model_copy(update={"mlflow_tracking_uri": uri,
+    data = [f"data.train={base.data.train}"] + ([f"data.val={base.data.val}"] if base.data.val else [])
+    sweep = sweep.model_copy(update={"mlflow_tracking_uri": uri,  # trials run in their own folders: absolute paths
                                      "storage_path": str(Path(sweep.storage_path).expanduser().resolve()),
-                                     "train_config": str(Path(sweep.train_config).resolve())})
+                                     "train_config": str(Path(sweep.train_config).resolve()),
+                                     "overrides": [*sweep.overrides, *data]})
     folder = Path(sweep.storage_path) / sweep.name
     if restart and folder.exists():
         import shutil
