@@ -470,12 +470,16 @@ class HeldOut:
 
         self.base, self.scales, self.settings, self.device = base, scales, settings, device
         self.prompts, self.latents = held_out_pairs(base.data.val or base.data.train, samples)
+        self.validators = {}  # per model config: its batches, autoencoder and codec are loaded once
 
     def __call__(self, model, model_config, accuracy: bool) -> dict:
         from jobs.quality import guidance_sweep
         from jobs.train import Validator
 
-        validator = Validator(self.base.model_copy(update={"model": model_config}), self.device)
+        key = model_config.model_dump_json()
+        if key not in self.validators:
+            self.validators[key] = Validator(self.base.model_copy(update={"model": model_config}), self.device)
+        validator = self.validators[key]
         point = validator.loss(model)
         if accuracy:
             sweep = guidance_sweep(validator.make_pipeline(model), self.prompts, self.latents, self.scales,
