@@ -2,7 +2,7 @@
 # The main job end to end on this machine (what `make demo` runs):
 #   1. the built-in demo data set -> word2vec + small autoencoder -> shards   (skipped when present)
 #   2. a local two-node Ray cluster with an MLflow server                     (reused when running)
-#   3. `ray job submit` of jobs/train.py with configs/demo.yaml
+#   3. `ray job submit` of jobs/train.py with configs/demo.yaml (checkpoints validated on the head's validation slot)
 #   4. the final sample grids, the text->image and image->text attribute accuracy against chance, and
 #      where things are; it fails unless BOTH directions get the colour right more than twice as often as chance.
 # The cluster stays up so the MLflow UI can be browsed; stop it with `cluster/local.sh stop`.
@@ -39,7 +39,8 @@ LOG="$RUNS/$NAME.log"
 echo "==> submitting the training job (run $NAME, log $LOG)"
 ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
     python jobs/train.py --config configs/demo.yaml \
-    "data.train=$DATA/train" "data.val=$DATA/val" "run.storage_path=$RUNS" "run.name=$NAME" "$@" | tee "$LOG"
+    "data.train=$DATA/train" "data.val=$DATA/val" "run.storage_path=$RUNS" "run.name=$NAME" \
+    "run.validation_resources={validation: 1}" "$@" | tee "$LOG"
 
 python - "$LOG" "$MLFLOW_TRACKING_URI" <<'EOF'
 import json, sys

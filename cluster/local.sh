@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # A real multi-node Ray cluster (head + N worker nodes) and an MLflow tracking server on this machine.
 #
-#   cluster/local.sh start [--workers N] [--cpus-per-node C]
+#   cluster/local.sh start [--workers N] [--cpus-per-node C] [--head-cpus H]
+#   cluster/local.sh node start I | node stop I     # add / remove worker node I (1..N) of a running cluster
+#   cluster/local.sh node preempt I [S]             # a preemption notice for node I, then its loss S s later
 #   cluster/local.sh status | stop
 #   eval "$(cluster/local.sh env)"
+#
+# The head node also offers one `validation` resource: training jobs started with
+# run.validation_resources={validation: 1} validate their checkpoints there, beside the training workers.
+# --head-cpus 0 keeps training workers off the head (they then run on worker nodes only).
 #
 # Settings (environment variables, defaults in brackets):
 #   PSUNET_CLUSTER_DIR   state folder: PIDs, logs, mlflow.db, mlartifacts  [<project>/runs/cluster]
@@ -117,15 +123,18 @@ fail_start() {
 }
 
 start_cluster() {
-    local workers=1 cpus=1 i deadline nodes mlflow_pid
+    local workers=1 cpus=1 head_cpus="" i deadline nodes mlflow_pid
     while [[ $# -gt 0 ]]; do
         case $1 in
             --workers) workers=${2:?--workers needs a number}; shift 2 ;;
             --cpus-per-node) cpus=${2:?--cpus-per-node needs a number}; shift 2 ;;
+            --head-cpus) head_cpus=${2:?--head-cpus needs a number}; shift 2 ;;
             *) die "unknown option for start: $1" ;;
         esac
     done
-    [[ "$workers" =~ ^[0-9]+$ && "$cpus" =~ ^[0-9]+$ ]] || die "--workers and --cpus-per-node take whole numbers"
+    head_cpus=${head_cpus:-$cpus}
+    [[ "$workers" =~ ^[0-9]+$ && "$cpus" =~ ^[0-9]+$ && "$head_cpus" =~ ^[0-9]+$ ]] ||
+        die "--workers, --cpus-per-node and --head-cpus take whole numbers"
     require_tools
 
     [[ -z "$(cluster_pids)" ]] || die "a cluster with state in $STATE is running; run '$0 stop' first"
@@ -143,6 +152,8 @@ start_cluster() {
         echo "RAY_CLIENT_PORT=$RAY_CLIENT_PORT"
         echo "RAY_TEMP_ROOT=$RAY_TEMP_ROOT"
         echo "MLFLOW_PORT=$MLFLOW_PORT"
+        echo "NODE_CPUS=$cpus"
+        echo "WORKER_NODES=$workers"
     } >"$CONFIG"
 
     # `ray start` with auth on refuses to run without a token; --generate keeps an existing one.
@@ -164,20 +175,15 @@ start_cluster() {
     # Every process of this cluster knows its own address: with several Ray instances on one machine,
     # Ray's state API (used by Ray Train to clean up after a stopped run) would otherwise pick another.
     export RAY_ADDRESS="127.0.0.1:$RAY_PORT" RAY_API_SERVER_ADDRESS="$DASHBOARD_URL"
-    log "Ray head on port $RAY_PORT ($cpus CPUs)"
-    spawn head ray start --head --port "$RAY_PORT" --num-cpus "$cpus" \
+    log "Ray head on port $RAY_PORT ($head_cpus CPUs, 1 validation slot)"
+    spawn head ray start --head --port "$RAY_PORT" --num-cpus "$head_cpus" --resources '{"validation": 1}' \
         --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
         --ray-client-server-port "$RAY_CLIENT_PORT" --dashboard-agent-listen-port 0 \
         --temp-dir "$RAY_TEMP_ROOT" --log-color false
     wait "$SPAWNED" || fail_start "the Ray head did not start"
 
     for ((i = 1; i <= workers; i++)); do
-        log "Ray worker node $i/$workers ($cpus CPUs)"
-        # A temp dir per node: each node's log monitor forwards only its own workers' output (one
-        # shared folder would print every line once per node).
-        spawn "worker-$i" ray start --address "127.0.0.1:$RAY_PORT" --num-cpus "$cpus" \
-            --dashboard-agent-listen-port 0 --temp-dir "$RAY_TEMP_ROOT/node-$i" --log-color false
-        wait "$SPAWNED" || fail_start "Ray worker node $i did not start"
+        start_node "$i" "$cpus" || fail_start "Ray worker node $i did not start"
     done
 
     deadline=$((SECONDS + START_TIMEOUT))
@@ -199,6 +205,68 @@ $(print_env | sed 's/^/    /')
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/train.py --config configs/<preset>.yaml
   Stop with: $0 stop
 EOF
+}
+
+# Worker node i: its own temp dir, so that each node's log monitor forwards only its own workers' output
+# (one shared folder would print every line once per node).
+start_node() {
+    local i=$1 cpus=$2
+    log "Ray worker node $i ($cpus CPUs)"
+    spawn "worker-$i" ray start --address "127.0.0.1:$RAY_PORT" --num-cpus "$cpus" \
+        --dashboard-agent-listen-port 0 --temp-dir "$RAY_TEMP_ROOT/node-$i" --log-color false
+    wait "$SPAWNED"
+}
+
+# Every process of worker node i (its raylet and everything the raylet started: Ray workers, the
+# node's agents): what a lost machine takes with it.
+node_pids() {
+    local raylet
+    raylet=$(raylet_pid "$1")
+    [[ -n "$raylet" ]] || return 0
+    { echo "$raylet"; descendants "$raylet"; pgrep -f -- "$RAY_TEMP_ROOT/node-$1/" || true; } | sort -un
+}
+
+raylet_pid() {
+    pgrep -f "raylet.*--temp_dir=$RAY_TEMP_ROOT/node-$1( |$)" | head -n 1 || true
+}
+
+descendants() {
+    local child
+    for child in $(pgrep -P "$1"); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+
+# `node stop I` kills worker node I with SIGKILL, as a machine that disappears; `node preempt I S` first
+# announces it (a spot VM's preemption notice: Ray drains the node with a deadline S seconds away), then
+# kills it S seconds later; `node start I` brings it back.
+node_command() {
+    local action=${1:-} i=${2:-} seconds=${3:-30} pids raylet
+    [[ -f "$CONFIG" ]] || die "no running cluster with state in $STATE"
+    [[ "$i" =~ ^[1-9][0-9]*$ ]] || die "usage: $0 node {start|stop|preempt} I [SECONDS] (I = 1..$WORKER_NODES)"
+    case $action in
+        preempt)
+            [[ "$seconds" =~ ^[0-9]+$ ]] || die "node preempt: SECONDS must be a whole number"
+            raylet=$(raylet_pid "$i")
+            [[ -n "$raylet" ]] || die "worker node $i is not running"
+            ray drain-node --address "127.0.0.1:$RAY_PORT" \
+                --node-id "$(tr '\0' '\n' <"/proc/$raylet/cmdline" | sed -n 's/^--node_id=//p')" \
+                --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "local.sh node preempt $i" \
+                --deadline-remaining-seconds "$seconds" >/dev/null || die "could not drain worker node $i"
+            log "worker node $i: preemption notice, killed in $seconds s"
+            sleep "$seconds"
+            node_command stop "$i" ;;
+        stop)
+            pids=$(node_pids "$i")
+            [[ -n "$pids" ]] || die "worker node $i is not running"
+            kill -KILL $pids 2>/dev/null || true
+            log "worker node $i killed ($(wc -w <<<"$pids") processes)" ;;
+        start)
+            [[ -z "$(node_pids "$i")" ]] || die "worker node $i is running"
+            start_node "$i" "$NODE_CPUS" || die "worker node $i did not start; see $STATE/logs/worker-$i.log" ;;
+        *) die "usage: $0 node {start|stop|preempt} I [SECONDS]" ;;
+    esac
 }
 
 stop_cluster() {
@@ -236,5 +304,6 @@ case "${1:-}" in
     stop) stop_cluster ;;
     status) status_cluster ;;
     env) print_env ;;
-    *) die "usage: $0 {start [--workers N] [--cpus-per-node C]|stop|status|env}" ;;
+    node) shift; node_command "$@" ;;
+    *) die "usage: $0 {start [--workers N] [--cpus-per-node C] [--head-cpus H]|node {start|stop|preempt} I|stop|status|env}" ;;
 esac

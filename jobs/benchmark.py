@@ -2,21 +2,27 @@
 
     python jobs/benchmark.py train --preset demo              # samples/s, FLOPs, measured matmul peak, MFU, memory
     python jobs/benchmark.py overhead --preset demo           # bare PyTorch loop vs TorchTrainer(1 worker), A/B/A/B
-    python jobs/benchmark.py loader --data data/demo/train    # shard reader vs training speed; RSS at 1x and 10x shards
+    python jobs/benchmark.py loader --data data/demo/train    # shard reader vs training speed, ingest wait; RSS 1x, 10x
     python jobs/benchmark.py sampling --preset demo --model runs/<run>/model
     python jobs/benchmark.py convergence --config configs/demo.yaml --steps 1000 --seeds 3 --accuracy-every 500
     python jobs/benchmark.py convergence --against ode --steps 1000 model.shared_depth=7 model.ode_solver=midpoint
     python jobs/benchmark.py convergence --against experts --experts 2 --steps 1500 --branch-at 1000
     python jobs/benchmark.py paint --model runs/<run>/model   # paint-with-words: objects landing in the region
     python jobs/benchmark.py serve --model runs/<run>/model   # Serve text-to-image, batching on vs off
+    python jobs/benchmark.py checkpoints --steps 200          # checkpoint stall sync vs async, validation beside
+    python jobs/benchmark.py gpu                              # one CUDA GPU, under 8 minutes: coco256 bf16 MFU and
+                                                              # sampling, eager and compiled; Ray Train GPU resume
 
 Figures are logged to MLflow (experiment psunet-benchmark): --tracking-uri, else $MLFLOW_TRACKING_URI, else
 the local store runs/mlflow.db. No figure here is a test: tests only check that every field is present and positive.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import multiprocessing
 import os
 import resource
 import statistics
@@ -25,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -96,11 +103,12 @@ class StepTimer:
         self.batch = {"latent": torch.randn(batch, *c.latent_shape, device=device),
                       "text": torch.randn(batch, c.text_len, c.word_dim, device=device)}
 
-    def step(self) -> None:
+    def step(self, batch: dict | None = None) -> None:
+        """One training step on `batch` (a loader's batch), by default on the fixed synthetic one."""
         from jobs.train import train_step
 
-        train_step(self.model, self.model, self.optimizer, self.ema, self.schedule, self.cfg, self.batch,
-                   self.cfg.optim.lr, self.device, self.use_bf16)
+        train_step(self.model, self.model, self.optimizer, self.ema, self.schedule, self.cfg,
+                   [self.batch if batch is None else batch], self.cfg.optim.lr, self.device, self.use_bf16)
 
     def seconds_per_step(self, steps: int, warmup: int = 3) -> float:
         for _ in range(warmup):
@@ -126,14 +134,14 @@ def bench_train(args) -> dict:
     cfg = timed_config(args)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timer = StepTimer(cfg, device)
+    timer = StepTimer(cfg, device, wrap=torch.compile if args.compile else None)
     seconds = timer.seconds_per_step(args.steps)
     forward = forward_flops(PSUNet(cfg.model))
     samples_per_s = args.batch_size / seconds
     achieved = samples_per_s * 3 * forward
     peak = matmul_peak(device)
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
-    return {"preset": args.preset, "batch_size": args.batch_size, "device": str(device),
+    return {"preset": args.preset, "batch_size": args.batch_size, "device": str(device), "compiled": args.compile,
             "dtype": str(training_dtype(device)).removeprefix("torch."), "threads": torch.get_num_threads(),
             "samples_per_s": samples_per_s, "step_ms": seconds * 1000, "forward_flops_per_sample": forward,
             "train_flops_per_sample": 3 * forward, "achieved_flops": achieved, "matmul_peak_flops": peak,
@@ -162,8 +170,6 @@ def _trainer_loop(config: dict) -> None:
 
 
 def bench_overhead(args) -> dict:
-    import multiprocessing
-
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -221,9 +227,35 @@ def _replicated(folder: Path, times: int) -> Path:
     return out
 
 
-def bench_loader(args) -> dict:
-    import multiprocessing
+def ingest_wait(cfg, folder: Path, device: torch.device, steps: int, workers: int, warmup: int = 3) -> dict:
+    """The job's step fed by the real shard loader (make_loader with `workers` DataLoader processes and the
+    config's shuffle buffer): per step, ms blocked in next(batches) and ms computing (the device synchronised
+    after each step), and the fraction of the step spent waiting. Warm-up steps (loader start, shuffle buffer
+    fill) are not timed."""
+    from psunet.data import make_loader
 
+    timer = StepTimer(cfg, device)
+    batches = iter(make_loader(folder, cfg.optim.batch_size, cfg.model, training=True, seed=cfg.optim.seed,
+                               num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer, rank=0, world_size=1))
+    for _ in range(warmup):
+        timer.step(next(batches))
+    sync(device)
+    wait = compute = 0.0
+    for _ in range(steps):
+        started = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        timer.step(batch)
+        sync(device)
+        wait, compute = wait + fetched - started, compute + time.perf_counter() - fetched
+    return {"data_wait_fraction": wait / (wait + compute), "data_wait_ms_per_step": 1000 * wait / steps,
+            "compute_ms_per_step": 1000 * compute / steps}
+
+
+def bench_loader(args) -> dict:
+    """The shard reader alone (1x and 10x the shards, fresh processes) against the training step's speed, and
+    the training loop fed by the loader: the ingest wait with the loader in the training process (the job's
+    default, data.loader_workers 0; fields without suffix) and with 2 DataLoader workers (_workers2)."""
     from psunet.data import load_manifest
 
     folder = Path(args.data)
@@ -234,14 +266,18 @@ def bench_loader(args) -> dict:
     ten_folder = _replicated(folder, 10)
     with context.Pool(1) as pool:
         ten = pool.apply(_read_shards, (str(ten_folder), 10 * manifest.samples))
-    timer = StepTimer(timed_config(args), device_of(args.device))
-    train_samples_per_s = args.batch_size / timer.seconds_per_step(args.steps)
+    cfg, device = timed_config(args), device_of(args.device)
+    train_samples_per_s = args.batch_size / StepTimer(cfg, device).seconds_per_step(args.steps)
     reader = ten["samples"] / ten["seconds"]
-    return {"data": str(folder), "preset": args.preset, "reader_samples_per_s": reader,
-            "train_samples_per_s": train_samples_per_s, "headroom": reader / train_samples_per_s,
-            "samples_1x": one["samples"], "samples_10x": ten["samples"], "rss_mb_1x": one["peak_rss_mb"],
-            "rss_mb_10x": ten["peak_rss_mb"], "rss_ratio_10x_over_1x": ten["peak_rss_mb"] / one["peak_rss_mb"],
-            "target_headroom": TARGETS["cpu"]["loader_headroom"]}
+    figures = {"data": str(folder), "preset": args.preset, "reader_samples_per_s": reader,
+               "train_samples_per_s": train_samples_per_s, "headroom": reader / train_samples_per_s,
+               "samples_1x": one["samples"], "samples_10x": ten["samples"], "rss_mb_1x": one["peak_rss_mb"],
+               "rss_mb_10x": ten["peak_rss_mb"], "rss_ratio_10x_over_1x": ten["peak_rss_mb"] / one["peak_rss_mb"],
+               "target_headroom": TARGETS["cpu"]["loader_headroom"]}
+    for workers, suffix in ((0, ""), (2, "_workers2")):
+        figures.update({key + suffix: value
+                        for key, value in ingest_wait(cfg, folder, device, args.steps, workers).items()})
+    return figures
 
 
 def _seconds(fn, device: torch.device) -> float:
@@ -266,8 +302,24 @@ def _interleaved(first, second, rounds: int, device: torch.device) -> tuple[floa
     return statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
 
 
+def bf16_denoiser(model):
+    """A bare model called as Pipeline.denoise calls it at precision bf16: bf16 weights under bf16 autocast,
+    the sampler's state staying fp32."""
+    model.to(torch.bfloat16)
+    device_type = next(model.parameters()).device.type
+
+    def denoise(*inputs, **options):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return model(*inputs, **options)
+
+    return denoise
+
+
 @torch.no_grad()
 def bench_sampling(args) -> dict:
+    """Sampling speed of --model, or of a randomly initialised --preset model (speed does not depend on the
+    weights), at --precision, compiled with --compile: ms per step at batch 1, 16 and 64, network evaluations
+    per step, the guidance batching speedup, and with --model the end-to-end latencies."""
     from psunet.sampling import joint_infill
 
     from jobs.model_ref import load_pipeline
@@ -281,7 +333,7 @@ def bench_sampling(args) -> dict:
         model = torch.compile(model)
         if pipe:
             pipe.model = model
-    forward = pipe.denoise if pipe else model
+    forward = pipe.denoise if pipe else bf16_denoiser(model) if args.precision == "bf16" else model
     figures = {"preset": args.preset if not pipe else "model", "device": str(device), "compiled": args.compile,
                "precision": args.precision, "steps": args.sample_steps}
     for batch in (1, 16, 64):
@@ -347,7 +399,7 @@ def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, e
     curve, training_seconds = [], 0.0
     for step in range(steps):
         started = time.perf_counter()
-        train_step(model, model, optimizer, ema, schedule, cfg, next(batches), lr_at(step, optim), device)
+        train_step(model, model, optimizer, ema, schedule, cfg, [next(batches)], lr_at(step, optim), device)
         training_seconds += time.perf_counter() - started
         if evaluate and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             curve.append({"step": step + 1, "wall_seconds": training_seconds, **evaluate(ema.model, step + 1)})
@@ -822,6 +874,152 @@ def bench_serve(args) -> dict:
     return figures
 
 
+class NothingMeasured(Exception):
+    """A benchmark with nothing to measure on this machine; the message says why."""
+
+
+GPU_PLAN_SECONDS = 430  # the gpu parts together; with start-up, the last part's stop and logging, under 8 minutes
+
+
+def bench_gpu(args) -> dict:
+    """One CUDA GPU in under 8 minutes: the coco256 preset's bf16 training MFU and sampling speed (batch 1, 16,
+    64; guidance batching), eager and compiled, and a Ray Train run on the GPU that checkpoints and resumes.
+    Each part runs in its own process within its time budget; one that fails or overruns leaves
+    <part>_error and the others still run. Every figure is prefixed with its part's name."""
+    if not torch.cuda.is_available():
+        raise NothingMeasured("no GPU: torch.cuda.is_available() is false; nothing measured")
+    return run_parts(gpu_parts(args), GPU_PLAN_SECONDS)
+
+
+def gpu_parts(args) -> list[tuple[str, float, object, tuple]]:
+    """The gpu plan as (name, weight, function, arguments): the cheap parts first, so a slow compile cannot
+    starve them; train and sampling take the command line's --batch-size, --steps and --sample-steps."""
+    def coco256(**changes) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(args), "preset": "coco256", "device": "cuda", "model": None,
+                                     **changes})
+
+    return [("train_eager", 1, bench_train, (coco256(compile=False),)),
+            ("sampling_eager", 1, bench_sampling, (coco256(compile=False, precision="bf16"),)),
+            ("resume", 3, train_resume_check, ()),
+            ("train_compiled", 2.5, bench_train, (coco256(compile=True),)),
+            ("sampling_compiled", 2.5, bench_sampling, (coco256(compile=True, precision="bf16"),))]
+
+
+def run_parts(parts: list[tuple[str, float, object, tuple]], total_s: float) -> dict:
+    """Each part in turn through timed_part, with its weight's share of the time still left (what a part
+    leaves unused goes to those after it): its figures prefixed with its name, its budget and seconds."""
+    if total_s <= 0 or any(weight <= 0 for _, weight, _, _ in parts):
+        raise ValueError(f"run_parts needs total_s > 0 and every weight > 0, got {total_s} and "
+                         f"{[weight for _, weight, _, _ in parts]}")
+    deadline, figures = time.perf_counter() + total_s, {}
+    for index, (name, weight, function, arguments) in enumerate(parts):
+        budget = (deadline - time.perf_counter()) * weight / sum(part[1] for part in parts[index:])
+        result = {"budget_s": budget, **timed_part(function, arguments, budget)}
+        figures.update({f"{name}_{key}": value for key, value in result.items()})
+        print(f"gpu: {name} " + json.dumps(result), file=sys.stderr, flush=True)
+    return figures
+
+
+def timed_part(function, arguments: tuple, budget_s: float) -> dict:
+    """function(*arguments) in a fresh process (its own CUDA context and compile caches), stopped after
+    budget_s: its figures and the seconds taken, or {"error": why, "seconds": ...} when it raised, died or
+    overran. A budget of 0 or less starts nothing."""
+    if budget_s <= 0:
+        return {"error": "not started: no time left", "seconds": 0.0}
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_part_process, args=(sender, function, arguments))
+    started = time.perf_counter()
+    child.start()
+    sender.close()  # the child holds the only sending end: its death is an EOF here
+    finished, outcome = receiver.poll(budget_s), None
+    if finished:
+        with contextlib.suppress(EOFError):
+            outcome = receiver.recv()
+    seconds = time.perf_counter() - started
+    _stop(child, grace_s=10 if finished else 0)
+    if outcome is None:
+        outcome = {"error": f"its process ended (exit code {child.exitcode}) without a result" if finished
+                   else f"overran its budget of {budget_s:.0f} s"}
+    return {**outcome, "seconds": seconds}
+
+
+def _part_process(sender, function, arguments: tuple) -> None:
+    """A part's process: its stdout goes to stderr (the benchmark's stdout is one JSON object), its figures
+    or its error back through `sender`."""
+    os.dup2(2, 1)
+    try:
+        outcome = function(*arguments)
+    except Exception as exc:  # a part's failure is a figure of the plan, not a crash of it
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    sender.send(outcome)
+
+
+def _stop(process, grace_s: float) -> None:
+    """Wait up to grace_s for a part's process to finish (Ray and the like shut down), then end it."""
+    process.join(grace_s)
+    if process.is_alive():
+        process.terminate()
+        process.join(10)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def train_resume_check(first_steps: int = 20, then_steps: int = 30) -> dict:
+    """Ray Train V2 on the GPU through the training job's command line only (jobs.train.main): a tiny shard
+    set made by dataprep in a temporary folder, one run to first_steps, then the same run (name and storage)
+    again to then_steps. Resumed: the second run ends at then_steps and wrote no checkpoint at or before the
+    first's final step, so it started from the first's final checkpoint rather than from step 0."""
+    if not 0 < first_steps < then_steps:
+        raise ValueError(f"need 0 < first_steps < then_steps, got {first_steps} and {then_steps}")
+    from dataprep.__main__ import main as dataprep_main
+
+    with tempfile.TemporaryDirectory(prefix="psunet-gpu-check-") as folder:
+        data, storage = Path(folder) / "data", Path(folder) / "runs"
+        if dataprep_main(["demo", "--out", str(data), "--samples", "300", "--vae-steps", "200",
+                          "--samples-per-shard", "100", "--val-fraction", "0.2", "--word-dim", "16"]) != 0:
+            raise RuntimeError("dataprep demo failed (its error is on stderr)")
+        argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.train={data}/train", f"data.val={data}/val",
+                f"run.storage_path={storage}", "run.name=gpu-check", "run.use_gpu=true", "run.num_workers=1"]
+        started = time.perf_counter()
+        first = train_cli(argv + [f"optim.steps={first_steps}"])
+        between = time.perf_counter()
+        before = checkpoint_steps(storage)
+        second = train_cli(argv + [f"optim.steps={then_steps}"])
+        written = sorted(step for key, step in checkpoint_steps(storage).items() if key not in before)
+    return {"first_final_step": first["step"], "second_final_step": second["step"],
+            "second_checkpoint_steps": written, "first_run_s": between - started,
+            "second_run_s": time.perf_counter() - between,
+            "resumed": second["step"] == then_steps and bool(written) and min(written) > first["step"]}
+
+
+def train_cli(argv: list[str]) -> dict:
+    """jobs.train.main(argv), its stdout captured and passed on to stderr: the summary it prints as
+    "train: done {json}"."""
+    from jobs.train import main as train_main
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        code = train_main(argv)
+    text = captured.getvalue()
+    print(text, file=sys.stderr, end="", flush=True)
+    if code != 0:
+        raise RuntimeError(f"jobs/train.py exited with {code}")
+    marker = "train: done "
+    if marker not in text:
+        raise RuntimeError("jobs/train.py printed no 'train: done' summary")
+    # raw_decode: Ray may print worker lines into the same stream right after the summary
+    return json.JSONDecoder().raw_decode(text[text.rindex(marker) + len(marker):])[0]
+
+
+def checkpoint_steps(storage: Path) -> dict[tuple[str, int], int]:
+    """Every training checkpoint under storage (a state.json beside model.safetensors): (path, time written)
+    -> its step, so a checkpoint written again at the same path counts as new."""
+    return {(str(state), state.stat().st_mtime_ns): json.loads(state.read_text())["step"]
+            for state in storage.rglob("state.json") if (state.parent / "model.safetensors").is_file()}
+
+
 def log_to_mlflow(uri: str, command: str, figures: dict) -> str:
     import mlflow
     from mlflow.entities import Metric
@@ -847,9 +1045,57 @@ def log_to_mlflow(uri: str, command: str, figures: dict) -> str:
     return run.info.run_id
 
 
+def bench_checkpoints(args) -> dict:
+    """The training job (Ray Train, --workers workers, --config) run three times for --steps steps with a
+    checkpoint every --checkpoint-every: sync upload, async upload, async upload with every checkpoint validated
+    by a Ray task beside the workers. Per run, from its MLflow metrics: the training loop's stall per checkpoint
+    (writing it, the report barrier, a sync upload), samples/s (median of the logged windows after the first),
+    the data-wait fraction; and the validation task's seconds per checkpoint: what every worker would wait if
+    validation ran inside the loop."""
+    import mlflow
+
+    from jobs.config import load_config
+    from jobs.train import run
+
+    variants = {"sync": ["run.checkpoint_upload=sync", "schedule.validate_checkpoints=false"],
+                "async": ["run.checkpoint_upload=async", "schedule.validate_checkpoints=false"],
+                "async_validated": ["run.checkpoint_upload=async", "schedule.validate_checkpoints=true"]}
+    figures = {"workers": args.workers, "steps": args.steps, "checkpoint_every": args.checkpoint_every}
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # new runs, also in a --storage-path that holds earlier ones
+    with tempfile.TemporaryDirectory() as storage:
+        for name, overrides in variants.items():
+            cfg = load_config(args.config, [*args.overrides, f"optim.steps={args.steps}",
+                                            f"schedule.checkpoint_every={args.checkpoint_every}",
+                                            f"schedule.sample_every={args.steps}", f"run.num_workers={args.workers}",
+                                            f"run.name=checkpoints-{name}-{stamp}",
+                                            f"run.storage_path={args.storage_path or storage}",
+                                            f"run.mlflow_tracking_uri=sqlite:///{storage}/mlflow.db", *overrides])
+            print(f"benchmark: checkpoints: {name} ({args.steps} steps)", file=sys.stderr, flush=True)
+            run_id = run(cfg)[1]
+            client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+            history = {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+                       for key in ("checkpoint_stall_s", "samples_per_s", "data_wait_fraction", "validation_s")}
+            figures.update({f"{name}_checkpoint_stall_ms": 1000 * statistics.median(history["checkpoint_stall_s"]),
+                            f"{name}_checkpoint_stall_ms_max": 1000 * max(history["checkpoint_stall_s"]),
+                            f"{name}_samples_per_s": statistics.median(history["samples_per_s"][1:]),
+                            f"{name}_data_wait_fraction": statistics.median(history["data_wait_fraction"][1:])})
+            if history["validation_s"]:  # the largest: the last checkpoint's, with sample grids and accuracies
+                figures.update(validation_s_median=statistics.median(history["validation_s"]),
+                               validation_s_max=max(history["validation_s"]))
+    figures["async_stall_ratio"] = figures["async_checkpoint_stall_ms"] / figures["sync_checkpoint_stall_ms"]
+    figures["validation_slowdown"] = figures["async_samples_per_s"] / figures["async_validated_samples_per_s"]
+    return figures
+
+
 COMMANDS = {"train": bench_train, "overhead": bench_overhead, "loader": bench_loader, "sampling": bench_sampling,
             "convergence": bench_convergence, "objectives": bench_objectives, "serve": bench_serve,
-            "paint": bench_paint}
+            "paint": bench_paint, "gpu": bench_gpu, "checkpoints": bench_checkpoints}
+
+
+def machine_figures() -> dict:
+    """What every benchmark's JSON says about the machine it ran on."""
+    return {"torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -865,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="loader: a shard folder")
     parser.add_argument("--model", help="sampling (end-to-end latency), serve: model folder or MLflow URI")
     parser.add_argument("--sample-steps", type=int, default=SamplerSettings.model_fields["steps"].default)
-    parser.add_argument("--compile", action="store_true", help="sampling: torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="train, sampling: torch.compile the model")
     parser.add_argument("--requests", type=int, default=32, help="serve: requests per client count")
     parser.add_argument("--serve-cpus", type=float, help="serve: CPUs (= torch threads) of the model replica; "
                         "default: the service's (all of the node's on CPU)")
@@ -901,6 +1147,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="paint: comma-separated weights w (0 = no bias)")
     parser.add_argument("--paint-fraction", type=float, default=1.0, help="paint: share of steps with the bias")
     parser.add_argument("--out-dir", default="runs/benchmark", help="convergence: where the curves PNG goes")
+    parser.add_argument("--workers", type=int, default=1, help="checkpoints: training workers")
+    parser.add_argument("--checkpoint-every", type=int, default=25, help="checkpoints: steps between checkpoints")
+    parser.add_argument("--storage-path", help="checkpoints: where checkpoints go (a folder or a storage URI); "
+                        "default: a temporary folder")
     parser.add_argument("--tracking-uri", help="MLflow store; default: $MLFLOW_TRACKING_URI, else runs/mlflow.db")
     parser.add_argument("overrides", nargs="*", help="convergence: section.field=value for the config")
     args = parser.parse_intermixed_args(argv)
@@ -909,19 +1159,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.branch_at is None:
         args.branch_at = 2 * args.steps // 3
     for name in ("batch_size", "steps", "rounds", "sample_steps", "requests", "eval_every", "samples", "experts",
-                 "accuracy_every", "seeds", "timing_steps"):
+                 "accuracy_every", "seeds", "timing_steps", "workers", "checkpoint_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.command == "loader" and not args.data:
         parser.error("loader needs --data <shard folder>")
     if args.command in ("serve", "paint") and not args.model:
         parser.error(f"{args.command} needs --model <folder or runs:/<id>/model>")
-    if args.precision != "fp32" and not args.model:
-        parser.error("--precision bf16 needs --model (the pipeline casts the model)")
     try:
-        figures = {"benchmark": args.command, **COMMANDS[args.command](args),
-                   "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                   "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        figures = {"benchmark": args.command, **COMMANDS[args.command](args), **machine_figures()}
+    except NothingMeasured as exc:  # nothing to log: say why, and that is a success
+        print(json.dumps({"benchmark": args.command, **machine_figures(), "message": str(exc)}), flush=True)
+        return 0
     except (ValueError, FileNotFoundError) as exc:
         print(f"benchmark: error: {exc}", file=sys.stderr)
         return 2

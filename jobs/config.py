@@ -4,8 +4,8 @@
     diffusion:  {p_drop_text: 0.1}
     data:       {train: data/demo/train, val: data/demo/val}
     optim:      {steps: 2000, batch_size: 64, lr: 3.0e-4}
-    schedule:   {checkpoint_every: 200, validate_every: 200}
-    run:        {name: demo, storage_path: runs, num_workers: 2}
+    schedule:   {checkpoint_every: 200, sample_every: 1000}   # every checkpoint is validated off the training path
+    run:        {name: demo, storage_path: s3://bucket/runs, num_workers: 1-4}   # elastic: 1 to 4 workers
     branch:     {init_from: runs/demo/model, time_range: [0, 500]}   # fine-tune a trained model on some times
 
 Everything is validated before any Ray worker starts; an error names the field.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from jobs.tracking import tracking_uri
 from psunet.config import DiffusionConfig, ModelConfig, StrictModel, preset
@@ -33,7 +33,9 @@ class DataConfig(StrictModel):
 
 class OptimConfig(StrictModel):
     steps: int = Field(1000, ge=1, description="total optimizer steps")
-    batch_size: int = Field(64, ge=1, description="per training worker")
+    batch_size: int = Field(64, ge=1, description="per training worker at the most workers (run.num_workers' "
+                            "maximum); the global batch, batch_size x that maximum, stays the same when "
+                            "fewer workers run (gradient accumulation)")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
     warmup_steps: int = Field(100, ge=0)
@@ -48,11 +50,14 @@ class OptimConfig(StrictModel):
 
 class ScheduleConfig(StrictModel):
     log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(200, ge=1, description="each checkpoint is validated (held-out loss) by a "
+                                  "Ray validation task beside the training workers")
     keep_checkpoints: int = Field(3, ge=1)
-    validate_every: int = Field(200, ge=1)
+    validate_checkpoints: bool = Field(True, description="validate every checkpoint (false: no held-out metrics "
+                                       "or samples)")
     val_batches: int = Field(4, ge=1)
-    sample_every: int = Field(200, ge=1, description="sample grids logged to MLflow")
+    sample_every: int = Field(200, ge=1, description="sample grids (and demo accuracies) with the validation of "
+                              "the checkpoints at multiples of this step and the last")
     samples: int = Field(8, ge=1, description="prompts / images per sample grid")
     demo_metrics: bool = Field(False, description="attribute-reader accuracy (demo data only)")
     sample_steps: int = Field(20, ge=1)
@@ -70,12 +75,69 @@ class ScheduleConfig(StrictModel):
 class RunConfig(StrictModel):
     name: str = Field("psunet", pattern=r"^[A-Za-z0-9._-]+$")
     storage_path: str = "runs"
-    num_workers: int = Field(1, ge=1)
+    num_workers: int | str = Field(1, description="training workers: a number (2), or a range (1-4) to train "
+                                   "elastically on whatever the cluster has between the two")
+    resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often to look for capacity to scale up")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    max_failures: int = Field(2, ge=-1)
+    max_failures: int = Field(2, ge=-1, description="worker group restarts (a lost node, a killed worker); -1: "
+                              "without limit")
+    checkpoint_upload: Literal["async", "sync"] = Field("async", description="async: training goes on while a "
+                                                        "checkpoint is copied to storage_path")
+    validation_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0}, description=(
+        "Ray resources of each validation task (CPU, GPU, memory or a custom resource such as a node's "
+        "'validation' slot); it runs beside the training workers, never on their path"))
     mlflow_tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else a local store")
     experiment: str = "psunet"
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: int | str) -> int | str:
+        low, high = worker_range(value)
+        return low if low == high else f"{low}-{high}"
+
+    @field_validator("validation_resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(amount < 0 for amount in value.values()):
+            raise ValueError(f"resource amounts must be >= 0, got {value}")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return worker_range(self.num_workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    @property
+    def remote_storage(self) -> bool:
+        """storage_path is a URI (s3://, gs://, ...): not a folder the driver and workers share."""
+        return "://" in self.storage_path and not self.storage_path.startswith("file://")
+
+    @property
+    def local_folder(self) -> str:
+        """Where the driver keeps what must be on its own disk (the default MLflow store, the final model
+        folder): storage_path, or ./runs when storage_path is remote."""
+        return "runs" if self.remote_storage else self.storage_path
+
+
+def worker_range(value: int | str) -> tuple[int, int]:
+    """run.num_workers as (min, max): 2 -> (2, 2), "1-4" -> (1, 4)."""
+    text = str(value).strip()
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise ValueError(f"must be a whole number (2) or a range (1-4), got {value!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"must be >= 1, and a range's low end <= its high end, got {value!r}")
+    return bounds
 
 
 class BranchConfig(StrictModel):
@@ -113,7 +175,7 @@ class TrainJobConfig(StrictModel):
         """Absolute paths and a concrete tracking URI, fixed on the driver so workers and restarts agree."""
         storage = str(Path(self.run.storage_path).expanduser().resolve()) if "://" not in self.run.storage_path \
             else self.run.storage_path
-        uri = tracking_uri(self.run.mlflow_tracking_uri, storage)
+        uri = tracking_uri(self.run.mlflow_tracking_uri, self.run.local_folder)
         data = self.data.model_copy(update={
             "train": str(Path(self.data.train).resolve()),
             "val": str(Path(self.data.val).resolve()) if self.data.val else None,

@@ -17,6 +17,7 @@ checkpoint (run.max_failures times).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -35,8 +36,8 @@ from jobs.config import TrainJobConfig, flatten, load_config  # noqa: E402
 from jobs.tracking import experiment_id  # noqa: E402
 from psunet.checkpoint import load_state, restore_training, save_checkpoint, save_weights, upgrade_weights  # noqa: E402
 from psunet.data import load_manifest, make_loader  # noqa: E402
-from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss  # noqa: E402
-from psunet.ema import EMA, _unwrap  # noqa: E402
+from psunet.diffusion import LossOutput, NoiseSchedule, conditional_gaps, diffusion_loss  # noqa: E402
+from psunet.ema import EMA, unwrap  # noqa: E402
 from psunet.experts import binary_split, check_intervals, parse_intervals  # noqa: E402
 from psunet.model import PSUNet  # noqa: E402
 from psunet.pipeline import ASSETS  # noqa: E402
@@ -66,24 +67,73 @@ def uses_bf16(cfg: TrainJobConfig, device: torch.device) -> bool:
     return cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and device.type == "cuda")
 
 
-def train_step(model, net, optimizer, ema, schedule: NoiseSchedule, cfg: TrainJobConfig, batch: dict, lr: float,
-               device: torch.device, use_bf16: bool = False):
-    """One optimizer step on a batch: loss (bf16 autocast if asked), clipped gradients, AdamW, EMA.
+def train_step(model, net, optimizer, ema, schedule: NoiseSchedule, cfg: TrainJobConfig, batches: list[dict],
+               lr: float, device: torch.device, use_bf16: bool = False, global_batch: int | None = None,
+               world: int = 1):
+    """One optimizer step over micro-batches: loss (bf16 autocast if asked), clipped gradients, AdamW, EMA.
 
     `net` is what runs the forward (the model, its DDP wrapper or a compiled one); `model` owns the
-    parameters. With a branch time range, times are drawn from that interval only. Returns (loss, grad norm).
+    parameters. Each micro-batch's mean loss is weighted by its share of the global batch (all ranks'
+    samples of this step; default: this rank's), so the gradient is the mean over the global batch however
+    it is split over workers and micro-batches; DDP synchronises on the last micro-batch only. With a
+    branch time range, times are drawn from that interval only. Returns (loss output, grad norm); the loss
+    output's values are the sample-weighted means over this rank's micro-batches.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        out = diffusion_loss(net, schedule, cfg.diffusion, batch["latent"].to(device), batch["text"].to(device),
-                             time_range=cfg.branch.time_range)
+    sizes = [len(batch["latent"]) for batch in batches]
+    global_batch = global_batch or sum(sizes)
     optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(_unwrap(model).parameters(), cfg.optim.grad_clip)
+    totals, kept = None, []
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with (contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = diffusion_loss(net, schedule, cfg.diffusion, batch["latent"].to(device), batch["text"].to(device),
+                                 time_range=cfg.branch.time_range)
+            (out.loss * (sizes[i] * world / global_batch)).backward()
+        weight = sizes[i] / sum(sizes)
+        parts = [out.loss.detach() * weight, out.loss_image.detach() * weight, out.loss_text.detach() * weight]
+        totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
+        kept.append((out.kept_image, out.kept_text))
+    grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.optim.grad_clip)
     optimizer.step()
     ema.update(model)
-    return out, grad_norm
+    return LossOutput(*totals, *(torch.cat(masks) for masks in zip(*kept))), grad_norm
+
+
+def rank_split(global_batch: int, world: int, rank: int, micro_batch: int) -> list[int]:
+    """This rank's micro-batch sizes for one step: the global batch shared out over `world` ranks (the first
+    global_batch % world ranks take one more), each share cut into as many near-equal micro-batches of at
+    most `micro_batch` as the largest share needs (empty ones dropped; every rank still synchronises once)."""
+    share = global_batch // world + (rank < global_batch % world)
+    count = math.ceil(math.ceil(global_batch / world) / micro_batch)
+    return [size for i in range(count) if (size := share // count + (i < share % count))]
+
+
+class SampleStream:
+    """Batches of any size cut from a loader's fixed-size batches (a batch's remainder starts the next), and
+    the seconds spent waiting for the loader."""
+
+    def __init__(self, batches):
+        self.batches, self.rest, self.wait_s = batches, None, 0.0
+
+    def take(self, n: int) -> dict:
+        parts, have = [], 0
+        while have < n:
+            if self.rest is None:
+                started = time.perf_counter()
+                self.rest = next(self.batches)
+                self.wait_s += time.perf_counter() - started
+            size = len(self.rest["latent"])
+            cut = min(n - have, size)
+            parts.append({key: value[:cut] for key, value in self.rest.items()})
+            self.rest = {key: value[cut:] for key, value in self.rest.items()} if cut < size else None
+            have += cut
+        if len(parts) == 1:
+            return parts[0]
+        return {key: torch.cat([p[key] for p in parts]) if torch.is_tensor(parts[0][key])
+                else [item for p in parts for item in p[key]] for key in parts[0]}
 
 
 def assets_for(manifest_folder: str) -> dict:
@@ -165,10 +215,11 @@ class Validator:
 
 
 def train_loop(loop_config: dict) -> None:
-    """Runs in every Ray Train worker."""
-    import mlflow
+    """Runs in every Ray Train worker: from the latest checkpoint (if any) to optim.steps, reporting a
+    checkpoint every schedule.checkpoint_every steps for the validation tasks to evaluate."""
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
     cfg = TrainJobConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
@@ -185,75 +236,176 @@ def train_loop(loop_config: dict) -> None:
     optimizer = make_optimizer(model, cfg.optim)
     model = model.to(device)
     ema = EMA(model, cfg.optim.ema_decay)
-    step, restarts, samples_seen = 0, 0, 0
+    step, samples_seen = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state, ema_state = restore_training(folder, model, optimizer)
         ema.load_state_dict(ema_state, state["ema_updates"])
-        step, samples_seen, restarts = state["step"], state["samples_seen"], state.get("restarts", 0) + 1
+        step, samples_seen = state["step"], state["samples_seen"]
+    tracker = StepLog(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    if rank == 0:
+        tracker.started(step, world)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; weights broadcast from rank 0
     net = torch.compile(model) if cfg.optim.compile else model
 
+    global_batch = cfg.optim.batch_size * cfg.run.max_workers
+    micro = rank_split(global_batch, world, rank, cfg.optim.batch_size)
     # a new stream position per (seed, resume step): a resumed run does not replay the same samples
     data_seed = cfg.optim.seed * 1_000_003 + step
-    batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True, seed=data_seed,
-                               num_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer))
+    stream = SampleStream(iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True,
+                                           seed=data_seed, num_workers=cfg.data.loader_workers,
+                                           shuffle_buffer=cfg.data.shuffle_buffer)))
     schedule = NoiseSchedule(cfg.diffusion)
-    validator = Validator(cfg, device) if rank == 0 else None
-    client = mlflow.MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
-    run_id = loop_config["mlflow_run_id"]
     if rank == 0:
-        client.set_tag(run_id, "restarts", str(restarts))
-        log.info(f"train: rank 0 of {world} on {device}, starting at step {step}/{cfg.optim.steps}")
+        log.info(f"train: rank 0 of {world} on {device}, starting at step {step}/{cfg.optim.steps}; global batch "
+                 f"{global_batch} as {len(micro)} micro-batch(es) of {micro[0]} per worker")
 
     if step >= cfg.optim.steps:  # resubmitted after it finished: nothing to train, report where it stands
         ray.train.report({"step": step}, checkpoint=None)
-    window_start, window_samples = time.perf_counter(), 0
+    window_start, window_steps, window_wait = time.perf_counter(), 0, stream.wait_s
+    loss_sum, loss_steps, notified = 0.0, 0, False
+    upload = CheckpointUploadMode.ASYNC if cfg.run.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
     while step < cfg.optim.steps:
         lr = lr_at(step, cfg.optim)
-        out, grad_norm = train_step(model, net, optimizer, ema, schedule, cfg, next(batches), lr, device,
-                                    use_bf16)
+        out, grad_norm = train_step(model, net, optimizer, ema, schedule, cfg, [stream.take(n) for n in micro], lr,
+                                    device, use_bf16, global_batch, world)
         step += 1
-        samples_seen += cfg.optim.batch_size * world
-        window_samples += cfg.optim.batch_size * world
+        samples_seen += global_batch
+        window_steps += 1
+        loss_sum, loss_steps = loss_sum + out.loss.item(), loss_steps + 1
 
         metrics = {}
         if step % cfg.schedule.log_every == 0 or step == cfg.optim.steps:
             elapsed = time.perf_counter() - window_start
             metrics = {"loss": out.loss.item(), "loss_image": out.loss_image.item(), "loss_text": out.loss_text.item(),
-                       "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": window_samples / elapsed}
-            window_start, window_samples = time.perf_counter(), 0
-        save_now = step % cfg.schedule.checkpoint_every == 0 or step == cfg.optim.steps
-        validate_now = step % cfg.schedule.validate_every == 0 or save_now
-        # an expert alone samples badly outside its interval: its samples come from the assembled ensemble
-        sample_now = (step % cfg.schedule.sample_every == 0 or step == cfg.optim.steps) \
-            and cfg.branch.time_range is None
-        if rank == 0:
-            if validate_now:
-                metrics.update(validator.loss(ema.model))
-            if sample_now:
-                with tempfile.TemporaryDirectory() as folder:
-                    metrics.update(validator.samples(ema.model, Path(folder)))
-                    client.log_artifacts(run_id, folder, f"samples/step_{step:07d}")
-            if metrics:
-                client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step)
-                                                  for k, v in metrics.items()])
-                log.info(f"train: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if save_now:
+                       "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": window_steps * global_batch / elapsed,
+                       "data_wait_fraction": (stream.wait_s - window_wait) / elapsed}
+            window_start, window_steps, window_wait = time.perf_counter(), 0, stream.wait_s
+            if rank == 0:
+                tracker.log(step, metrics)
+        # a node about to be preempted (a spot VM's notice; `ray drain-node`): one checkpoint now, so the restart
+        # on the nodes left loses nothing. Every rank asks at the same steps (it is a barrier).
+        preempt_now = False
+        if step % cfg.schedule.log_every == 0:
+            notice = ray.train.get_preemption_info()
+            preempt_now, notified = notice is not None and not notified, notice is not None
+        if preempt_now and rank == 0:
+            log.info(f"train: node(s) {', '.join(notice.preempted_node_ids)} (ranks {notice.preempted_ranks}) to be "
+                     f"preempted: checkpoint at step {step}")
+        if step % cfg.schedule.checkpoint_every == 0 or step == cfg.optim.steps or preempt_now:
+            # a placeholder until this checkpoint's validation task returns the held-out loss (the ranking of kept
+            # checkpoints needs the key; a checkpoint whose validation fails ranks last)
+            metrics.update(loss_mean=loss_sum / loss_steps, val_loss=float("inf"))
+            loss_sum, loss_steps = 0.0, 0
             if step == cfg.optim.steps and world > 1:
                 metrics["ddp_param_max_abs_diff"] = _param_spread(model)
-            with tempfile.TemporaryDirectory() as folder:
-                report_checkpoint = None
-                if rank == 0:
-                    state = {"step": step, "samples_seen": samples_seen, "ema_updates": ema.updates,
-                             "data_seed": data_seed, "restarts": restarts, "mlflow_run_id": run_id}
-                    save_checkpoint(folder, _unwrap(model), ema.state_dict(), optimizer, state,
-                                    {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump(),
-                                     "job": loop_config["config"]})
-                    (Path(folder) / ASSETS).write_text(json.dumps(assets_for(cfg.data.train), indent=2))
-                    report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report({"step": step, **metrics}, checkpoint=report_checkpoint)
+            state = {"step": step, "samples_seen": samples_seen, "ema_updates": ema.updates, "data_seed": data_seed,
+                     "world_size": world, "mlflow_run_id": loop_config["mlflow_run_id"]}
+            started = time.perf_counter()
+            report_checkpoint(cfg, rank, {"step": step, **metrics}, model, ema, optimizer, state, loop_config, upload)
+            if rank == 0:  # what a checkpoint costs the training loop: writing it, the barrier, a sync upload
+                tracker.log(step, {"checkpoint_stall_s": time.perf_counter() - started})
+
+
+def report_checkpoint(cfg: TrainJobConfig, rank: int, metrics: dict, model, ema, optimizer, state: dict,
+                      loop_config: dict, upload) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (a barrier). The checkpoint is handed to validation,
+    with sample grids at schedule.sample_every; async upload lets training go on while it is copied."""
+    import ray.train
+    from ray.train.v2.api.validation_config import ValidationTaskConfig
+
+    step = state["step"]
+    folder = tempfile.mkdtemp(prefix=f"psunet-checkpoint-{step:07d}-")
+    checkpoint = None
+    if rank == 0:
+        save_checkpoint(folder, unwrap(model), ema.state_dict(), optimizer, state,
+                        {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump(),
+                         "job": loop_config["config"]})
+        (Path(folder) / ASSETS).write_text(json.dumps(assets_for(cfg.data.train), indent=2))
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+    # an expert alone samples badly outside its interval: its samples come from the assembled ensemble
+    samples = (step % cfg.schedule.sample_every == 0 or step == cfg.optim.steps) and cfg.branch.time_range is None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}",
+                     checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=checkpoint is not None,
+                     validation=ValidationTaskConfig(fn_kwargs={"samples": samples})
+                     if checkpoint and cfg.schedule.validate_checkpoints else False)
+    if checkpoint is None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class StepLog:
+    """Rank 0's MLflow writer. A restarted worker group replays the steps since the last checkpoint: their
+    metrics are logged once (the first time), so every step appears once in the run's history."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        import mlflow
+
+        self.client, self.run_id = mlflow.MlflowClient(tracking_uri), run_id
+        history = self.client.get_metric_history(run_id, "loss")
+        self.logged_up_to = max((m.step for m in history), default=0)
+
+    def started(self, step: int, world: int) -> None:
+        """Every start of the worker group (first, after a failure, after a resize): metric `workers` = its
+        size at the step it resumes from; tags `restarts` (starts after the first) and `resizes`
+        ("step:workers" wherever the size changed)."""
+        self.write(step, {"workers": world})
+        starts = [(m.step, int(m.value)) for m in
+                  sorted(self.client.get_metric_history(self.run_id, "workers"), key=lambda m: m.timestamp)]
+        changes = [start for i, start in enumerate(starts) if i == 0 or start[1] != starts[i - 1][1]]
+        self.client.set_tag(self.run_id, "restarts", str(len(starts) - 1))
+        self.client.set_tag(self.run_id, "resizes", " ".join(f"{s}:{w}" for s, w in changes))
+        if len(changes) > 1 and changes[-1] == starts[-1]:
+            log.info(f"train: resized from {changes[-2][1]} to {world} workers, resuming at step {step}")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        log.info(f"train: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if step > self.logged_up_to:
+            self.write(step, metrics)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        import mlflow
+
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, step)
+                                                    for k, v in metrics.items()])
+
+
+_VALIDATORS: dict[str, Validator] = {}
+
+
+def validate_checkpoint(checkpoint, config: dict, run_id: str, tracking_uri: str, samples: bool = False) -> dict:
+    """A Ray validation task (off the training path): the checkpoint's EMA weights on the held-out batches,
+    and with `samples` the sample grids and demo accuracies, logged to the training run's MLflow run at the
+    checkpoint's step. The returned metrics join the checkpoint's (they rank the kept checkpoints)."""
+    import mlflow
+
+    from psunet.checkpoint import load_model
+
+    cfg = TrainJobConfig.model_validate(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # a task process validates many checkpoints (of one run, or of a sweep's trials): load the held-out data once
+    key = json.dumps({k: config[k] for k in ("model", "diffusion", "data", "schedule", "branch")}
+                     | {"batch_size": config["optim"]["batch_size"]}, sort_keys=True)
+    if key not in _VALIDATORS:
+        _VALIDATORS.clear()
+        _VALIDATORS[key] = Validator(cfg, device)
+    validator = _VALIDATORS[key]
+    client = mlflow.MlflowClient(tracking_uri)
+    with checkpoint.as_directory() as folder:
+        model = load_model(folder, device=device)[0]
+        step = load_state(folder)["step"]
+    started = time.perf_counter()
+    metrics = validator.loss(model)
+    if samples:
+        with tempfile.TemporaryDirectory() as out:
+            metrics.update(validator.samples(model, Path(out)))
+            client.log_artifacts(run_id, out, f"samples/step_{step:07d}")
+    metrics["validation_s"] = time.perf_counter() - started
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+    print(f"validation: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+    return metrics
 
 
 def initial_weights(folder: str) -> dict[str, torch.Tensor]:
@@ -285,7 +437,7 @@ def _param_spread(model) -> float:
     """Largest absolute difference of any parameter between DDP ranks (0.0 when they agree)."""
     import torch.distributed as dist
 
-    flat = torch.cat([p.detach().flatten().float() for p in _unwrap(model).parameters()])
+    flat = torch.cat([p.detach().flatten().float() for p in unwrap(model).parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     return max((g - gathered[0]).abs().max().item() for g in gathered)
@@ -299,7 +451,7 @@ def mlflow_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None) -> str:
     import mlflow
 
     client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
-    experiment = experiment_id(client, cfg.run.experiment, cfg.run.storage_path)
+    experiment = experiment_id(client, cfg.run.experiment, cfg.run.local_folder)
     key = f"{cfg.run.storage_path}/{cfg.run.name}"
     found = client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
     if found:
@@ -434,6 +586,14 @@ def preflight(cfg: TrainJobConfig) -> None:
             raise FileNotFoundError(f"{exc} (relative paths are taken from the job's working directory "
                                     f"{os.getcwd()}; under `ray job submit --working-dir` pass absolute paths)") from exc
         manifest.check_model(cfg.model)
+    if cfg.run.remote_storage:
+        import pyarrow.fs
+
+        try:
+            pyarrow.fs.FileSystem.from_uri(cfg.run.storage_path)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"run.storage_path={cfg.run.storage_path!r}: not a storage URI pyarrow can open "
+                             f"(s3://, gs://, abfs://, hdfs://): {exc}") from None
     assets = assets_for(cfg.data.train)
     if not Path(assets["word_vectors"]).is_file():
         raise FileNotFoundError(f"word vectors named by the shards are missing: {assets['word_vectors']}")
@@ -442,19 +602,30 @@ def preflight(cfg: TrainJobConfig) -> None:
 
 
 def make_trainer(cfg: TrainJobConfig, run_id: str, callbacks: list | None = None):
-    """The TorchTrainer of one training run (also what each Tune trial fits)."""
+    """The TorchTrainer of one training run (also what each Tune trial fits): elastic when run.num_workers is
+    a range, every checkpoint validated by a Ray task with run.validation_resources."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
 
+    run = cfg.run
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
-                           "tracking_uri": cfg.run.mlflow_tracking_uri},
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+                           "tracking_uri": run.mlflow_tracking_uri},
+        scaling_config=ScalingConfig(num_workers=(run.min_workers, run.max_workers) if run.elastic else run.max_workers,
+                                     use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=run.resize_interval_s),
+        validation_config=ValidationConfig(
+            fn=validate_checkpoint,
+            task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.model_dump(mode="json"), "run_id": run_id,
+                                                        "tracking_uri": run.mlflow_tracking_uri}),
+            # DEFAULT: not inside the placement group of whatever started the run (a Tune trial's)
+            ray_remote_kwargs={**task_resources(run.validation_resources), "scheduling_strategy": "DEFAULT"})
+        if cfg.schedule.validate_checkpoints else None,
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            name=run.name, storage_path=run.storage_path, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=run.max_failures),
             # the keep_checkpoints best by validation loss; Ray always keeps the latest as well (for resume)
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints,
                                                checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
@@ -462,29 +633,63 @@ def make_trainer(cfg: TrainJobConfig, run_id: str, callbacks: list | None = None
     )
 
 
+def task_resources(resources: dict[str, float]) -> dict:
+    """run.validation_resources as ray.remote() options: CPU, GPU and memory by name, the rest custom."""
+    named = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
+    options = {"num_cpus": 0, **{named[k]: v for k, v in resources.items() if k in named}}
+    custom = {k: v for k, v in resources.items() if k not in named}
+    return {**options, "resources": custom} if custom else options
+
+
+def check_cluster(cfg: TrainJobConfig) -> None:
+    """Warn (the cluster may still grow) when no node offers what a validation task or a worker needs."""
+    import ray
+
+    total = ray.cluster_resources()
+    wanted = {**cfg.run.validation_resources}
+    missing = [f"{k}={v:g}" for k, v in wanted.items() if v > 0 and total.get(k, 0) < v]
+    if missing:
+        print(f"train: warning: no node offers run.validation_resources {', '.join(missing)} (the cluster has "
+              f"{ {k: v for k, v in total.items() if not k.startswith('node:')} }); checkpoints are validated "
+              "when such a node joins", file=sys.stderr, flush=True)
+    if total.get("CPU", 0) < cfg.run.min_workers * cfg.run.cpus_per_worker:
+        print(f"train: warning: run.num_workers={cfg.run.num_workers} needs {cfg.run.min_workers} x "
+              f"{cfg.run.cpus_per_worker:g} CPUs, the cluster has {total.get('CPU', 0):g}; waiting for capacity",
+              file=sys.stderr, flush=True)
+
+
 def run(cfg: TrainJobConfig):
+    import mlflow
     import ray
 
     cfg = cfg.resolved()
     preflight(cfg)
-    Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
+    if not cfg.run.remote_storage:
+        Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
     run_id = mlflow_run(cfg)
     ray.init(ignore_reinit_error=True)
+    check_cluster(cfg)
     trainer = make_trainer(cfg, run_id)
-    print(f"train: run {cfg.run.name!r} -> {cfg.run.storage_path}/{cfg.run.name}; "
-          f"MLflow {cfg.run.mlflow_tracking_uri} run {run_id}", flush=True)
+    print(f"train: run {cfg.run.name!r} -> {cfg.run.storage_path}/{cfg.run.name} with {cfg.run.num_workers} "
+          f"worker(s); MLflow {cfg.run.mlflow_tracking_uri} run {run_id}", flush=True)
     result = trainer.fit()
     if result.error:
         raise result.error
-    run_folder = Path(cfg.run.storage_path) / cfg.run.name
-    model_folder = bundle_model(result.checkpoint.path, run_folder / "model")
-    import mlflow
-
     client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
+    run_folder = Path(cfg.run.local_folder).resolve() / cfg.run.name
+    with result.checkpoint.as_directory() as checkpoint_folder:
+        model_folder = bundle_model(checkpoint_folder, run_folder / "model")
     client.log_artifacts(run_id, str(model_folder), "model")
-    samples_folder = fetch_final_samples(client, run_id, result.metrics["step"], run_folder / "samples")
+    samples_folder = fetch_final_samples(client, run_id, result.metrics["step"], run_folder / "samples") \
+        if cfg.schedule.validate_checkpoints else None
     client.set_terminated(run_id)
     return result, run_id, model_folder, samples_folder
+
+
+def location(cfg: TrainJobConfig, checkpoint) -> str:
+    """Where a checkpoint is: a folder, or a URI on remote storage (Ray keeps the filesystem's path only)."""
+    scheme = cfg.run.storage_path.split("://")[0]
+    return f"{scheme}://{checkpoint.path}" if cfg.run.remote_storage else checkpoint.path
 
 
 def fetch_final_samples(client, run_id: str, step: int, out: Path) -> Path:
@@ -513,9 +718,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     best = result.get_best_checkpoint("val_loss", "min")
-    summary = {"run_id": run_id, "step": result.metrics.get("step"), "checkpoint": result.checkpoint.path,
-               "best_checkpoint": best.path if best else None, "model": str(model_folder),
-               "samples": str(samples_folder),
+    summary = {"run_id": run_id, "step": result.metrics.get("step"), "checkpoint": location(cfg, result.checkpoint),
+               "best_checkpoint": location(cfg, best) if best else None, "model": str(model_folder),
+               "samples": str(samples_folder) if samples_folder else None,
                **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t", "ddp_"))}}
     print("train: done " + json.dumps(summary), flush=True)
     return 0

@@ -9,7 +9,8 @@
 
 `train`: each trial runs a driver function that builds and fits a TorchTrainer from jobs/train.py
 (the Ray Train V2 pattern), so a trial may use several DDP workers; metrics reach Tune through
-TuneReportCallback at every checkpoint. ASHA stops trials early on validation loss; `fifo` runs
+TuneReportCallback at every checkpoint. ASHA stops trials early on the mean training loss since the previous
+checkpoint (held-out metrics come from validation tasks, after the report); `fifo` runs
 the grid / random search to the end. The objective is the validation loss or, on demo data, text->image
 and/or image->text accuracy, each direction at the trial's best guidance scale. A search key "a+b" is one
 dimension setting fields a and b together (a grid of pairs, not their product). Running the same sweep name again
@@ -220,11 +221,11 @@ def check_sweep(sweep: SweepConfig, cluster: dict) -> TrainJobConfig:
             manifest.check_model(cfg.model)
         except ValueError as exc:
             raise ValueError(f"search: the trial {values} is not a valid model for these shards: {exc}") from None
-    wanted_cpus = base.run.num_workers * base.run.cpus_per_worker + DRIVER_CPU
+    wanted_cpus = base.run.max_workers * base.run.cpus_per_worker + DRIVER_CPU
     if wanted_cpus > cluster.get("CPU", 0):
         raise ValueError(f"run.num_workers={base.run.num_workers} x cpus_per_worker={base.run.cpus_per_worker} "
                          f"needs {wanted_cpus:g} CPUs per trial (with its driver); the cluster has {cluster.get('CPU', 0):g}")
-    if base.run.use_gpu and base.run.num_workers > cluster.get("GPU", 0):
+    if base.run.use_gpu and base.run.max_workers > cluster.get("GPU", 0):
         raise ValueError(f"run.num_workers={base.run.num_workers} GPU workers per trial; the cluster has "
                          f"{cluster.get('GPU', 0):g} GPUs")
     return base
@@ -245,10 +246,10 @@ def check_evaluation_search(sweep: SweepConfig) -> None:
 
 
 def concurrent_trials(sweep: SweepConfig, base: TrainJobConfig, cluster: dict) -> int:
-    per_trial = base.run.num_workers * base.run.cpus_per_worker + DRIVER_CPU
+    per_trial = base.run.max_workers * base.run.cpus_per_worker + DRIVER_CPU
     fits = int(cluster.get("CPU", 0) // per_trial)
     if base.run.use_gpu:
-        fits = min(fits, int(cluster.get("GPU", 0) // base.run.num_workers))
+        fits = min(fits, int(cluster.get("GPU", 0) // base.run.max_workers))
     return max(1, min(sweep.max_concurrent_trials or fits, fits))
 
 
@@ -288,7 +289,8 @@ def train_trial(config: dict, sweep: dict, parent_run_id: str) -> None:
     run_id = mlflow_run(cfg, tags={"mlflow.parentRunId": parent_run_id, "psunet.trial": trial_id})
     result = make_trainer(cfg, run_id, callbacks=[TuneReportCallback()]).fit()
     final = {"step": result.metrics["step"], "parameters": parameter_count(cfg.model),
-             "shared_depth": cfg.model.shared_depth, "val_loss": result.metrics.get("val_loss")}
+             "shared_depth": cfg.model.shared_depth, "val_loss": result.metrics.get("val_loss"),
+             "loss_mean": result.metrics.get("loss_mean")}
     wants_accuracy = sweep.objective != "val_loss" or any(key in config for key in EVAL_KEYS)
     if wants_accuracy:
         from jobs.train import bundle_model
@@ -395,7 +397,7 @@ def run_train_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     steps = base.optim.steps
     # max_t past the last step: ASHA stops a trial that reaches max_t at once, which would kill its driver
     # before the final evaluation and report
-    scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=steps + 1,
+    scheduler = ASHAScheduler(time_attr="step", metric="loss_mean", mode="min", max_t=steps + 1,
                               grace_period=min(sweep.scheduler.grace_period, steps),
                               reduction_factor=sweep.scheduler.reduction_factor) \
         if sweep.scheduler.type == "asha" else FIFOScheduler()

@@ -20,13 +20,13 @@ class EMA:
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
-        self.model = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        live = _unwrap(model).state_dict()
+        live = unwrap(model).state_dict()
         for name, averaged in self.model.state_dict().items():
             if averaged.dtype.is_floating_point:
                 averaged.lerp_(live[name].to(averaged.dtype), 1.0 - decay)
@@ -41,7 +41,7 @@ class EMA:
         self.updates = updates
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain module behind DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)

@@ -6,8 +6,10 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 
 pytestmark = pytest.mark.ray
@@ -17,7 +19,9 @@ FIELDS = {
               "matmul_peak_flops", "mfu", "peak_memory_mb", "target_mfu"],
     "overhead": ["bare_step_ms", "trainer_step_ms", "ratio", "target_ratio_max"],
     "loader": ["reader_samples_per_s", "train_samples_per_s", "headroom", "samples_1x", "samples_10x", "rss_mb_1x",
-               "rss_mb_10x", "rss_ratio_10x_over_1x", "target_headroom"],
+               "rss_mb_10x", "rss_ratio_10x_over_1x", "target_headroom"]
+              + [f"{key}{suffix}" for key in ("data_wait_fraction", "data_wait_ms_per_step", "compute_ms_per_step")
+                 for suffix in ("", "_workers2")],
     "sampling": ["ms_per_step_batch1", "ms_per_step_batch16", "ms_per_step_batch64", "evaluations_per_step_guided",
                  "evaluations_per_step_unguided", "batched_guidance_forward_ms", "two_forwards_ms",
                  "guidance_batching_speedup", "text_to_image_latency_ms", "image_to_text_latency_ms"],
@@ -37,6 +41,9 @@ FIELDS = {
                             "one_model_training_steps", "experts2_val_loss", "experts2_t2i_accuracy",
                             "experts2_training_steps", "experts2_sampling_ms_per_step_batch1"],
     "paint": ["in_region_weight_0", "in_region_weight_4", "samples"],
+    "checkpoints": [f"{variant}_{key}" for variant in ("sync", "async", "async_validated")
+                    for key in ("checkpoint_stall_ms", "checkpoint_stall_ms_max", "samples_per_s")]
+                   + ["validation_s_median", "validation_s_max", "async_stall_ratio", "validation_slowdown"],
     "objectives": [f"{objective}_{key}" for objective in ("shared", "independent", "slices")
                    for key in ("t2i_mean_accuracy", "i2t_mean_accuracy", "val_loss", "fid")],
 }
@@ -60,6 +67,9 @@ def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
         "convergence-experts": ["--against", "experts", "--config", "configs/tiny.yaml", "--steps", "3",
                                 "--branch-at", "1", "--samples", "4", "--sample-steps", "2", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
         "paint": ["--model", str(tiny_model), "--sample-steps", "2", "--samples", "4", "--paint-weights", "0,4"],
+        "checkpoints": ["--config", "configs/tiny.yaml", "--steps", "4", "--checkpoint-every", "2",
+                        f"data.train={demo_set}/train", f"data.val={demo_set}/val", "optim.warmup_steps=1",
+                        "schedule.log_every=1", "schedule.samples=2", "schedule.sample_steps=2"],
         "objectives": ["--config", "configs/tiny.yaml", "--steps", "2", "--samples", "8", "--sample-steps", "2",
                        "--guidance-scales", "1,3", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
     }[command]
@@ -87,8 +97,13 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
     if command == "serve":
         assert figures["precision"] == "bf16" and figures["no_batching_16c_requests_per_forward"] == 1
         assert figures["replica_threads"] == os.cpu_count()  # the replica gets the node's cores by default
+    if command == "checkpoints":  # validation ran only where asked; data waits are fractions
+        assert figures["validation_s_max"] >= figures["validation_s_median"]
+        assert all(0 <= figures[f"{v}_data_wait_fraction"] < 1 for v in ("sync", "async", "async_validated"))
     if command == "loader":
         assert figures["samples_10x"] == 10 * figures["samples_1x"]
+        for suffix in ("", "_workers2"):
+            assert 0 <= figures[f"data_wait_fraction{suffix}"] < 1
     if figures.get("against") == "ode":
         assert figures["parameters_ode"] < figures["parameters_psunet"]
         assert (tmp_path / "convergence_ode.png").stat().st_size > 0
@@ -139,3 +154,40 @@ def _check_backbones(figures: dict, tmp_path) -> None:
         assert loss["final"][model]["mean"] == pytest.approx(sum(final) / 2)
         assert loss["final"][model]["min"] == min(final) and loss["final"][model]["max"] == max(final)
     assert (tmp_path / "convergence_baseline.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the gpu benchmark measures")
+def test_gpu_without_cuda_says_no_gpu_and_succeeds(tmp_path, capsys):
+    from jobs.benchmark import main
+
+    assert main(["gpu", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    figures = json.loads(lines[0])
+    assert figures["gpu"] is None and "no GPU" in figures["message"]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing measured, nothing logged
+
+
+def test_gpu_plan_checks_its_inputs():
+    from jobs.benchmark import run_parts, timed_part, train_resume_check
+
+    with pytest.raises(ValueError, match="first_steps < then_steps"):
+        train_resume_check(30, 20)
+    with pytest.raises(ValueError, match="weight > 0"):
+        run_parts([("part", 0, dict, ())], 10)
+    with pytest.raises(ValueError, match="total_s > 0"):
+        run_parts([("part", 1, dict, ())], 0)
+    assert timed_part(dict, (), 0) == {"error": "not started: no time left", "seconds": 0.0}
+
+
+def test_gpu_plan_records_a_failing_or_overrunning_part_and_goes_on():
+    from jobs.benchmark import run_parts
+
+    started = time.perf_counter()
+    figures = run_parts([("fails", 4, math.sqrt, (-1.0,)), ("overruns", 1, time.sleep, (600,)),
+                         ("works", 4, dict, ({"x": 1},))], 45)
+    assert figures["fails_error"] == "ValueError: math domain error"
+    assert figures["overruns_error"].startswith("overran its budget")
+    assert figures["overruns_seconds"] == pytest.approx(figures["overruns_budget_s"], abs=2)
+    assert figures["works_x"] == 1 and "works_error" not in figures
+    assert time.perf_counter() - started < 45 + 15  # a killed part gets no grace time

@@ -46,7 +46,7 @@ def test_a_time_range_trains_on_those_times_only():
 def branch_args(demo_set, storage: Path, *extra: str) -> list[str]:
     return ["--config", TINY, *extra, f"data.train={demo_set}/train", f"data.val={demo_set}/val",
             f"run.storage_path={storage}", "run.name=branch", "run.num_workers=1", "optim.steps=6",
-            "optim.warmup_steps=1", "schedule.checkpoint_every=3", "schedule.validate_every=3", "schedule.log_every=3",
+            "optim.warmup_steps=1", "schedule.checkpoint_every=3", "schedule.log_every=3",
             "schedule.samples=2", "schedule.sample_steps=2"]
 
 

@@ -1,7 +1,8 @@
 """End to end on a real two-node Ray cluster and MLflow server (cluster/local.sh) on this machine.
 
 The cluster comes up once for the module: a probe job, then jobs/train.py submitted with `ray job submit`
-(2 DDP workers over 3 shards), a resubmission that resumes, and a worker killed with SIGKILL mid-run.
+(2 DDP workers over 3 shards) with its checkpoints on an S3-compatible server, a worker killed with SIGKILL
+mid-run, and a resubmission that resumes from the bucket.
 Nothing of the cluster is left running after `stop`.
 """
 
@@ -10,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -18,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "cluster" / "local.sh"
+from clusters import RAY, ROOT, SCRIPT, local_cluster, run, summary_of, train_command
+
 # Not the defaults, so a cluster started by hand keeps running beside the test.
 PORTS = {"RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8275", "RAY_CLIENT_PORT": "20091", "MLFLOW_PORT": "5011"}
-RAY_TEMP_ROOT = "/tmp/psunet-ray-6391"
+S3_PORT = "5091"
 
 # Runs one task on every alive node; each reports where it imported psunet from and its tracking URI.
 JOB = """
@@ -42,49 +44,42 @@ pytestmark = [
 ]
 
 
-def run(args, env, timeout):
-    result = subprocess.run(args, env=env, cwd="/", capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory):
+    """A real S3-compatible server (moto) on 127.0.0.1 with a bucket `psunet`: storage that is not the workers'
+    disk. Yields the environment variables that point AWS clients (pyarrow's S3 filesystem) at it."""
+    import pyarrow.fs
 
-
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def cluster_processes(state: Path) -> list[str]:
-    """Live processes that belong to the cluster: by command line, or by local.sh's marker variable."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if RAY_TEMP_ROOT in cmdline or str(state) in cmdline or f"PSUNET_CLUSTER_ID={state}".encode() in environ:
-            found.append(f"{proc.name}: {cmdline[:150]}")
-    return found
+    log = (tmp_path_factory.mktemp("s3") / "moto.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", S3_PORT],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the S3 server did not start"
+                time.sleep(0.3)
+        pyarrow.fs.S3FileSystem(endpoint_override=f"127.0.0.1:{S3_PORT}", scheme="http", access_key="test",
+                                secret_key="test", allow_bucket_creation=True).create_dir("psunet")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """The running cluster: its state folder and the environment that reaches it (`local.sh env`)."""
-    state = tmp_path_factory.mktemp("cluster")
-    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env = {**base, **PORTS, "PSUNET_CLUSTER_DIR": str(state)}
-    try:
-        out = run([str(SCRIPT), "start", "--workers", "1", "--cpus-per-node", "1"], env, timeout=240)
-        assert "Cluster up: 2 Ray nodes" in out
-        exports = run([str(SCRIPT), "env"], env, timeout=30).splitlines()
-        cluster_env = dict(line.removeprefix("export ").split("=", 1) for line in exports)
-        yield {"state": state, "env": {**env, **cluster_env}, "exports": cluster_env}
-    finally:
-        stopped = subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
-    assert stopped.returncode == 0, stopped.stderr
-    assert cluster_processes(state) == []
+def cluster(tmp_path_factory, object_store):
+    """The running cluster (head + 1 worker node, 1 CPU each) whose nodes can reach the object store: its state
+    folder and the environment that reaches it (`local.sh env`)."""
+    with local_cluster(tmp_path_factory.mktemp("cluster"), PORTS, "--workers", "1", "--cpus-per-node", "1",
+                       env=object_store) as c:
+        assert "Cluster up: 2 Ray nodes" in c["startup"]
+        yield c
 
 
 def test_local_cluster_runs_a_job_and_tracks_to_mlflow(cluster, tmp_path):
@@ -123,68 +118,6 @@ def test_local_cluster_runs_a_job_and_tracks_to_mlflow(cluster, tmp_path):
         assert node_tracking_uri == tracking_uri
 
 
-def train_command(demo_set, storage: Path, name: str, *overrides: str, wait: bool = True) -> list[str]:
-    return [RAY, "job", "submit", *([] if wait else ["--no-wait"]), "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster/runtime_env.yaml"),
-            "--", "python", "jobs/train.py", "--config", "configs/tiny.yaml",
-            f"data.train={demo_set / 'train'}", f"data.val={demo_set / 'val'}",
-            f"run.storage_path={storage}", f"run.name={name}", *overrides]
-
-
-def summary_of(job_output: str) -> dict:
-    lines = [line for line in job_output.splitlines() if line.startswith("train: done ")]
-    assert len(lines) == 1, job_output[-3000:]
-    return json.loads(lines[0].removeprefix("train: done "))
-
-
-def test_training_job_checkpoints_tracks_and_resumes(cluster, demo_set, tmp_path):
-    import mlflow
-
-    from psunet.checkpoint import load_model
-    from psunet.pipeline import Pipeline
-    from psunet.settings import SamplerSettings
-
-    storage = tmp_path / "runs"
-    out = run(train_command(demo_set, storage, "e2e"), cluster["env"], timeout=420)
-    assert "starting at step 0/20" in out
-    summary = summary_of(out)
-    assert summary["step"] == 20
-    # three shards over two DDP workers: no hang, and the replicas agree bit for bit
-    assert summary["ddp_param_max_abs_diff"] == 0.0
-
-    checkpoint = Path(summary["checkpoint"])
-    assert checkpoint.parent == storage / "e2e" and checkpoint.name.startswith("checkpoint_")
-    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
-                 "config.json", "assets.json"):
-        assert (checkpoint / name).is_file(), name
-    state = json.loads((checkpoint / "state.json").read_text())
-    assert state["step"] == 20 and state["samples_seen"] == 20 * 8 * 2
-    model, model_config, _, _ = load_model(checkpoint)
-    assert model_config.word_dim == 16 and model_config.text_len == 16
-
-    pipe = Pipeline.from_checkpoint(summary["model"])
-    images, unknown = pipe.text_to_image(["a small red circle on the left"], SamplerSettings(steps=4))
-    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8 and unknown == [[]]
-    assert (Path(summary["samples"]) / "text_to_image.png").is_file()
-
-    client = mlflow.MlflowClient(cluster["exports"]["MLFLOW_TRACKING_URI"])
-    tracked = client.get_run(summary["run_id"])
-    assert tracked.info.status == "FINISHED"
-    assert tracked.data.params["model.word_dim"] == "16" and tracked.data.params["optim.steps"] == "20"
-    for metric in ("loss", "loss_image", "loss_text", "lr", "samples_per_s", "val_loss", "t2i_acc_shape",
-                   "i2t_acc_shape"):
-        assert metric in tracked.data.metrics, metric
-    artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "samples/step_0000020")}
-    assert {"samples/step_0000020/text_to_image.png", "samples/step_0000020/image_to_text.json"} <= artifacts
-    assert "model/ema.safetensors" in {a.path for a in client.list_artifacts(summary["run_id"], "model")}
-
-    again = run(train_command(demo_set, storage, "e2e", "optim.steps=30"), cluster["env"], timeout=420)
-    assert "starting at step 20/30" in again
-    resumed = summary_of(again)
-    assert resumed["step"] == 30 and resumed["run_id"] == summary["run_id"]
-    steps = [m.step for m in client.get_metric_history(summary["run_id"], "loss")]
-    assert max(steps) == 30 and steps.count(20) == 1
-
-
 def train_workers(env) -> list[int]:
     listed = subprocess.run([RAY, "list", "actors", "--address", env["RAY_API_SERVER_ADDRESS"], "--format", "json",
                              "--filter", "class_name=RayTrainWorker", "--filter", "state=ALIVE"],
@@ -192,19 +125,33 @@ def train_workers(env) -> list[int]:
     return [actor["pid"] for actor in json.loads(listed.stdout or "[]")] if listed.returncode == 0 else []
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(cluster, demo_set, tmp_path):
+def test_a_killed_worker_resumes_from_checkpoints_uploaded_in_the_background_to_object_storage(
+        cluster, object_store, demo_set, tmp_path):
+    """Storage that is not the workers' disk: checkpoints go to the S3 server while training goes on, a worker
+    killed with SIGKILL after the first one is restarted from the bucket, the job tracks to MLflow and leaves a
+    model that samples, and a resubmission resumes from the bucket."""
     import mlflow
+    import pyarrow.fs
 
-    storage, env = tmp_path / "runs", cluster["env"]
-    output = tmp_path / "job.log"
+    from psunet.pipeline import Pipeline
+    from psunet.settings import SamplerSettings
+
+    env, storage, output = cluster["env"], "s3://psunet/runs", tmp_path / "job.log"
+    s3 = pyarrow.fs.S3FileSystem(endpoint_override=object_store["AWS_ENDPOINT_URL"].removeprefix("http://"),
+                                 scheme="http", access_key="test", secret_key="test")
+
+    def stored() -> set[str]:
+        return {info.path for info in s3.get_file_info(pyarrow.fs.FileSelector("psunet/runs/s3", recursive=True,
+                                                                               allow_not_found=True))}
+
     with output.open("w") as sink:
-        job = subprocess.Popen(train_command(demo_set, storage, "fault", "optim.steps=60"), env=env, cwd="/",
+        job = subprocess.Popen(train_command(demo_set, storage, "s3", "optim.steps=60"), env=env, cwd="/",
                                stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while not list((storage / "fault").glob("checkpoint_*")):
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended or wrote no checkpoint"
-            time.sleep(0.2)
+        while not any(path.endswith("/state.json") for path in stored()):
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or uploaded no checkpoint"
+            time.sleep(0.3)
         pids = train_workers(env)
         assert len(pids) == 2
         os.kill(pids[-1], signal.SIGKILL)
@@ -214,15 +161,43 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(cluster, demo_set, tmp
     logs = output.read_text()
     assert job.returncode == 0 and "succeeded" in logs, logs[-3000:]
     summary = summary_of(logs)
-    assert summary["step"] == 60
+    assert summary["step"] == 60 and summary["checkpoint"] == "s3://psunet/runs/s3/checkpoint_0000060"
+    # three shards over two DDP workers: no hang, and the replicas agree bit for bit
+    assert summary["ddp_param_max_abs_diff"] == 0.0
+    pipe = Pipeline.from_checkpoint(summary["model"])
+    images, unknown = pipe.text_to_image(["a small red circle on the left"], SamplerSettings(steps=4))
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8 and unknown == [[]]
+    assert (Path(summary["samples"]) / "text_to_image.png").is_file()
     started_at = sorted({int(line.split("starting at step ")[1].split("/")[0]) for line in logs.splitlines()
                          if "starting at step " in line})
     assert len(started_at) == 2 and started_at[0] == 0 and started_at[1] > 0 and started_at[1] % 10 == 0
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json", "assets.json"):
+        assert f"psunet/runs/s3/checkpoint_0000060/{name}" in stored()
+    with s3.open_input_stream("psunet/runs/s3/checkpoint_0000060/state.json") as f:
+        assert json.loads(f.read())["samples_seen"] == 60 * 8 * 2
 
     client = mlflow.MlflowClient(cluster["exports"]["MLFLOW_TRACKING_URI"])
     tracked = client.get_run(summary["run_id"])
     assert tracked.data.tags["restarts"] == "1"
-    same_run = client.search_runs([tracked.info.experiment_id],
-                                  filter_string=f"tags.`psunet.run` = '{storage / 'fault'}'")
+    same_run = client.search_runs([tracked.info.experiment_id], filter_string=f"tags.`psunet.run` = '{storage}/s3'")
     assert [r.info.run_id for r in same_run] == [summary["run_id"]]
-    assert max(m.step for m in client.get_metric_history(summary["run_id"], "loss")) == 60
+    assert "model/ema.safetensors" in {a.path for a in client.list_artifacts(summary["run_id"], "model")}
+    assert tracked.data.metrics["val_loss"] == summary["val_loss"]
+    assert tracked.data.params["model.word_dim"] == "16" and tracked.data.params["optim.steps"] == "60"
+    for metric in ("loss", "loss_image", "loss_text", "lr", "samples_per_s", "data_wait_fraction",
+                   "checkpoint_stall_s", "val_loss", "val_gap_text", "t2i_acc_shape", "i2t_acc_shape", "workers"):
+        assert metric in tracked.data.metrics, metric
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "samples/step_0000060")}
+    assert {"samples/step_0000060/text_to_image.png", "samples/step_0000060/image_to_text.json"} <= artifacts
+
+    # the same command with more steps resumes from the bucket, in the same MLflow run; the workers' local
+    # copies of the checkpoints are deleted once uploaded
+    leftovers = set(Path(tempfile.gettempdir()).glob("psunet-checkpoint-*"))
+    again = run(train_command(demo_set, storage, "s3", "optim.steps=70"), cluster["env"], timeout=420)
+    assert "starting at step 60/70" in again
+    resumed = summary_of(again)
+    assert resumed["step"] == 70 and resumed["run_id"] == summary["run_id"]
+    assert set(Path(tempfile.gettempdir()).glob("psunet-checkpoint-*")) == leftovers
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "workers")] == [0, started_at[1], 60]
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "loss")]
+    assert sorted(steps) == list(range(5, 71, 5)), "a step logged twice or missing"
