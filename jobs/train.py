@@ -11,7 +11,10 @@ model folder that sampling, evaluation and serving load like any other.
 
 Re-running the same command (same run.name and run.storage_path) resumes from the latest
 checkpoint and logs into the same MLflow run. A worker that dies is restarted from the last
-checkpoint (run.max_failures times).
+checkpoint (run.max_failures times). With run.num_workers=2-8 the run is elastic: it goes on with
+the workers left when a node is lost and grows back when capacity returns, the global batch kept by
+gradient accumulation. Checkpoints upload in the background to run.storage_path (a folder or a
+storage URI) and are validated by Ray tasks beside the workers (run.validation_resources).
 """
 
 from __future__ import annotations
