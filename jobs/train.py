@@ -276,7 +276,7 @@ def train_loop(loop_config: dict) -> None:
         step += 1
         samples_seen += global_batch
         window_steps += 1
-        loss_sum, loss_steps = loss_sum + out.loss.item(), loss_steps + 1
+        loss_sum, loss_steps = loss_sum + out.loss.detach(), loss_steps + 1
 
         metrics = {}
         if step % cfg.schedule.log_every == 0 or step == cfg.optim.steps:
@@ -299,7 +299,7 @@ def train_loop(loop_config: dict) -> None:
         if step % cfg.schedule.checkpoint_every == 0 or step == cfg.optim.steps or preempt_now:
             # a placeholder until this checkpoint's validation task returns the held-out loss (the ranking of kept
             # checkpoints needs the key; a checkpoint whose validation fails ranks last)
-            metrics.update(loss_mean=loss_sum / loss_steps, val_loss=float("inf"))
+            metrics.update(loss_mean=float(loss_sum) / loss_steps, val_loss=float("inf"))
             loss_sum, loss_steps = 0.0, 0
             if step == cfg.optim.steps and world > 1:
                 metrics["ddp_param_max_abs_diff"] = _param_spread(model)
@@ -367,11 +367,15 @@ class StepLog:
             self.write(step, metrics)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        import mlflow
+        log_metrics(self.client, self.run_id, step, metrics)
 
-        stamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, step)
-                                                    for k, v in metrics.items()])
+
+def log_metrics(client, run_id: str, step: int, metrics: dict[str, float]) -> None:
+    """One MLflow batch: every metric at `step`, stamped now."""
+    import mlflow
+
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, step) for k, v in metrics.items()])
 
 
 _VALIDATORS: dict[str, Validator] = {}
@@ -405,8 +409,7 @@ def validate_checkpoint(checkpoint, config: dict, run_id: str, tracking_uri: str
             metrics.update(validator.samples(model, Path(out)))
             client.log_artifacts(run_id, out, f"samples/step_{step:07d}")
     metrics["validation_s"] = time.perf_counter() - started
-    stamp = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+    log_metrics(client, run_id, step, metrics)
     print(f"validation: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     return metrics
 
@@ -564,8 +567,6 @@ def run_experts(cfg: TrainJobConfig, intervals: list[tuple[int, int]]):
 
 def evaluate_ensemble(cfg: TrainJobConfig, model_folder: Path, client, run_id: str) -> dict[str, float]:
     """Validation loss over all times and sample grids of the assembled ensemble, logged to the parent run."""
-    import mlflow
-
     from psunet.checkpoint import load_model
 
     ensemble = load_model(model_folder)[0]
@@ -575,8 +576,7 @@ def evaluate_ensemble(cfg: TrainJobConfig, model_folder: Path, client, run_id: s
     with tempfile.TemporaryDirectory() as folder:
         metrics.update(validator.samples(ensemble, Path(folder)))
         client.log_artifacts(run_id, folder, "samples/ensemble")
-    stamp = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
+    log_metrics(client, run_id, 0, metrics)
     return metrics
 
 
