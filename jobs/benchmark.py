@@ -42,6 +42,7 @@ from psunet.diffusion import NoiseSchedule  # noqa: E402
 from psunet.model import PSUNet, forward_flops  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 
+PROMPT = "a small red circle on the left"  # sampling and serve requests
 TARGETS = {
     "cpu": {"mfu": 0.60, "overhead_ratio_max": 1.05, "loader_headroom": 20.0, "guidance_batching_speedup": 1.6,
             "serve_batching_speedup_16_clients": 3.0},
@@ -355,7 +356,7 @@ def bench_sampling(args) -> dict:
     if pipe:
         settings = SamplerSettings(steps=args.sample_steps)
         figures["text_to_image_latency_ms"] = _time(
-            lambda: pipe.text_to_image(["a small red circle on the left"], settings), 5, device) * 1000
+            lambda: pipe.text_to_image([PROMPT], settings), 5, device) * 1000
         figures["image_to_text_latency_ms"] = _time(
             lambda: pipe.image_to_text(pipe.decode_images(image), settings), 5, device) * 1000
     return figures
@@ -817,23 +818,33 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> Path:
     return path
 
 
-def _load(url: str, clients: int, requests_total: int, steps: int) -> dict:
+def _load(url: str, clients: int, requests_total: int, body_of) -> dict:
+    """`requests_total` POSTs of body_of(i) from `clients` threads: requests/s, latency p50/p99 and errors (non-200)."""
     import requests
     from concurrent.futures import ThreadPoolExecutor
 
-    def call(i: int) -> float:
+    def call(i: int) -> tuple[float, int]:
         start = time.perf_counter()
-        response = requests.post(url, json={"prompt": "a small red circle on the left", "seed": i, "steps": steps},
-                                 timeout=600)
-        response.raise_for_status()
-        return time.perf_counter() - start
+        status = requests.post(url, json=body_of(i), timeout=600).status_code
+        return time.perf_counter() - start, status
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        latencies = sorted(pool.map(call, range(requests_total)))
+        results = list(pool.map(call, range(requests_total)))
     wall = time.perf_counter() - start
+    latencies = sorted(seconds for seconds, _ in results)
     return {"requests_per_s": requests_total / wall, "p50_ms": 1000 * latencies[len(latencies) // 2],
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]}
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)],
+            "errors": sum(status != 200 for _, status in results)}
+
+
+MIXED_STEPS = (10, 25, 40)
+
+
+def mixed_request(i: int) -> dict:
+    """The mixed load: steps 10/25/40 and image/text guidance scales from 1 to 7, a seed each."""
+    return {"prompt": PROMPT, "seed": i, "steps": MIXED_STEPS[i % 3], "guidance_scale_image": 1.0 + i % 7,
+            "guidance_scale_text": 1.0 + (3 * i) % 5}
 
 
 def bench_serve(args) -> dict:
@@ -860,11 +871,14 @@ def bench_serve(args) -> dict:
             for clients in (1, 4, 16):
                 before = requests.get(f"{base}/v1/stats", timeout=60).json()
                 result = _load(f"{base}/v1/text-to-image", clients, max(args.requests, 4 * clients),
-                               args.sample_steps)
+                               lambda i: {"prompt": PROMPT, "seed": i, "steps": args.sample_steps})
                 after = requests.get(f"{base}/v1/stats", timeout=60).json()
                 result["requests_per_forward"] = ((after["request_forwards"] - before["request_forwards"])
                                                   / (after["forwards"] - before["forwards"]))
                 figures.update({f"{mode}_{clients}c_{key}": value for key, value in result.items()})
+            if mode == "batching":
+                mixed = _load(f"{base}/v1/text-to-image", 16, args.load_requests, mixed_request)
+                figures.update({f"mixed_16c_{key}": value for key, value in mixed.items()})
             serve.delete("bench")
     finally:
         serve.shutdown()
@@ -1113,6 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-steps", type=int, default=SamplerSettings.model_fields["steps"].default)
     parser.add_argument("--compile", action="store_true", help="train, sampling: torch.compile the model")
     parser.add_argument("--requests", type=int, default=32, help="serve: requests per client count")
+    parser.add_argument("--load-requests", type=int, default=200,
+                        help="serve: requests of the mixed load (16 clients, steps 10/25/40, guidance 1-7)")
     parser.add_argument("--serve-cpus", type=float, help="serve: CPUs (= torch threads) of the model replica; "
                         "default: the service's (all of the node's on CPU)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",

@@ -5,15 +5,18 @@
     serve deploy cluster/serve.yaml                          # replicas, autoscaling, GPUs on a cluster
 
 Endpoints: POST /v1/text-to-image, /v1/image-to-text, /v1/generate, /v1/infill (the first and the
-last take paint-with-words regions for prompt words); GET /healthz,
-/v1/model, /v1/stats (batching counters), / (web page). Every request becomes rows of a sampler run
-(`Pipeline.start_infill`); the model deployment batches at the level of sampler steps: each forward
-carries every running request, each at its own step, and a request that arrives mid-way joins at the
-next step (continuous batching). Rows have their own seed and (image, text) guidance scales, so a
-sample does not depend on its batch mates. Sampler settings a request leaves out come from the
-service's `defaults` (SamplerSettings), and SamplerSettings checks them all.
-Safety: binds 127.0.0.1 unless configured, body size limit, bounded samples/steps/image size, JSON
-only (no pickle, no code from requests), a per-request timeout.
+last take paint-with-words regions for prompt words; each answers JSON, or Server-Sent Events with
+`"stream": true`: progress per step, previews, the result), POST /v1/cancel/<request id> (a streamed
+request); GET /healthz (the model replica answers), /v1/model, /v1/stats (batching counters), / (web page).
+Every request becomes rows of a sampler run (`Pipeline.start_infill`); the model deployment batches at
+the level of sampler steps: each forward carries every running request, each at its own step, a request
+that arrives mid-way joins at the next step (continuous batching) and one that goes away (client
+disconnected, cancelled, timed out) leaves at the next step. Rows have their own seed and (image, text)
+guidance scales, so a sample does not depend on its batch mates. Sampler settings a request leaves out
+come from the service's `defaults` (SamplerSettings), and SamplerSettings checks them all.
+Safety: binds 127.0.0.1 unless configured, body size limit, bounded samples/steps/image size and pixel
+count, JSON only (no pickle, no code from requests), a per-request timeout; a model replica that dies
+costs its requests in flight a 503, and Serve starts another.
 """
 
 
@@ -22,6 +25,7 @@ import base64
 import binascii
 import io
 import json
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +34,12 @@ from typing import Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import RequestCancelledError
 
 from psunet.config import StrictModel
 from psunet.diffusion import SCHEDULERS
@@ -43,6 +49,9 @@ PAGE = Path(__file__).with_name("serve_page.html")
 SETTINGS = SamplerSettings.model_fields
 GUIDANCE = ("guidance_scale_image", "guidance_scale_text")
 MAX_GUIDANCE = 100  # the service's bound on a guidance scale
+IMAGE_FORMATS = ("PNG", "JPEG")  # what requests may send (Pillow's format names)
+IMAGE_FORMATS_TEXT = " or ".join(IMAGE_FORMATS)
+HEALTH_TIMEOUT_S = 10
 
 
 class ServeArgs(StrictModel):
@@ -97,6 +106,10 @@ class Options(BaseModel):
                                                            "unless given one by one")
     guidance_scale_image: float | None = Field(None, description=SETTINGS["guidance_scale_image"].description)
     guidance_scale_text: float | None = Field(None, description=SETTINGS["guidance_scale_text"].description)
+    stream: bool = Field(False, description="answer with Server-Sent Events: start, progress per step, previews, "
+                                            "then the result (the same JSON as without stream)")
+    preview_every: int = Field(0, ge=0, description="with stream: a preview (the current estimate, decoded) every "
+                                                    "this many steps; 0: none")
 
 
 class PaintRegion(BaseModel):
@@ -104,7 +117,8 @@ class PaintRegion(BaseModel):
 
     word: int | str = Field(description="the prompt's word, or its index in the prompt (0 = first word)")
     box: list[int] | None = Field(None, description="[x0, y0, x1, y1] in pixels at the model's resolution")
-    mask: str | None = Field(None, description="PNG base64 at the model's resolution; white = the word goes here")
+    mask: str | None = Field(None, description=f"{IMAGE_FORMATS_TEXT} base64 at the model's resolution; "
+                                                 "white = the word goes here")
 
 
 class Painting(BaseModel):
@@ -121,7 +135,7 @@ class TextToImage(Options, Painting):
 
 
 class ImageToText(Options):
-    image: str = Field(description="PNG or JPEG, base64 (a data: URL prefix is accepted)")
+    image: str = Field(description=f"{IMAGE_FORMATS_TEXT}, base64 (a data: URL prefix is accepted)")
     resize: bool = Field(False, description="resize to the model's resolution instead of refusing another size")
 
 
@@ -131,8 +145,9 @@ class Generate(Options):
 
 class Infill(Options, Painting):
     prompt: str | None = Field(None, description="partial caption with [?] blanks (omit: caption unknown)")
-    image: str | None = Field(None, description="PNG/JPEG base64 (omit: image unknown)")
-    mask: str | None = Field(None, description="PNG base64 the image's size; white = generate, black = keep")
+    image: str | None = Field(None, description=f"{IMAGE_FORMATS_TEXT}, base64 (omit: image unknown)")
+    mask: str | None = Field(None, description=f"{IMAGE_FORMATS_TEXT} base64 the image's size; "
+                                                 "white = generate, black = keep")
     resize: bool = False
 
 
@@ -177,6 +192,7 @@ class Job:
     paint: list | None = None  # per row: [(word, (H, W) bool region), ...]
     paint_weight: float = 1.0
     paint_fraction: float = 1.0
+    preview_every: int = 0  # streamed: a preview every this many steps
 
     @property
     def seeds(self) -> list[int]:
@@ -196,7 +212,7 @@ class Job:
 
 
 def decode_image(data: str, field: str, max_side: int) -> Image.Image:
-    """base64 (optionally a data: URL) -> PIL image; a clear RequestError for anything else."""
+    """base64 (optionally a data: URL) of a PNG or JPEG -> PIL image; a clear RequestError for anything else."""
     if not isinstance(data, str) or not data.strip():
         raise RequestError(f"{field}: empty")
     if data.startswith("data:"):
@@ -205,15 +221,20 @@ def decode_image(data: str, field: str, max_side: int) -> Image.Image:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{field}: not valid base64") from None
+    too_large = f"larger than the limit of {max_side} px a side"
     try:
         image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError:  # Pillow refuses it from the header, before decoding a pixel
+        raise RequestError(f"{field}: too many pixels to decode safely (a decompression bomb), {too_large}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise RequestError(f"{field}: the bytes are not a {IMAGE_FORMATS_TEXT} image") from None
+    if image.format not in IMAGE_FORMATS:
+        raise RequestError(f"{field}: a {image.format} image; send {IMAGE_FORMATS_TEXT}")
+    if max(image.size) > max_side:
+        raise RequestError(f"{field}: {image.size[0]}x{image.size[1]} is {too_large}")
+    try:
         image.verify()
         image = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, OSError, SyntaxError):
-        raise RequestError(f"{field}: the bytes are not a PNG or JPEG image") from None
-    if max(image.size) > max_side:
-        raise RequestError(f"{field}: {image.size[0]}x{image.size[1]} is larger than the limit of {max_side} px a side")
-    try:
         image.load()
     except (OSError, SyntaxError):
         raise RequestError(f"{field}: the image data is truncated or corrupt") from None
@@ -235,7 +256,85 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_pngs(images: np.ndarray) -> list[str]:
+    return [base64.b64encode(encode_png(image)).decode() for image in images]
+
+
+def sse_event(kind: str, data: dict) -> bytes:
+    """One Server-Sent Event: `event: <kind>` and its JSON data."""
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def next_or_cancel(events, cancelled: asyncio.Event, deadline: float) -> dict | None:
+    """The stream's next event, or None when `cancelled` is set first; TimeoutError after `deadline`."""
+    following = asyncio.ensure_future(events.__anext__())
+    stop = asyncio.ensure_future(cancelled.wait())
+    remaining = deadline - asyncio.get_running_loop().time()
+    done, _ = await asyncio.wait({following, stop}, timeout=max(remaining, 0),
+                                 return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if following in done:
+        return following.result()
+    following.cancel()
+    if stop in done:
+        return None
+    raise asyncio.TimeoutError
+
+
+def replica_failure(exc: Exception) -> JSONResponse:
+    """A JSON 5xx for a request the model replica did not answer: 503 when the replica died or cannot be reached
+    (Serve starts a new one: retry), 500 for an error while sampling."""
+    if isinstance(exc, (RayActorError, ActorUnavailableError)):
+        return _error("the model replica stopped while sampling (Serve is starting a new one); retry in a few "
+                      f"seconds [{type(exc).__name__}]", 503)
+    return _error(failure_text(exc), 500)
+
+
 # ---- model deployment --------------------------------------------------------------------------------------
+
+@dataclass
+class Ticket:
+    """A job inside the Sampler: the future its request awaits and, when streamed, the queue of its events.
+
+    A request that goes away (its client disconnected, it was cancelled or timed out) cancels the future."""
+
+    job: Job
+    answer: asyncio.Future
+    events: asyncio.Queue | None = None
+
+    @property
+    def gone(self) -> bool:
+        """Answered, or nobody waits for the answer any more."""
+        return self.answer.done()
+
+    def post(self, event: dict) -> None:
+        if self.events is not None and not self.gone:
+            self.events.put_nowait(event)
+
+    def finish(self, outcome: dict | BaseException) -> None:
+        """Answer with a result (or {"error": reason}: the model refused the input) or an exception."""
+        if self.gone:
+            return
+        if self.events is not None:  # a streamed request reads its answer from its events
+            if isinstance(outcome, BaseException):
+                self.post({"event": "error", "error": failure_text(outcome), "status": 500})
+            elif "error" in outcome:
+                self.post({"event": "error", "error": outcome["error"], "status": 422})
+            else:
+                self.post({"event": "result", "output": outcome})
+            self.answer.set_result(None)
+        elif isinstance(outcome, BaseException):
+            self.answer.set_exception(outcome)
+        else:
+            self.answer.set_result(outcome)
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line for an unexpected error: the type and the first line of the message."""
+    exc = getattr(exc, "cause", None) or exc  # a RayTaskError carries the exception raised in the replica
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"sampling failed: {type(exc).__name__}" + (f": {first}" if first else "")
+
 
 @serve.deployment(max_ongoing_requests=128)
 class Sampler:
@@ -243,9 +342,11 @@ class Sampler:
 
     Step-level (continuous) batching: each forward carries every running job, each at its own step;
     a job that arrives while others run joins at their next step, and leaves as soon as its last
-    step is done. Jobs that arrive together and share what a run must share (steps, scheduler, spacing,
-    which inputs are given, paint settings) start as one run; a run has a seed and (image, text) guidance
-    scales per row, so a sample does not depend on its batch mates.
+    step is done, or at the next step when its request goes away (its rows leave the run, the others'
+    samples do not change). Jobs that arrive together and share what a run must share (steps, scheduler,
+    spacing, which inputs are given, paint settings) start as one run; a run has a seed and (image, text)
+    guidance scales per row, so a sample does not depend on its batch mates. A streamed job gets an event
+    per step, a preview every `preview_every` steps, then its result.
     """
 
     def __init__(self, args: dict):
@@ -255,12 +356,15 @@ class Sampler:
 
         self.args = ServeArgs.model_validate(args)
         device = self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        threads = replica_threads(self.args.num_cpus, device)
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.pipe = load_pipeline(self.args.model, weights=self.args.weights, device=device,
                                   tracking_uri=self.args.tracking_uri, precision=self.args.precision)
-        self.waiting: list[tuple[Job, asyncio.Future]] = []
+        self.waiting: list[Ticket] = []
         self.arrived = asyncio.Event()
         self.worker: asyncio.Task | None = None
-        self.forwards = self.request_forwards = 0
+        self.forwards = self.request_forwards = self.cancelled = 0
         self.requests_per_forward: Counter[int] = Counter()
         self.samples_per_forward: Counter[int] = Counter()
 
@@ -280,88 +384,147 @@ class Sampler:
         return {"forwards": self.forwards, "request_forwards": self.request_forwards,
                 "requests_per_forward": dict(self.requests_per_forward),
                 "samples_per_forward": dict(self.samples_per_forward),
-                "largest_forward_requests": max(self.requests_per_forward, default=0), "waiting": len(self.waiting)}
+                "largest_forward_requests": max(self.requests_per_forward, default=0), "waiting": len(self.waiting),
+                "cancelled": self.cancelled}
 
-    async def run(self, job: Job) -> dict:
-        """The job's output, or {"error": reason} when the model cannot take it."""
+    async def health(self) -> dict:
+        """Answered by the replica's event loop, which the step loop leaves free while the model runs."""
+        return {"waiting": len(self.waiting)}
+
+    def refusal(self, job: Job) -> str | None:
+        """Why the model cannot take the job's prompt or paint regions, or None."""
         try:
             if job.prompts is not None:
                 self.pipe.check_prompts(job.prompts[:1])
         except ValueError as exc:
-            return {"error": "prompt: " + str(exc).removeprefix("prompt 0 ")}
+            return "prompt: " + str(exc).removeprefix("prompt 0 ")
         try:
             if job.paint is not None:
                 self.pipe.paint_regions(job.prompts[:1], job.paint[:1], job.paint_weight, job.paint_fraction)
         except ValueError as exc:
-            return {"error": str(exc).replace("prompt 0", "the prompt")}
-        answer = asyncio.get_running_loop().create_future()
-        self.waiting.append((job, answer))
+            return str(exc).replace("prompt 0", "the prompt")
+        return None
+
+    def _enqueue(self, job: Job, streamed: bool) -> Ticket:
+        ticket = Ticket(job, asyncio.get_running_loop().create_future(), asyncio.Queue() if streamed else None)
+        self.waiting.append(ticket)
         self.arrived.set()
         if self.worker is None or self.worker.done():
             self.worker = asyncio.get_running_loop().create_task(self._sample())
-        return await answer  # cancelled with the request (timeout): the job leaves at the next step
+        return ticket
+
+    async def run(self, job: Job) -> dict:
+        """The job's output, or {"error": reason} when the model cannot take it."""
+        refusal = self.refusal(job)
+        if refusal is not None:
+            return {"error": refusal}
+        return await self._enqueue(job, streamed=False).answer  # cancelled with the request: leaves at the next step
+
+    async def stream(self, job: Job):
+        """The job as events: {"event": "accepted"} (or an "error" the model refused it with), a "progress" per
+        step, a "preview" every job.preview_every steps, then "result" (run's output) or "error"."""
+        refusal = self.refusal(job)
+        if refusal is not None:
+            yield {"event": "error", "error": refusal, "status": 422}
+            return
+        ticket = self._enqueue(job, streamed=True)
+        try:
+            yield {"event": "accepted"}
+            while True:
+                event = await ticket.events.get()
+                yield event
+                if event["event"] in ("result", "error"):
+                    return
+        finally:  # the request went away (disconnected, cancelled): its rows leave at the next step
+            if not ticket.gone:
+                ticket.answer.cancel()
 
     async def _sample(self) -> None:
-        """The step loop: admit waiting jobs, one forward for all running ones, answer those done."""
-        running: list[tuple[list[tuple[Job, asyncio.Future]], object]] = []  # (members, PendingInfill)
+        """The step loop; whatever breaks it answers every job it holds with the error (the next job starts a new
+        loop), so no request waits forever."""
+        running: list[Running] = []
+        try:
+            await self._loop(running)
+        except Exception as exc:
+            for ticket in [t for entry in running for t in entry.tickets] + self.waiting:
+                ticket.finish(exc)
+            self.waiting.clear()
+            raise
+
+    async def _loop(self, running: list["Running"]) -> None:
+        """Admit waiting jobs, drop the rows of requests that went away, one forward for all running jobs, send
+        progress and previews, answer the jobs that are done."""
         while True:
             if not running:
                 if not self.waiting:
                     self.arrived.clear()
                     await self.arrived.wait()
                 await asyncio.sleep(self.args.batch_wait_timeout_s)  # idle: let a burst arrive together
-            running = [(members, pending) for members, pending in running
-                       if not all(answer.done() for _, answer in members)]  # every request gone: drop the run
-            running += await self._admit(sum(job.rows for members, _ in running for job, _ in members))
+            for entry in running:
+                self.cancelled += entry.prune()
+            running[:] = [entry for entry in running if entry.tickets]
+            running += await self._admit(sum(entry.samples for entry in running))
             if not running:
                 continue
             try:
-                await asyncio.to_thread(self.pipe.step, [pending.run for _, pending in running])
+                await asyncio.to_thread(self.pipe.step, [entry.pending.run for entry in running])
             except Exception as exc:  # answer every request of this forward; keep serving the next ones
-                for members, _ in running:
-                    _answer(members, exc)
-                running = []
+                for entry in running:
+                    entry.finish(exc)
+                running.clear()
                 continue
-            requests = sum(len(members) for members, _ in running)
+            requests = sum(len(entry.tickets) for entry in running)
             self.forwards += 1
             self.requests_per_forward[requests] += 1
             self.request_forwards += requests
-            self.samples_per_forward[sum(pending.run.batch_size for _, pending in running)] += 1
-            for members, pending in [entry for entry in running if entry[1].run.done]:
-                try:
-                    result = await asyncio.to_thread(self.pipe.finish_infill, pending)
-                except Exception as exc:
-                    _answer(members, exc)
-                    continue
-                start = 0
-                for job, answer in members:
-                    rows = slice(start, start + job.rows)
-                    start += job.rows
-                    _answer([(job, answer)], {"images": result.images[rows], "captions": result.captions[rows],
-                                              "unknown_words": result.unknown_words[rows],
-                                              "network_evaluations": result.network_evaluations})
-            running = [entry for entry in running if not entry[1].run.done]
+            self.samples_per_forward[sum(entry.samples for entry in running)] += 1
+            for entry in running:
+                await self._report(entry)
+            running[:] = [entry for entry in running if not entry.pending.run.done]
 
-    async def _admit(self, running_samples: int) -> list:
-        """Start waiting jobs while the forward has room (max_batch_size samples; one job always fits)."""
-        admitted: list[tuple[Job, asyncio.Future]] = []
-        while self.waiting and (running_samples == 0 or
-                                running_samples + self.waiting[0][0].rows <= self.args.max_batch_size):
-            job, answer = self.waiting.pop(0)
-            if not answer.done():
-                admitted.append((job, answer))
-                running_samples += job.rows
-        groups: dict[tuple, list[tuple[Job, asyncio.Future]]] = {}
-        for entry in admitted:
-            groups.setdefault(entry[0].group, []).append(entry)
-        started = []
-        for members in groups.values():
+    async def _report(self, entry: "Running") -> None:
+        """After a step: progress (and due previews) to streamed jobs; the result to every job when the run is done."""
+        run = entry.pending.run
+        if run.done:
             try:
-                started.append((members, await asyncio.to_thread(self._start, [job for job, _ in members])))
-            except ValueError as exc:  # the sampler refused these inputs: answer each request, keep serving
-                _answer(members, {"error": str(exc)})
+                result = await asyncio.to_thread(self.pipe.finish_infill, entry.pending)
             except Exception as exc:
-                _answer(members, exc)
+                entry.finish(exc)
+                return
+        for ticket, rows in entry.rows():
+            if ticket.gone:
+                continue
+            ticket.post({"event": "progress", "step": run.index, "steps": run.steps})
+            every = ticket.job.preview_every
+            if run.done:
+                ticket.finish({"images": result.images[rows], "captions": result.captions[rows],
+                               "unknown_words": result.unknown_words[rows],
+                               "network_evaluations": result.network_evaluations})
+            elif ticket.events is not None and every and run.index % every == 0:
+                shown = await asyncio.to_thread(self.pipe.preview, entry.pending, rows)
+                ticket.post({"event": "preview", "step": run.index, "steps": run.steps,
+                             "images": shown.images, "captions": shown.captions})
+
+    async def _admit(self, running_samples: int) -> list["Running"]:
+        """Start waiting jobs while the forward has room (max_batch_size samples; one job always fits)."""
+        admitted: list[Ticket] = []
+        while self.waiting and (running_samples == 0 or
+                                running_samples + self.waiting[0].job.rows <= self.args.max_batch_size):
+            ticket = self.waiting.pop(0)
+            if not ticket.gone:
+                admitted.append(ticket)
+                running_samples += ticket.job.rows
+        groups: dict[tuple, list[Ticket]] = {}
+        for ticket in admitted:
+            groups.setdefault(ticket.job.group, []).append(ticket)
+        started = []
+        for tickets in groups.values():
+            try:
+                started.append(Running(tickets, await asyncio.to_thread(self._start, [t.job for t in tickets])))
+            except ValueError as exc:  # the sampler refused these inputs: answer each request, keep serving
+                Running(tickets, None).finish({"error": str(exc)})
+            except Exception as exc:
+                Running(tickets, None).finish(exc)
         return started
 
     def _start(self, jobs: list[Job]):
@@ -380,14 +543,36 @@ class Sampler:
             paint_weight=first.paint_weight, paint_fraction=first.paint_fraction)
 
 
-def _answer(members: list, outcome) -> None:
-    """Resolve each member's future with `outcome` (an exception or a result) unless it is gone."""
-    for _, answer in members:
-        if not answer.done():
-            if isinstance(outcome, BaseException):
-                answer.set_exception(outcome)
-            else:
-                answer.set_result(outcome)
+@dataclass
+class Running:
+    """A sampler run under way (a PendingInfill) and the jobs whose rows it holds, in row order."""
+
+    tickets: list[Ticket]
+    pending: object
+
+    @property
+    def samples(self) -> int:
+        return sum(ticket.job.rows for ticket in self.tickets)
+
+    def rows(self) -> list[tuple[Ticket, slice]]:
+        spans, start = [], 0
+        for ticket in self.tickets:
+            spans.append((ticket, slice(start, start + ticket.job.rows)))
+            start += ticket.job.rows
+        return spans
+
+    def prune(self) -> int:
+        """Drop the rows of jobs whose requests went away; how many went."""
+        kept = [(ticket, rows) for ticket, rows in self.rows() if not ticket.gone]
+        gone = len(self.tickets) - len(kept)
+        if gone and kept:
+            self.pending.keep([row for _, rows in kept for row in range(rows.start, rows.stop)])
+        self.tickets = [ticket for ticket, _ in kept]
+        return gone
+
+    def finish(self, outcome: dict | BaseException) -> None:
+        for ticket in self.tickets:
+            ticket.finish(outcome)
 
 
 # ---- ingress -----------------------------------------------------------------------------------------------
@@ -453,6 +638,7 @@ class Ingress:
         self.sampler = sampler
         self.args = ServeArgs.model_validate(args)
         self._model: dict | None = None
+        self.in_flight: dict[str, asyncio.Event] = {}  # streamed request id -> set to cancel it
         BodyLimit.limit = self.args.max_body_bytes
 
     async def model_info(self) -> dict:
@@ -465,7 +651,13 @@ class Ingress:
         return HTMLResponse(PAGE.read_text())
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self):
+        """200 when a model replica answers within HEALTH_TIMEOUT_S, else 503 with the reason."""
+        try:
+            await asyncio.wait_for(self.sampler.health.remote(), HEALTH_TIMEOUT_S)
+        except Exception as exc:
+            reason = "no answer" if isinstance(exc, asyncio.TimeoutError) else failure_text(exc)
+            return JSONResponse({"status": "unavailable", "error": f"model replica: {reason}"}, status_code=503)
         return {"status": "ok"}
 
     @api.get("/v1/model")
@@ -483,6 +675,8 @@ class Ingress:
     async def text_to_image(self, body: TextToImage):
         if body.response_format == "png" and body.num_samples != 1:
             return _error("response_format: png returns one image; use json for num_samples > 1")
+        if body.response_format == "png" and body.stream:
+            return _error("response_format: png is not streamed; use json with stream: true")
         answer = await self._serve(body, prompt=body.prompt, paint=body)
         if isinstance(answer, Response):
             return answer
@@ -508,23 +702,48 @@ class Ingress:
         return await self._serve(body, prompt=body.prompt, image=body.image, mask=body.mask, resize=body.resize,
                                  paint=body)
 
+    @api.post("/v1/cancel/{request_id}")
+    async def cancel(self, request_id: str):
+        """Cancel a streamed request by the id its start event gave (disconnecting cancels too)."""
+        cancelled = self.in_flight.get(request_id)
+        if cancelled is None:
+            return _error(f"no streamed request {request_id} is in flight here", 404)
+        cancelled.set()
+        return {"request_id": request_id, "cancelled": True}
+
     async def _serve(self, body: Options, prompt: str | None = None, image: str | None = None,
                      mask: str | None = None, resize: bool = False, keep: tuple[str, ...] = ("images", "captions"),
                      paint: Painting | None = None):
         try:
+            if body.preview_every and not body.stream:
+                raise RequestError("preview_every: previews come with stream: true")
             job = await self._job(body, prompt, image, mask, resize)
             if paint is not None and paint.paint is not None:
                 await self._add_paint(job, paint, resize)
         except RequestError as exc:
             return exc.response()
+        if body.stream:
+            return await self._stream(job, lambda output: self._answer(job, output, keep, prompt))
         response = self.sampler.run.remote(job)
         try:
             output = await asyncio.wait_for(response, self.args.request_timeout_s)
         except asyncio.TimeoutError:
             response.cancel()
-            return _error(f"timed out after {self.args.request_timeout_s:g} s", 504)
+            return self._timed_out()
+        except asyncio.CancelledError:  # the client went away: so does the job
+            response.cancel()
+            raise
+        except Exception as exc:
+            return replica_failure(exc)
         if "error" in output:
             return _error(output["error"])
+        return self._answer(job, output, keep, prompt)
+
+    def _timed_out(self) -> JSONResponse:
+        return _error(f"timed out after {self.args.request_timeout_s:g} s", 504)
+
+    def _answer(self, job: Job, output: dict, keep: tuple[str, ...], prompt: str | None) -> dict:
+        """The response body for a finished job (the same streamed or not)."""
         run = job.settings
         image_scale, text_scale = run.guidance
         answer = {"captions": output["captions"], "seeds": job.seeds,
@@ -532,17 +751,76 @@ class Ingress:
                   "guidance_scale": image_scale if image_scale == text_scale else None,  # null when they differ
                   "network_evaluations_per_sample": output["network_evaluations"]}
         if "images" in keep:
-            answer["images"] = [base64.b64encode(encode_png(image)).decode() for image in output["images"]]
+            answer["images"] = encode_pngs(output["images"])
         if prompt is not None:
             answer["unknown_words"] = output["unknown_words"][0]
         return answer
+
+    async def _stream(self, job: Job, answer) -> Response:
+        """Server-Sent Events for a job: start (request id, steps), progress per step, previews, then result (the
+        non-streamed answer) or error; cancelled when the client disconnects or /v1/cancel/<id> is called."""
+        events = self.sampler.stream.options(stream=True).remote(job)
+        deadline = asyncio.get_running_loop().time() + self.args.request_timeout_s
+        try:
+            first = await asyncio.wait_for(events.__anext__(), self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            events.cancel()
+            return self._timed_out()
+        except asyncio.CancelledError:
+            events.cancel()
+            raise
+        except Exception as exc:
+            return replica_failure(exc)
+        if first["event"] == "error":
+            return _error(first["error"], first["status"])
+        request_id = uuid.uuid4().hex
+        cancelled = self.in_flight[request_id] = asyncio.Event()
+
+        async def sse():
+            step, finished = 0, False
+            try:
+                yield sse_event("start", {"request_id": request_id, "steps": job.settings.steps})
+                while not finished:
+                    event = await next_or_cancel(events, cancelled, deadline)
+                    if event is None:
+                        yield sse_event("cancelled", {"step": step, "steps": job.settings.steps})
+                        return
+                    kind = event["event"]
+                    if kind == "progress":
+                        step = event["step"]
+                        yield sse_event(kind, {"step": step, "steps": event["steps"]})
+                    elif kind == "preview":
+                        yield sse_event(kind, {"step": event["step"], "steps": event["steps"],
+                                               "images": encode_pngs(event["images"]),
+                                               "captions": event["captions"]})
+                    elif kind == "result":
+                        finished = True
+                        yield sse_event(kind, answer(event["output"]))
+                    else:
+                        finished = True
+                        yield sse_event("error", {"error": event["error"], "status": event["status"]})
+            except asyncio.TimeoutError:
+                yield sse_event("error", {"error": f"timed out after {self.args.request_timeout_s:g} s",
+                                          "status": 504})
+            except (StopAsyncIteration, RequestCancelledError):
+                yield sse_event("error", {"error": "the model replica ended the request", "status": 503})
+            except Exception as exc:
+                failed = replica_failure(exc)
+                yield sse_event("error", {**json.loads(failed.body), "status": failed.status_code})
+            finally:
+                self.in_flight.pop(request_id, None)
+                if not finished:
+                    events.cancel()
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     async def _job(self, body: Options, prompt, image, mask, resize) -> Job:
         a = self.args
         if body.num_samples > a.max_samples:
             raise RequestError(f"num_samples: {body.num_samples} is over the server limit of {a.max_samples}")
         rows = body.num_samples
-        job = Job(rows, self._settings(body))
+        job = Job(rows, self._settings(body), preview_every=body.preview_every)
         if prompt is not None:
             if not prompt.strip():
                 raise RequestError("prompt: empty")
@@ -615,19 +893,40 @@ class Ingress:
 
 
 def replica_resources(settings: ServeArgs) -> tuple[float, float]:
-    """(CPUs, GPUs) of the model replica: as given, else a GPU when the cluster has one, and 1 CPU with a GPU
-    or all the CPUs of the largest node without (Ray sets a replica's torch threads to its CPUs)."""
+    """(CPUs, GPUs) the model replica asks Ray for: as given, else a GPU when there is one, and 1 CPU with a GPU
+    or all the CPUs of the largest node without. `serve run` builds the application before it starts or joins Ray:
+    then the GPUs are this machine's and 1 CPU is asked for (the replica still runs a thread per CPU of its node,
+    see replica_threads)."""
     import ray
 
     live = ray.is_initialized()
     gpus = settings.num_gpus
     if gpus is None:
-        gpus = 1 if live and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        if live:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        else:
+            import torch
+
+            gpus = 1 if torch.cuda.is_available() else 0
     cpus = settings.num_cpus
     if cpus is None:
         nodes = ray.nodes() if live and not gpus else []
         cpus = max([node["Resources"].get("CPU", 0) for node in nodes if node["Alive"]] + [1])
     return cpus, gpus
+
+
+def replica_threads(num_cpus: float | None, device: str) -> int | None:
+    """Torch threads of the model replica, decided where it runs: num_cpus when given, else every CPU Ray gives the
+    node it runs on (CPU sampling wants every core); None (Ray's default) on a GPU."""
+    if device.startswith("cuda"):
+        return None
+    if num_cpus is not None:
+        return max(1, int(num_cpus))
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    cpus = [node["Resources"].get("CPU", 1) for node in ray.nodes() if node["NodeID"] == here]
+    return max(1, int(cpus[0] if cpus else 1))
 
 
 def app(args: dict) -> serve.Application:

@@ -11,7 +11,8 @@ none of its pixels is to be generated, and known pixels are pasted back into the
 a prompt, `[?]` marks a word to fill in; the given words come back unchanged. Paint-with-words steers
 where a prompt's word goes: `paint=[[("red", region)], ...]` with a (H, W) bool region per word.
 A service interleaves infills: `start_infill` each, `step([...their runs])` until a run is done (one
-forward for all, each run at its own step), then `finish_infill`.
+forward for all, each run at its own step), then `finish_infill`; between steps `preview` decodes where a
+run is going and `pending.keep(rows)` drops samples nobody waits for any more.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ class PendingInfill:
     images: np.ndarray | None
     pixel_masks: np.ndarray | None
     unknown_words: list[list[str]]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these samples (increasing indices) from the next step on (InfillRun.keep)."""
+        self.run.keep(rows)
+        pick = (lambda values: None if values is None else
+                values[rows] if isinstance(values, np.ndarray) else [values[i] for i in rows])
+        self.prompts, self.images, self.pixel_masks = pick(self.prompts), pick(self.images), pick(self.pixel_masks)
+        self.unknown_words = pick(self.unknown_words)
 
 
 @dataclass
@@ -178,19 +187,28 @@ class Pipeline:
 
     def finish_infill(self, pending: PendingInfill) -> InfillResult:
         """`infill`'s second half: the run's remaining steps, if any, then images and captions decoded."""
-        out = run_to_end(self.denoise, pending.run)
-        prompts, images, pixel_masks = pending.prompts, pending.images, pending.pixel_masks
+        return self._decoded(pending, run_to_end(self.denoise, pending.run), slice(None))
+
+    def preview(self, pending: PendingInfill, rows: slice = slice(None)) -> InfillResult:
+        """Images and captions of the run's current estimate of its clean samples (InfillRun.estimate) for these
+        rows: what the samples look like so far, decoded like the final result."""
+        return self._decoded(pending, pending.run.estimate(), rows)
+
+    def _decoded(self, pending: PendingInfill, out: SampleOutput, rows: slice) -> InfillResult:
+        """Sampled latents and word vectors of `rows` as images and captions, the given pixels and words kept."""
+        prompts, images, pixel_masks = (None if values is None else values[rows]
+                                        for values in (pending.prompts, pending.images, pending.pixel_masks))
         if images is None:
-            generated = self.decode_images(out.image_latents)
+            generated = self.decode_images(out.image_latents[rows])
         elif pixel_masks is None:  # a fully known image comes back as given
             generated = images.copy()
         else:
-            generated = np.where(pixel_masks[..., None], self.decode_images(out.image_latents), images)
+            generated = np.where(pixel_masks[..., None], self.decode_images(out.image_latents[rows]), images)
         if prompts is not None:
-            captions = self._fill_blanks(prompts, out.text_vectors)
+            captions = self._fill_blanks(prompts, out.text_vectors[rows])
         else:
-            captions = self.codec.decode(out.text_vectors)
-        return InfillResult(generated, captions, pending.unknown_words, out.network_evaluations)
+            captions = self.codec.decode(out.text_vectors[rows])
+        return InfillResult(generated, captions, pending.unknown_words[rows], out.network_evaluations)
 
     def captions_for_latents(self, latents: torch.Tensor, settings: SamplerSettings | None = None,
                              prompts: list[str] | None = None) -> list[str]:

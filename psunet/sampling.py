@@ -14,7 +14,11 @@ Each modality has its own guidance scale (SamplerSettings.guidance_scale_image /
 A model trained with timestep slices or independent times (DiffusionConfig.timesteps) has learned a
 modality given clean, so a fully known modality is given to it clean at time 0 instead of re-noised
 (and as pure noise at the last time in the unconditional pass): still 2 evaluations per step. A partly
-known modality is always re-noised (it stays on the diagonal).
+known modality is always re-noised (it stays on the diagonal). Which is which is decided per sample,
+so a sample does not depend on its batch mates.
+
+Between steps a run can show its current estimate of the clean data (`estimate`, for previews) and drop
+samples (`keep`, for cancelled requests) without changing the others.
 """
 
 from __future__ import annotations
@@ -124,10 +128,11 @@ class InfillRun:
         self.guided = anything_known and any(scale != 1.0 for pair in scales for scale in pair)
         weight = torch.tensor(scales, device=device, dtype=torch.float32)
         self.weight_image, self.weight_text = weight[:, 0].view(-1, 1, 1, 1), weight[:, 1].view(-1, 1, 1)
-        self.clean_image = diffusion_config.conditions_clean and bool(self.image_mask.all())
-        self.clean_text = diffusion_config.conditions_clean and bool(self.text_mask.all())
+        self.clean_image = self._fully_known(self.image_mask)
+        self.clean_text = self._fully_known(self.text_mask)
         self.passes = 2 if self.guided else 1
         self.painted = None if paint is None else paint_mask(c, paint, device).repeat(self.passes, 1, 1, 1)
+        self.estimate_image, self.estimate_text = self.image, self.text
         self.index, self.network_evaluations = 0, 0
 
     @property
@@ -139,20 +144,37 @@ class InfillRun:
     def done(self) -> bool:
         return self.index >= self.steps
 
-    def _noise(self, shape) -> torch.Tensor:
+    def _fully_known(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the samples whose modality is fully known and given clean (models that learned it)."""
+        known = mask.flatten(1).bool().all(1)
+        return known if self.diffusion_config.conditions_clean else torch.zeros_like(known)
+
+    def _noise(self, shape, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard normal noise; with `rows` ((B,) bool) drawn only for those samples (zeros for the others),
+        so each sample's generator advances by what that sample uses."""
         if len(self.generators) == 1:
+            if rows is not None and not bool(rows.any()):
+                return torch.zeros(shape, device=self.device)
             return torch.randn(shape, device=self.device, generator=self.generators[0])
-        return torch.cat([torch.randn((1, *shape[1:]), device=self.device, generator=g) for g in self.generators])
+        draws = [torch.randn((1, *shape[1:]), device=self.device, generator=g)
+                 if rows is None or rows[i] else torch.zeros((1, *shape[1:]), device=self.device)
+                 for i, g in enumerate(self.generators)]
+        return torch.cat(draws)
 
     def _pair(self, time_image, time_text) -> torch.Tensor:
         return torch.stack([torch.as_tensor(time_image, device=self.device).expand(self.batch_size),
                             torch.as_tensor(time_text, device=self.device).expand(self.batch_size)])
 
-    def _conditional_input(self, known, mask, current, clean: bool, times) -> torch.Tensor:
-        """One modality's conditional input: the known part clean or re-noised to `times`, the rest as sampled."""
-        if clean:
-            return known
-        return mask * self.schedule.add_noise(known, self._noise(known.shape), times) + (1 - mask) * current
+    @staticmethod
+    def _per_row(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return flags.view(-1, *[1] * (like.dim() - 1))
+
+    def _conditional_input(self, known, mask, current, clean: torch.Tensor, times) -> torch.Tensor:
+        """One modality's conditional input: the known part clean (rows in `clean`) or re-noised to `times`, the rest
+        as sampled."""
+        noised = self.schedule.add_noise(known, self._noise(known.shape, ~clean), times)
+        renoised = mask * noised + (1 - mask) * current
+        return torch.where(self._per_row(clean, known), known, renoised)
 
     def _paint_bias(self, t) -> PaintBias | None:
         """The bias at this step, on the conditional pass (the first batch_size rows)."""
@@ -174,7 +196,7 @@ class InfillRun:
         self._image_in = self._conditional_input(self.image_known, self.image_mask, self.image, self.clean_image,
                                                  times)
         self._text_in = self._conditional_input(self.text_known, self.text_mask, self.text, self.clean_text, times)
-        times_cond = self._pair(0 if self.clean_image else t, 0 if self.clean_text else t)
+        times_cond = self._pair(torch.where(self.clean_image, 0, t), torch.where(self.clean_text, 0, t))
         last_time = self.diffusion_config.num_train_timesteps - 1
         image_unc = self.image_mask * self._noise(self.image_shape) + (1 - self.image_mask) * self.image
         text_unc = self.text_mask * self._noise(self.text.shape) + (1 - self.text_mask) * self.text
@@ -182,7 +204,7 @@ class InfillRun:
         if not self.guided:  # the unconditional noise is drawn all the same, so a sample's noise stream
             self._text_rows = self._text_in, times_cond[1]  # does not depend on its batch mates
             return self._image_in, self._text_in, times_cond, paint
-        times_unc = self._pair(last_time if self.clean_image else t, last_time if self.clean_text else t)
+        times_unc = self._pair(torch.where(self.clean_image, last_time, t), torch.where(self.clean_text, last_time, t))
         text, times = torch.cat([self._text_in, text_unc]), torch.cat([times_cond, times_unc], dim=1)
         self._text_rows = text, times[1]
         return torch.cat([self._image_in, image_unc]), text, times, paint
@@ -198,18 +220,54 @@ class InfillRun:
             eps_text = unc_text + self.weight_text * (cond_text - unc_text)
         t = self.image_scheduler.timesteps[self.index]
         generator = self.generators[0] if len(self.generators) == 1 else self.generators
-        self.image = self.image_scheduler.step(eps_image, t, self.image if self.clean_image else self._image_in,
-                                               generator=generator).prev_sample
-        self.text = self.text_scheduler.step(eps_text, t, self.text if self.clean_text else self._text_in,
-                                             generator=generator).prev_sample
+        image_in = torch.where(self._per_row(self.clean_image, self.image), self.image, self._image_in)
+        text_in = torch.where(self._per_row(self.clean_text, self.text), self.text, self._text_in)
+        alpha_bar = self.schedule.alphas_cumprod.to(self.device)[t]
+        self.estimate_image = (image_in - (1 - alpha_bar).sqrt() * eps_image) / alpha_bar.sqrt()
+        self.estimate_text = (text_in - (1 - alpha_bar).sqrt() * eps_text) / alpha_bar.sqrt()
+        self.image = self.image_scheduler.step(eps_image, t, image_in, generator=generator).prev_sample
+        self.text = self.text_scheduler.step(eps_text, t, text_in, generator=generator).prev_sample
         self.network_evaluations += self.passes
         self.index += 1
 
+    def _pasted(self, image: torch.Tensor, text: torch.Tensor) -> SampleOutput:
+        """Sampled (image, scaled text) with the known parts pasted back exactly."""
+        image = self.image_mask * self.image_known + (1 - self.image_mask) * image
+        text = self.text_mask * self.text_given + (1 - self.text_mask) * text / self.diffusion_config.text_scale
+        return SampleOutput(image_latents=image, text_vectors=text, network_evaluations=self.network_evaluations)
+
     def result(self) -> SampleOutput:
         """The samples, the known parts pasted back exactly."""
-        image = self.image_mask * self.image_known + (1 - self.image_mask) * self.image
-        text = self.text_mask * self.text_given + (1 - self.text_mask) * self.text / self.diffusion_config.text_scale
-        return SampleOutput(image_latents=image, text_vectors=text, network_evaluations=self.network_evaluations)
+        return self._pasted(self.image, self.text)
+
+    def estimate(self) -> SampleOutput:
+        """The current estimate of the clean samples (x0 from the last step's noise prediction; before the first
+        step, the initial noise), the known parts pasted back: a preview of where the run is going."""
+        return self._pasted(self.estimate_image, self.estimate_text)
+
+    PER_SAMPLE = ("image_known", "image_mask", "text_given", "text_known", "text_mask", "image", "text",
+                  "weight_image", "weight_text", "clean_image", "clean_text", "estimate_image", "estimate_text")
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these samples (indices into the batch, in order) from the next step on; the samples kept
+        come out as they would have with the others. Needs a seed per sample (each sample its own noise)."""
+        rows = list(rows)
+        if not rows or sorted(set(rows)) != rows or rows[0] < 0 or rows[-1] >= self.batch_size:
+            raise ValueError(f"keep: give increasing sample indices in 0..{self.batch_size - 1}, got {rows}")
+        if len(self.generators) != self.batch_size:
+            raise ValueError("keep: the run shares one generator between its samples; give a seed per sample")
+        index = torch.tensor(rows, device=self.device)
+        for name in self.PER_SAMPLE:
+            setattr(self, name, getattr(self, name)[index])
+        self.generators = [self.generators[i] for i in rows]
+        if self.painted is not None:  # passes blocks of batch_size rows
+            blocks = self.painted.view(self.passes, self.batch_size, *self.painted.shape[1:])
+            self.painted = blocks[:, index].flatten(0, 1)
+        for scheduler in (self.image_scheduler, self.text_scheduler):  # DPM-Solver's history of model outputs
+            if getattr(scheduler, "model_outputs", None) is not None:
+                scheduler.model_outputs = [None if out is None else out[index] for out in scheduler.model_outputs]
+        self.batch_size = len(rows)
+        self.image_shape = (self.batch_size, *self.image_shape[1:])
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ FIELDS = {
                       for axis in ("step", "train_flops", "seconds") for model in ("baseline", "baseline_flops")],
     "serve": [f"{mode}_{clients}c_{key}" for mode in ("batching", "no_batching") for clients in (1, 4, 16)
               for key in ("requests_per_s", "p50_ms", "p99_ms", "requests_per_forward")]
+             + [f"mixed_16c_{key}" for key in ("requests_per_s", "p50_ms", "p99_ms")]
              + ["batching_speedup_16_clients", "replica_threads"],
     "convergence-ode": ["parameters_ode", "parameters_psunet", "activation_mb_psunet", "activation_mb_ode",
                         "sampling_ms_per_step_batch1_psunet", "sampling_ms_per_step_batch1_ode",
@@ -60,7 +61,8 @@ def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
                         "--seeds", "2", "--samples", "4", "--guidance-scales", "1,3", "--sample-steps", "2",
                         "--timing-steps", "1", "--out-dir", str(tmp_path), f"data.train={demo_set}/train",
                         f"data.val={demo_set}/val"],
-        "serve": ["--model", str(tiny_model), "--sample-steps", "2", "--requests", "2", "--precision", "bf16"],
+        "serve": ["--model", str(tiny_model), "--sample-steps", "2", "--requests", "2", "--load-requests", "16",
+                  "--precision", "bf16"],
         "convergence-ode": ["--against", "ode", "--config", "configs/tiny.yaml", "--steps", "2", "--eval-every", "2",
                             "--samples", "4", "--sample-steps", "2", "--timing-steps", "1", "--out-dir", str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val",
                             "model.shared_depth=5", "model.ode_solver=euler"],
@@ -97,6 +99,7 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
     if command == "serve":
         assert figures["precision"] == "bf16" and figures["no_batching_16c_requests_per_forward"] == 1
         assert figures["replica_threads"] == os.cpu_count()  # the replica gets the node's cores by default
+        assert figures["mixed_16c_errors"] == 0 and figures["batching_16c_errors"] == 0
     if command == "checkpoints":  # validation ran only where asked; data waits are fractions
         assert figures["validation_s_max"] >= figures["validation_s_median"]
         assert all(0 <= figures[f"{v}_data_wait_fraction"] < 1 for v in ("sync", "async", "async_validated"))

@@ -293,3 +293,54 @@ def test_a_clean_text_prediction_drives_the_sampler_to_those_vectors():
     out = joint_infill(PredictsCleanText(clean), MODEL_CONFIG, diffusion, 2, image_known=image, steps=10,
                        scheduler="ddim")
     assert (out.text_vectors - clean).abs().max() < 0.15
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim", "ddpm"])
+def test_dropping_samples_mid_run_leaves_the_others_as_they_are_alone(model, scheduler):
+    image, text = known_data(3)
+    kwargs = dict(text_known=text, steps=5, seeds=[1, 2, 3], guidance_scales=[3.0, 1.0, (5.0, 2.0)],
+                  scheduler=scheduler)
+    run = InfillRun(MODEL_CONFIG, DIFFUSION, 3, **kwargs)
+    step_together(model, [run])
+    step_together(model, [run])
+    run.keep([0, 2])  # the second sample's request is gone
+    recording = RecordingModel(model)
+    while not run.done:
+        step_together(recording, [run])
+    assert recording.batch_sizes == [4, 4, 4]  # its rows left the forwards
+    kept = run.result()
+    alone = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, text_known=text[[0, 2]], steps=5, seeds=[1, 3],
+                         guidance_scales=[3.0, (5.0, 2.0)], scheduler=scheduler)
+    torch.testing.assert_close(kept.image_latents, alone.image_latents, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kept.text_vectors, alone.text_vectors, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="increasing sample indices"):
+        run.keep([1, 0])
+    shared = InfillRun(MODEL_CONFIG, DIFFUSION, 2, text_known=text[:2], steps=2, seed=4)
+    with pytest.raises(ValueError, match="give a seed per sample"):
+        shared.keep([0])
+
+
+def test_whether_a_modality_is_given_clean_is_decided_per_sample(model):
+    _, text = known_data(2)
+    diffusion = DiffusionConfig(timesteps="slices")
+    partial = torch.ones(2, MODEL_CONFIG.text_len)
+    partial[1, 3] = 0  # the second caption has a blank: re-noised; the first stays clean
+    recording = RecordingModel(model)
+    together = joint_infill(recording, MODEL_CONFIG, diffusion, 2, text_known=text, text_mask=partial, steps=3,
+                            seeds=[5, 6])
+    _, times = recording.calls[0]
+    assert times[1, 0] == 0 and times[1, 1] == times[0, 1]  # conditional pass: clean at 0, re-noised at t
+    alone = joint_infill(model, MODEL_CONFIG, diffusion, 1, text_known=text[:1], steps=3, seeds=[5])
+    torch.testing.assert_close(together.image_latents[:1], alone.image_latents, atol=1e-4, rtol=1e-4)
+
+
+def test_the_estimate_is_the_clean_prediction_and_ends_at_the_result(model):
+    _, text = known_data(2)
+    run = InfillRun(MODEL_CONFIG, DIFFUSION, 2, text_known=text, steps=4, seeds=[1, 2], scheduler="ddim")
+    first = run.estimate()
+    torch.testing.assert_close(first.text_vectors, text)  # known parts pasted back, even before a step
+    errors = []
+    while not run.done:
+        step_together(model, [run])
+        errors.append(float((run.estimate().image_latents - run.result().image_latents).abs().mean()))
+    assert errors[-1] < errors[0] / 20  # DDIM's last step lands next to its x0 prediction (alpha_bar_0 < 1)

@@ -5,8 +5,15 @@ headless Chromium."""
 import base64
 import io
 import json
+import os
 import shutil
+import signal
 import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,6 +62,36 @@ def _image(data: str) -> np.ndarray:
 def _picture(side: int = 32) -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def _gif() -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(_picture()).save(buffer, format="GIF")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bomb(side: int = 30000) -> str:
+    """A side x side 1-bit PNG of zeros: ~110 KB that would decode to 900 million pixels."""
+    row = b"\x00" * (1 + (side + 7) // 8)
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+           + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return base64.b64encode(png).decode()
+
+
+def _events(response: requests.Response):
+    """(event, data) pairs of a Server-Sent Events response, as they arrive."""
+    kind = None
+    for line in response.iter_lines():
+        if line.startswith(b"event: "):
+            kind = line[7:].decode()
+        elif line.startswith(b"data: "):
+            yield kind, json.loads(line[6:])
 
 
 def test_health_model_page_and_openapi(service, tiny_model):
@@ -178,6 +215,12 @@ BAD_REQUESTS = [
     ("/v1/image-to-text", {"image": _png(_picture(48))}, 422, "this model takes 32x32"),
     ("/v1/image-to-text", {"image": _png(np.zeros((300, 300, 3), np.uint8)), "resize": True}, 422,
      "larger than the limit of 256"),
+    ("/v1/image-to-text", {"image": _bomb()}, 422, "image: too many pixels to decode safely (a decompression bomb), larger than the limit of 256"),
+    ("/v1/image-to-text", {"image": _gif()}, 422, "image: a GIF image; send PNG or JPEG"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "preview_every": 2}, 422, "preview_every: previews come with stream"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "stream": True, "response_format": "png"}, 422, "png is not streamed"),
+    ("/v1/text-to-image", {"prompt": PROMPT, "stream": True, "preview_every": -1}, 422, "preview_every"),
+    ("/v1/text-to-image", {"prompt": "zebra quantum", "stream": True}, 422, "no word in the model's vocabulary"),
     ("/v1/infill", {}, 422, "give a prompt, an image, or both"),
     ("/v1/infill", {"prompt": PROMPT, "mask": _png(_picture())}, 422, "mask: given without an image"),
     ("/v1/infill", _bad_image_pair(), 422, "mask: 16x16 but the image is 32x32"),
@@ -319,38 +362,99 @@ def _chromium() -> str:
     return path
 
 
-def test_web_page_in_headless_chromium(service):
+SCREENSHOTS = Path("runs/screenshots")  # written by the browser test for people to look at; not committed
+
+# The test's own record of the page's state over time: every value the progress bar took and every image shown.
+WATCH_PAGE = """() => {
+  window.seen = { progress: [], images: [] };
+  new MutationObserver(() => {
+    const value = Number(document.getElementById('progress').value);
+    if (window.seen.progress.at(-1) !== value) window.seen.progress.push(value);
+  }).observe(document.getElementById('progress'), { attributes: true });
+  new MutationObserver(() => window.seen.images.push(document.getElementById('result').src))
+    .observe(document.getElementById('result'), { attributes: true, attributeFilter: ['src'] });
+}"""
+
+
+def test_web_page_in_headless_chromium(service, tiny_model):
     from playwright.sync_api import sync_playwright
+    from ray import serve
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=_chromium(), headless=True,
-                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
-        page = browser.new_page()
-        outside = []
-        page.on("request", lambda request: None if request.url.startswith(("http://127.0.0.1", "data:", "blob:"))
-                else outside.append(request.url))
-        page.goto(service + "/")
-        page.wait_for_function("document.getElementById('steps').value !== ''")
-        assert page.input_value("#guidance-image") == "3" and page.input_value("#guidance-text") == "2"  # defaults
-        page.fill("#prompt", PROMPT)
-        page.fill("#steps", "3")
-        page.fill("#guidance-image", "1.5")
-        assert page.inner_text("#guidance-image-value") == "1.5"
-        with page.expect_request("**/v1/text-to-image") as sent:
+    serve.run(app({"model": str(tiny_model), "max_steps": 1000, "num_cpus": 1, "default_guidance_scale_text": 2.0}),
+              name="page", route_prefix="/page")  # behind a path prefix: the page's requests are relative
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=_chromium(), headless=True,
+                                                 args=["--no-sandbox", "--disable-dev-shm-usage"])
+            page = browser.new_page()
+            outside = []
+            page.on("request", lambda request: None if request.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                    else outside.append(request.url))
+            page.goto(service + "/page/")
+            page.wait_for_function("document.getElementById('steps').value !== ''")
+            assert page.input_value("#guidance-image") == "3" and page.input_value("#guidance-text") == "2"
+            assert page.eval_on_selector_all("#scheduler option", "options => options.map(o => o.value)") == \
+                ["dpmsolver++", "ddim", "ddpm"]
+            page.fill("#prompt", PROMPT)
+            page.fill("#steps", "30")
+            page.select_option("#scheduler", "ddim")
+            page.fill("#preview-every", "5")
+            page.fill("#guidance-image", "1.5")
+            assert page.inner_text("#guidance-image-value") == "1.5"
+
+            page.check("input[name=tool][value=box]")  # paint "red" into the right half: a drag on the canvas
+            page.fill("#paint-word", "red")
+            canvas = page.locator("#boxes").bounding_box()
+            page.mouse.move(canvas["x"] + canvas["width"] / 2, canvas["y"] + 2)
+            page.mouse.down()
+            page.mouse.move(canvas["x"] + canvas["width"] - 2, canvas["y"] + canvas["height"] / 2, steps=5)
+            page.mouse.up()
+            assert page.inner_text("#regions li").startswith("red: [16, 0, 32, 16]")
+
+            page.evaluate(WATCH_PAGE)
+            with page.expect_request("**/page/v1/text-to-image") as sent:
+                page.click("#generate")
+            body = sent.value.post_data_json
+            assert (body["guidance_scale_image"], body["guidance_scale_text"]) == (1.5, 2)
+            assert body["stream"] is True and body["preview_every"] == 5 and body["steps"] == 30
+            assert body["scheduler"] == "ddim" and body["paint"] == [{"word": "red", "box": [16, 0, 32, 16]}]
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                                   timeout=120_000)
+            seen = page.evaluate("window.seen")
+            assert seen["progress"] == sorted(seen["progress"]) and seen["progress"][-1] == 30
+            assert len(seen["progress"]) > 5  # the bar moved step by step
+            assert len(seen["images"]) == 6  # previews at steps 5, 10, ..., 25, then the result
+            assert page.eval_on_selector("#result", "img => img.naturalWidth") == 32
+            assert page.inner_text("#caption") == PROMPT and page.inner_text("#error") == ""
+            assert page.locator("#gallery figure").count() == 1
+            assert PROMPT in page.inner_text("#gallery figcaption")
+            page.screenshot(path=str(SCREENSHOTS / "page-generated.png"), full_page=True)
+
+            page.fill("#steps", "1000")  # a long run, cancelled once it is under way
+            page.evaluate(WATCH_PAGE)
             page.click("#generate")
-        body = sent.value.post_data_json
-        assert (body["guidance_scale_image"], body["guidance_scale_text"]) == (1.5, 2) and "guidance_scale" not in body
-        page.wait_for_function("document.getElementById('result').naturalWidth > 0", timeout=60_000)
-        assert page.eval_on_selector("#result", "img => img.naturalWidth") == 32
-        assert page.inner_text("#caption") == PROMPT
-        assert page.inner_text("#error") == ""
+            page.wait_for_function("window.seen.progress.at(-1) >= 2", timeout=60_000)
+            page.click("#cancel")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('cancelled')")
+            status = page.inner_text("#status")
+            step = int(status.split()[3])
+            assert status == f"cancelled at step {step} of 1000" and 2 <= step < 1000
+            assert page.is_enabled("#generate") and page.is_disabled("#cancel") and page.inner_text("#error") == ""
+            assert page.locator("#gallery figure").count() == 1  # a cancelled run adds nothing
+            page.screenshot(path=str(SCREENSHOTS / "page-cancelled.png"), full_page=True)
+            stats = requests.get(f"{service}/page/v1/stats").json()
+            assert stats["cancelled"] == 1
+            assert stats["request_forwards"] < 30 + 1000  # the cancelled run stopped early
 
-        page.fill("#steps", "0")  # the server's refusal is shown, the page keeps working
-        page.click("#generate")
-        page.wait_for_function("document.getElementById('error').textContent !== ''")
-        assert "steps" in page.inner_text("#error")
-        browser.close()
-    assert outside == []
+            page.fill("#steps", "0")  # the server's refusal is shown, the page keeps working
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('error').textContent !== ''")
+            assert "steps" in page.inner_text("#error")
+            browser.close()
+        assert outside == []
+    finally:
+        serve.delete("page")
 
 
 def test_a_request_over_the_time_limit_gets_504_and_the_service_stays_healthy(service, tiny_model):
@@ -368,9 +472,147 @@ def test_a_request_over_the_time_limit_gets_504_and_the_service_stays_healthy(se
     assert requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 2}).status_code == 200
 
 
-def test_a_cpu_replica_takes_the_largest_node_s_cores_unless_told(ray_local):
-    from jobs.serve import ServeArgs, replica_resources
+def test_replica_resources_and_threads(ray_local):
+    from jobs.serve import replica_resources, replica_threads
 
     assert replica_resources(ServeArgs(model="m")) == (2, 0)  # the test cluster: one node, 2 CPUs, no GPU
     assert replica_resources(ServeArgs(model="m", num_gpus=1)) == (1, 1)
     assert replica_resources(ServeArgs(model="m", num_cpus=0.5)) == (0.5, 0)
+    # threads are decided where the replica runs: every CPU of its node unless num_cpus says otherwise
+    assert replica_threads(None, "cpu") == 2 and replica_threads(1, "cpu") == 1 and replica_threads(None, "cuda") is None
+    # `serve run` builds the application before Ray runs: 1 CPU asked for, this machine's GPUs
+    code = "from jobs.serve import ServeArgs, replica_resources; print(replica_resources(ServeArgs(model='m')))"
+    built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert built.stdout.strip() == "(1, 0)"
+
+
+def test_streamed_request_sends_each_step_in_order_previews_and_the_same_result(service):
+    body = {"prompt": PROMPT, "steps": 6, "seed": 9, "guidance_scale_image": 4}
+    plain = requests.post(f"{service}/v1/text-to-image", json=body, timeout=120).json()
+    with requests.post(f"{service}/v1/text-to-image", json={**body, "stream": True, "preview_every": 2},
+                       stream=True, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = list(_events(response))
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "start" and kinds[-1] == "result" and "error" not in kinds
+    assert len(events[0][1]["request_id"]) == 32 and events[0][1]["steps"] == 6
+    progress = [data for kind, data in events if kind == "progress"]
+    assert [(data["step"], data["steps"]) for data in progress] == [(i, 6) for i in range(1, 7)]
+    previews = [(i, data) for i, (kind, data) in enumerate(events) if kind == "preview"]
+    assert [data["step"] for _, data in previews] == [2, 4]  # not at the last step: the result is
+    for i, data in previews:
+        assert events[i - 1] == ("progress", {"step": data["step"], "steps": 6})  # right after its step
+        assert _image(data["images"][0]).shape == (32, 32, 3) and data["captions"] == [PROMPT]
+    result = events[-1][1]
+    assert result == plain  # the same JSON, images included, as the endpoint without stream
+    early, late = (_image(data["images"][0]).astype(int) for _, data in previews)
+    final = _image(result["images"][0]).astype(int)
+    assert np.abs(late - final).mean() < np.abs(early - final).mean()  # previews converge on the result
+
+    infill = requests.post(f"{service}/v1/image-to-text", json={"image": _png(_picture()), "steps": 3, "stream": True},
+                           stream=True, timeout=120)
+    kinds = [kind for kind, _ in _events(infill)]
+    assert kinds == ["start", "progress", "progress", "progress", "result"]
+
+
+def test_a_cancelled_request_frees_its_rows_and_leaves_its_batch_mates_unchanged(service):
+    steps = 40
+    before = requests.get(f"{service}/v1/stats").json()
+
+    def streamed_then_gone() -> int:
+        with requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": steps, "seed": 30,
+                                                                "stream": True}, stream=True, timeout=120) as response:
+            for kind, data in _events(response):
+                if kind == "progress" and data["step"] >= 3:
+                    return data["step"]  # leaving the with block closes the connection
+        raise AssertionError("the stream ended before step 3")
+
+    def plain(seed: int) -> dict:
+        return requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": steps, "seed": seed},
+                             timeout=120).json()
+
+    with ThreadPoolExecutor(3) as pool:  # together: one run of three requests
+        gone, *mates = [pool.submit(streamed_then_gone), pool.submit(plain, 31), pool.submit(plain, 32)]
+        mates = [mate.result() for mate in mates]
+    assert gone.result() >= 3
+    after = requests.get(f"{service}/v1/stats").json()
+    assert after["cancelled"] - before["cancelled"] == 1
+    carried = after["request_forwards"] - before["request_forwards"]
+    assert carried < 3 * steps  # the cancelled request left the forwards before its last step
+    for seed, mate in zip((31, 32), mates):
+        alone = plain(seed)
+        assert np.abs(_image(alone["images"][0]).astype(int) - _image(mate["images"][0])).max() <= 2
+
+    stream = requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 50, "stream": True},
+                           stream=True, timeout=120)
+    events = _events(stream)
+    request_id = next(events)[1]["request_id"]
+    assert requests.post(f"{service}/v1/cancel/{request_id}").json() == {"request_id": request_id, "cancelled": True}
+    assert [kind for kind, _ in events][-1] == "cancelled"
+    missing = requests.post(f"{service}/v1/cancel/{request_id}")  # no longer in flight
+    assert missing.status_code == 404 and request_id in missing.json()["error"]
+
+
+def test_load_of_200_mixed_requests_from_16_clients_has_no_errors(service):
+    def call(i: int) -> tuple[int, dict]:
+        body = {"prompt": PROMPT, "seed": i, "steps": 2 + i % 4, "guidance_scale_image": float(i % 5)}
+        if i % 3 == 0:
+            body["guidance_scale_text"] = 1.0 + i % 2
+        response = requests.post(f"{service}/v1/text-to-image", json=body, timeout=300)
+        return response.status_code, response.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, range(200)))
+    assert [status for status, _ in answers] == [200] * 200
+    assert [answer["seeds"] for _, answer in answers] == [[i] for i in range(200)]
+    assert all(answer["steps"] == 2 + i % 4 and answer["guidance_scale_image"] == i % 5
+               for i, (_, answer) in enumerate(answers))
+    assert requests.get(f"{service}/v1/stats").json()["waiting"] == 0
+
+
+def _sampler_pid(app_name: str) -> int:
+    import ray
+
+    names = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
+             if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#Sampler#")]
+    assert len(names) == 1, names
+    replica = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    return ray.get(replica.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_a_killed_model_replica_costs_its_requests_a_503_and_the_service_recovers(service, tiny_model):
+    from ray import serve
+
+    serve.run(app({"model": str(tiny_model), "max_steps": 1000, "request_timeout_s": 60, "num_cpus": 1}),
+              name="crash", route_prefix="/crash")
+    base = f"{service}/crash"
+    try:
+        pid = _sampler_pid("crash")
+        long = {"prompt": PROMPT, "steps": 1000}
+
+        def plain(seed: int) -> tuple[int, dict, float]:
+            start = time.monotonic()
+            response = requests.post(f"{base}/v1/text-to-image", json={**long, "seed": seed}, timeout=120)
+            return response.status_code, response.json(), time.monotonic() - start
+
+        with ThreadPoolExecutor(2) as pool, requests.post(f"{base}/v1/text-to-image", json={**long, "stream": True},
+                                                          stream=True, timeout=120) as streamed:
+            in_flight = [pool.submit(plain, seed) for seed in (1, 2)]
+            events = _events(streamed)
+            assert next(kind for kind, _ in events if kind == "progress")  # sampling is under way
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            last = list(events)[-1]
+            answers = [future.result() for future in in_flight]
+        assert last[0] == "error" and last[1]["status"] == 503 and "model replica stopped" in last[1]["error"]
+        for status, body, seconds in answers:
+            assert status == 503 and "model replica stopped" in body["error"] and seconds < 60
+        deadline = time.monotonic() + 120
+        while requests.get(f"{base}/healthz", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the service did not recover within 120 s"
+            time.sleep(1)
+        assert _sampler_pid("crash") != pid  # Serve started a new replica
+        again = requests.post(f"{base}/v1/text-to-image", json={"prompt": PROMPT, "steps": 3}, timeout=120)
+        assert again.status_code == 200 and _image(again.json()["images"][0]).shape == (32, 32, 3)
+    finally:
+        serve.delete("crash")
