@@ -447,6 +447,23 @@ def test_web_page_in_headless_chromium(service, tiny_model):
             assert stats["cancelled"] == 1
             assert stats["request_forwards"] < 30 + 1000  # the cancelled run stopped early
 
+            upload = SCREENSHOTS / "upload.png"  # inpainting: an uploaded image, its left half painted over
+            upload.write_bytes(base64.b64decode(_png(_picture(64))))
+            page.set_input_files("#upload", str(upload))
+            page.check("input[name=tool][value=mask]")
+            page.fill("#steps", "3")
+            page.mouse.move(canvas["x"] + 20, canvas["y"] + 20)
+            page.mouse.down()
+            page.mouse.move(canvas["x"] + 20, canvas["y"] + canvas["height"] - 20, steps=8)
+            page.mouse.up()
+            with page.expect_request("**/page/v1/infill") as sent:
+                page.click("#generate")
+            body = sent.value.post_data_json
+            assert body["image"].startswith("data:image/png;base64,") and body["mask"].startswith("data:image/png")
+            assert body["prompt"] == PROMPT
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+            assert page.locator("#gallery figure").count() == 2 and "infill" in page.inner_text("#gallery figcaption")
+
             page.fill("#steps", "0")  # the server's refusal is shown, the page keeps working
             page.click("#generate")
             page.wait_for_function("document.getElementById('error').textContent !== ''")
@@ -466,6 +483,9 @@ def test_a_request_over_the_time_limit_gets_504_and_the_service_stays_healthy(se
     try:
         response = requests.post(f"{service}/hurried/v1/text-to-image", json={"prompt": PROMPT, "steps": 40})
         assert response.status_code == 504 and "timed out after 0.01 s" in response.json()["error"]
+        streamed = requests.post(f"{service}/hurried/v1/text-to-image", json={"prompt": PROMPT, "steps": 40,
+                                                                              "stream": True})
+        assert streamed.status_code == 504 or list(_events(streamed))[-1][1]["status"] == 504
         assert requests.get(f"{service}/hurried/healthz").status_code == 200
     finally:
         serve.delete("hurried")
