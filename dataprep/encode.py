@@ -97,7 +97,8 @@ def source_captions(spec: str) -> Iterator[str]:
                 continue
 
 
-def _unit_records(unit: dict) -> Iterator[readers.RawRecord | readers.SkippedRecord | shapes.DemoSample]:
+def unit_records(unit: dict) -> Iterator[readers.RawRecord | readers.SkippedRecord | shapes.DemoSample]:
+    """A work unit's records: generated demo samples, a WebDataset shard's, or the raw records it lists."""
     if unit["kind"] == "demo":
         for index in range(unit["start"], unit["stop"]):
             yield shapes.sample_at(index, seed=unit["seed"], size=unit["size"], max_objects=unit["max_objects"],
@@ -115,7 +116,7 @@ def load_rows(unit: dict, resolution: int) -> Iterator[dict]:
     `image_key` names the row's source image (a demo sample is its own image; skipped rows have none).
     """
     blank = np.zeros((resolution, resolution, 3), np.uint8)
-    for record in _unit_records(unit):
+    for record in unit_records(unit):
         row = {"key": record.key, "image_key": "", "caption": "", "image": blank, "skip": "", "meta": "{}"}
         if isinstance(record, readers.SkippedRecord):
             yield {**row, "skip": record.reason}

@@ -64,11 +64,18 @@ class ModelConfig(StrictModel):
         return (self.latent_channels, self.latent_size, self.latent_size)
 
 
-def ode_solvers() -> tuple[str, ...]:
-    """The torchdiffeq methods a block can use (scipy_solver needs options we do not pass)."""
+def ode_solver_grids() -> dict[str, bool]:
+    """The torchdiffeq methods a block can use, each with whether it steps on a fixed grid (then it needs a step
+    size) or adapts its steps. torchdiffeq keeps both facts in private modules: this is the one place that reads
+    them. scipy_solver is left out (it needs options we do not pass)."""
     from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.solvers import FixedGridODESolver
 
-    return tuple(sorted(name for name in SOLVERS if name != "scipy_solver"))
+    return {name: issubclass(solver, FixedGridODESolver) for name, solver in SOLVERS.items() if name != "scipy_solver"}
+
+
+def ode_solvers() -> tuple[str, ...]:
+    return tuple(sorted(ode_solver_grids()))
 
 
 class SliceWeights(StrictModel):

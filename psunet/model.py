@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from psunet.config import ModelConfig
+from psunet.config import ModelConfig, ode_solver_grids
 
 
 # the shared sequence: [image-branch time, text-branch time, text tokens (L), image tokens (N)]
@@ -145,15 +145,12 @@ class ODEUShape(nn.Module):
     def __init__(self, n_in: int, width: int, heads: int, mlp_ratio: float, solver: str, steps: int,
                  adjoint: bool):
         super().__init__()
-        from torchdiffeq._impl.odeint import SOLVERS
-        from torchdiffeq._impl.solvers import FixedGridODESolver
-
         self.n_in = n_in
         self.in_block = Block(width, heads, mlp_ratio) if n_in else None
         self.mid_block = Block(width, heads, mlp_ratio)
         self.out_block = Block(width, heads, mlp_ratio) if n_in else None
         self.skip_projs = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(n_in))
-        fixed = issubclass(SOLVERS[solver], FixedGridODESolver)
+        fixed = ode_solver_grids()[solver]
         self.solver_options = {"method": solver, **({"options": {"step_size": 1.0 / steps}} if fixed
                                                       else {"rtol": 1e-3, "atol": 1e-3})}
         self.adjoint = adjoint

@@ -166,11 +166,11 @@ def test_vocabularies():
 
 @pytest.mark.parametrize("max_objects", [1, 2])
 def test_demo_encoding_units_carry_the_object_limit(max_objects):
-    from dataprep.encode import _unit_records, demo_units
+    from dataprep.encode import unit_records, demo_units
 
     units = demo_units(300, seed=4, resolution=32, max_objects=max_objects, per_unit=128)
     assert [(u["start"], u["stop"]) for u in units] == [(0, 128), (128, 256), (256, 300)]
-    samples = [s for unit in units for s in _unit_records(unit)]
+    samples = [s for unit in units for s in unit_records(unit)]
     assert [s.key for s in samples] == [sample_at(i, seed=4).key for i in range(300)]
     counts = {len(s.objects) for s in samples}
     assert counts == ({1} if max_objects == 1 else {1, 2})
