@@ -52,6 +52,7 @@ MAX_GUIDANCE = 100  # the service's bound on a guidance scale
 IMAGE_FORMATS = ("PNG", "JPEG")  # what requests may send (Pillow's format names)
 IMAGE_FORMATS_TEXT = " or ".join(IMAGE_FORMATS)
 HEALTH_TIMEOUT_S = 10
+HEALTH_CHECK_PERIOD_S = 2  # how often Serve checks the model replica: a dead one is replaced this much sooner
 
 
 class ServeArgs(StrictModel):
@@ -336,7 +337,7 @@ def failure_text(exc: BaseException) -> str:
     return f"sampling failed: {type(exc).__name__}" + (f": {first}" if first else "")
 
 
-@serve.deployment(max_ongoing_requests=128)
+@serve.deployment(max_ongoing_requests=128, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class Sampler:
     """Holds the Pipeline and samples every job under way together, one sampler step at a time.
 

@@ -49,6 +49,19 @@ def service(ray_local, tiny_model):
     serve.shutdown()
 
 
+@pytest.fixture(scope="module")
+def long_runs(service, tiny_model):
+    """A second application under /long for runs long enough to cancel or kill: the browser test, then the
+    replica-kill test (last: it kills this application's model replica)."""
+    from ray import serve
+
+    serve.run(app({"model": str(tiny_model), "max_steps": 1000, "request_timeout_s": 60, "num_cpus": 0.5,
+                   "default_guidance_scale_text": 2.0}),
+              name="long", route_prefix="/long")  # behind a path prefix: the page's requests are relative
+    yield f"{service}/long"
+    serve.delete("long")
+
+
 def _png(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -376,109 +389,103 @@ WATCH_PAGE = """() => {
 }"""
 
 
-def test_web_page_in_headless_chromium(service, tiny_model):
+def test_web_page_in_headless_chromium(long_runs):
     from playwright.sync_api import sync_playwright
-    from ray import serve
 
-    serve.run(app({"model": str(tiny_model), "max_steps": 1000, "num_cpus": 1, "default_guidance_scale_text": 2.0}),
-              name="page", route_prefix="/page")  # behind a path prefix: the page's requests are relative
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=_chromium(), headless=True,
-                                                 args=["--no-sandbox", "--disable-dev-shm-usage"])
-            page = browser.new_page()
-            outside = []
-            page.on("request", lambda request: None if request.url.startswith(("http://127.0.0.1", "data:", "blob:"))
-                    else outside.append(request.url))
-            page.goto(service + "/page/")
-            page.wait_for_function("document.getElementById('steps').value !== ''")
-            assert page.input_value("#guidance-image") == "3" and page.input_value("#guidance-text") == "2"
-            assert page.eval_on_selector_all("#scheduler option", "options => options.map(o => o.value)") == \
-                ["dpmsolver++", "ddim", "ddpm"]
-            page.fill("#prompt", PROMPT)
-            page.fill("#steps", "30")
-            page.select_option("#scheduler", "ddim")
-            page.fill("#preview-every", "5")
-            page.fill("#guidance-image", "1.5")
-            assert page.inner_text("#guidance-image-value") == "1.5"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), headless=True,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page()
+        outside = []
+        page.on("request", lambda request: None if request.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                else outside.append(request.url))
+        page.goto(long_runs + "/")
+        page.wait_for_function("document.getElementById('steps').value !== ''")
+        assert page.input_value("#guidance-image") == "3" and page.input_value("#guidance-text") == "2"
+        assert page.eval_on_selector_all("#scheduler option", "options => options.map(o => o.value)") == \
+            ["dpmsolver++", "ddim", "ddpm"]
+        page.fill("#prompt", PROMPT)
+        page.fill("#steps", "30")
+        page.select_option("#scheduler", "ddim")
+        page.fill("#preview-every", "5")
+        page.fill("#guidance-image", "1.5")
+        assert page.inner_text("#guidance-image-value") == "1.5"
 
-            page.check("input[name=tool][value=box]")  # paint "red" into the right half: a drag on the canvas
-            page.fill("#paint-word", "red")
-            canvas = page.locator("#boxes").bounding_box()
-            page.mouse.move(canvas["x"] + canvas["width"] / 2, canvas["y"] + 2)
-            page.mouse.down()
-            page.mouse.move(canvas["x"] + canvas["width"] - 2, canvas["y"] + canvas["height"] / 2, steps=5)
-            page.mouse.up()
-            assert page.inner_text("#regions li").startswith("red: [16, 0, 32, 16]")
+        page.check("input[name=tool][value=box]")  # paint "red" into the right half: a drag on the canvas
+        page.fill("#paint-word", "red")
+        canvas = page.locator("#boxes").bounding_box()
+        page.mouse.move(canvas["x"] + canvas["width"] / 2, canvas["y"] + 2)
+        page.mouse.down()
+        page.mouse.move(canvas["x"] + canvas["width"] - 2, canvas["y"] + canvas["height"] / 2, steps=5)
+        page.mouse.up()
+        assert page.inner_text("#regions li").startswith("red: [16, 0, 32, 16]")
 
-            page.evaluate(WATCH_PAGE)
-            with page.expect_request("**/page/v1/text-to-image") as sent:
-                page.click("#generate")
-            body = sent.value.post_data_json
-            assert (body["guidance_scale_image"], body["guidance_scale_text"]) == (1.5, 2)
-            assert body["stream"] is True and body["preview_every"] == 5 and body["steps"] == 30
-            assert body["scheduler"] == "ddim" and body["paint"] == [{"word": "red", "box": [16, 0, 32, 16]}]
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
-                                   timeout=120_000)
-            seen = page.evaluate("window.seen")
-            assert seen["progress"] == sorted(seen["progress"]) and seen["progress"][-1] == 30
-            assert len(seen["progress"]) > 5  # the bar moved step by step
-            assert len(seen["images"]) == 6  # previews at steps 5, 10, ..., 25, then the result
-            assert page.eval_on_selector("#result", "img => img.naturalWidth") == 32
-            assert page.inner_text("#caption") == PROMPT and page.inner_text("#error") == ""
-            assert page.locator("#gallery figure").count() == 1
-            assert PROMPT in page.inner_text("#gallery figcaption")
-            page.screenshot(path=str(SCREENSHOTS / "page-generated.png"), full_page=True)
-
-            page.fill("#steps", "1000")  # a long run, cancelled once it is under way
-            page.evaluate(WATCH_PAGE)
+        page.evaluate(WATCH_PAGE)
+        with page.expect_request("**/long/v1/text-to-image") as sent:
             page.click("#generate")
-            page.wait_for_function("window.seen.progress.at(-1) >= 2", timeout=60_000)
-            page.click("#cancel")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('cancelled')")
-            status = page.inner_text("#status")
-            step = int(status.split()[3])
-            assert status == f"cancelled at step {step} of 1000" and 2 <= step < 1000
-            assert page.is_enabled("#generate") and page.is_disabled("#cancel") and page.inner_text("#error") == ""
-            assert page.locator("#gallery figure").count() == 1  # a cancelled run adds nothing
-            page.screenshot(path=str(SCREENSHOTS / "page-cancelled.png"), full_page=True)
-            stats = requests.get(f"{service}/page/v1/stats").json()
-            assert stats["cancelled"] == 1
-            assert stats["request_forwards"] < 30 + 1000  # the cancelled run stopped early
+        body = sent.value.post_data_json
+        assert (body["guidance_scale_image"], body["guidance_scale_text"]) == (1.5, 2)
+        assert body["stream"] is True and body["preview_every"] == 5 and body["steps"] == 30
+        assert body["scheduler"] == "ddim" and body["paint"] == [{"word": "red", "box": [16, 0, 32, 16]}]
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                               timeout=120_000)
+        seen = page.evaluate("window.seen")
+        assert seen["progress"] == sorted(seen["progress"]) and seen["progress"][-1] == 30
+        assert len(seen["progress"]) > 5  # the bar moved step by step
+        assert len(seen["images"]) == 6  # previews at steps 5, 10, ..., 25, then the result
+        assert page.eval_on_selector("#result", "img => img.naturalWidth") == 32
+        assert page.inner_text("#caption") == PROMPT and page.inner_text("#error") == ""
+        assert page.locator("#gallery figure").count() == 1
+        assert PROMPT in page.inner_text("#gallery figcaption")
+        page.screenshot(path=str(SCREENSHOTS / "page-generated.png"), full_page=True)
 
-            upload = SCREENSHOTS / "upload.png"  # inpainting: an uploaded image, its left half painted over
-            upload.write_bytes(base64.b64decode(_png(_picture(64))))
-            page.set_input_files("#upload", str(upload))
-            page.check("input[name=tool][value=mask]")
-            page.fill("#steps", "3")
-            page.mouse.move(canvas["x"] + 20, canvas["y"] + 20)
-            page.mouse.down()
-            page.mouse.move(canvas["x"] + 20, canvas["y"] + canvas["height"] - 20, steps=8)
-            page.mouse.up()
-            with page.expect_request("**/page/v1/infill") as sent:
-                page.click("#generate")
-            body = sent.value.post_data_json
-            assert body["image"].startswith("data:image/png;base64,") and body["mask"].startswith("data:image/png")
-            assert body["prompt"] == PROMPT
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
-            assert page.locator("#gallery figure").count() == 2 and "infill" in page.inner_text("#gallery figcaption")
+        page.fill("#steps", "1000")  # a long run, cancelled once it is under way
+        page.evaluate(WATCH_PAGE)
+        page.click("#generate")
+        page.wait_for_function("window.seen.progress.at(-1) >= 2", timeout=60_000)
+        page.click("#cancel")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('cancelled')")
+        status = page.inner_text("#status")
+        step = int(status.split()[3])
+        assert status == f"cancelled at step {step} of 1000" and 2 <= step < 1000
+        assert page.is_enabled("#generate") and page.is_disabled("#cancel") and page.inner_text("#error") == ""
+        assert page.locator("#gallery figure").count() == 1  # a cancelled run adds nothing
+        page.screenshot(path=str(SCREENSHOTS / "page-cancelled.png"), full_page=True)
+        stats = requests.get(f"{long_runs}/v1/stats").json()
+        assert stats["cancelled"] == 1
+        assert stats["request_forwards"] < 30 + 1000  # the cancelled run stopped early
 
-            page.fill("#steps", "0")  # the server's refusal is shown, the page keeps working
+        upload = SCREENSHOTS / "upload.png"  # inpainting: an uploaded image, its left half painted over
+        upload.write_bytes(base64.b64decode(_png(_picture(64))))
+        page.set_input_files("#upload", str(upload))
+        page.check("input[name=tool][value=mask]")
+        page.fill("#steps", "3")
+        page.mouse.move(canvas["x"] + 20, canvas["y"] + 20)
+        page.mouse.down()
+        page.mouse.move(canvas["x"] + 20, canvas["y"] + canvas["height"] - 20, steps=8)
+        page.mouse.up()
+        with page.expect_request("**/long/v1/infill") as sent:
             page.click("#generate")
-            page.wait_for_function("document.getElementById('error').textContent !== ''")
-            assert "steps" in page.inner_text("#error")
-            browser.close()
-        assert outside == []
-    finally:
-        serve.delete("page")
+        body = sent.value.post_data_json
+        assert body["image"].startswith("data:image/png;base64,") and body["mask"].startswith("data:image/png")
+        assert body["prompt"] == PROMPT
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+        assert page.locator("#gallery figure").count() == 2 and "infill" in page.inner_text("#gallery figcaption")
+
+        page.fill("#steps", "0")  # the server's refusal is shown, the page keeps working
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('error').textContent !== ''")
+        assert "steps" in page.inner_text("#error")
+        browser.close()
+    assert outside == []
 
 
 def test_a_request_over_the_time_limit_gets_504_and_the_service_stays_healthy(service, tiny_model):
     from ray import serve
 
     serve.run(app({"model": str(tiny_model), "request_timeout_s": 0.01, "batch_wait_timeout_s": 0.2,
-                  "num_cpus": 1}),
+                  "num_cpus": 0.5}),
               name="hurried", route_prefix="/hurried")
     try:
         response = requests.post(f"{service}/hurried/v1/text-to-image", json={"prompt": PROMPT, "steps": 40})
@@ -499,7 +506,8 @@ def test_replica_resources_and_threads(ray_local):
     assert replica_resources(ServeArgs(model="m", num_gpus=1)) == (1, 1)
     assert replica_resources(ServeArgs(model="m", num_cpus=0.5)) == (0.5, 0)
     # threads are decided where the replica runs: every CPU of its node unless num_cpus says otherwise
-    assert replica_threads(None, "cpu") == 2 and replica_threads(1, "cpu") == 1 and replica_threads(None, "cuda") is None
+    assert replica_threads(None, "cpu") == 2 and replica_threads(1, "cpu") == 1
+    assert replica_threads(None, "cuda") is None
     # `serve run` builds the application before Ray runs: 1 CPU asked for, this machine's GPUs
     code = "from jobs.serve import ServeArgs, replica_resources; print(replica_resources(ServeArgs(model='m')))"
     built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -600,39 +608,31 @@ def _sampler_pid(app_name: str) -> int:
     return ray.get(replica.__ray_call__.remote(lambda self: os.getpid()))
 
 
-def test_a_killed_model_replica_costs_its_requests_a_503_and_the_service_recovers(service, tiny_model):
-    from ray import serve
+def test_a_killed_model_replica_costs_its_requests_a_503_and_the_service_recovers(long_runs):
+    pid = _sampler_pid("long")
+    long = {"prompt": PROMPT, "steps": 1000}
 
-    serve.run(app({"model": str(tiny_model), "max_steps": 1000, "request_timeout_s": 60, "num_cpus": 1}),
-              name="crash", route_prefix="/crash")
-    base = f"{service}/crash"
-    try:
-        pid = _sampler_pid("crash")
-        long = {"prompt": PROMPT, "steps": 1000}
+    def plain(seed: int) -> tuple[int, dict, float]:
+        start = time.monotonic()
+        response = requests.post(f"{long_runs}/v1/text-to-image", json={**long, "seed": seed}, timeout=120)
+        return response.status_code, response.json(), time.monotonic() - start
 
-        def plain(seed: int) -> tuple[int, dict, float]:
-            start = time.monotonic()
-            response = requests.post(f"{base}/v1/text-to-image", json={**long, "seed": seed}, timeout=120)
-            return response.status_code, response.json(), time.monotonic() - start
-
-        with ThreadPoolExecutor(2) as pool, requests.post(f"{base}/v1/text-to-image", json={**long, "stream": True},
-                                                          stream=True, timeout=120) as streamed:
-            in_flight = [pool.submit(plain, seed) for seed in (1, 2)]
-            events = _events(streamed)
-            assert next(kind for kind, _ in events if kind == "progress")  # sampling is under way
-            time.sleep(0.5)
-            os.kill(pid, signal.SIGKILL)
-            last = list(events)[-1]
-            answers = [future.result() for future in in_flight]
-        assert last[0] == "error" and last[1]["status"] == 503 and "model replica stopped" in last[1]["error"]
-        for status, body, seconds in answers:
-            assert status == 503 and "model replica stopped" in body["error"] and seconds < 60
-        deadline = time.monotonic() + 120
-        while requests.get(f"{base}/healthz", timeout=30).status_code != 200:
-            assert time.monotonic() < deadline, "the service did not recover within 120 s"
-            time.sleep(1)
-        assert _sampler_pid("crash") != pid  # Serve started a new replica
-        again = requests.post(f"{base}/v1/text-to-image", json={"prompt": PROMPT, "steps": 3}, timeout=120)
-        assert again.status_code == 200 and _image(again.json()["images"][0]).shape == (32, 32, 3)
-    finally:
-        serve.delete("crash")
+    with ThreadPoolExecutor(2) as pool, requests.post(f"{long_runs}/v1/text-to-image", json={**long, "stream": True},
+                                                      stream=True, timeout=120) as streamed:
+        in_flight = [pool.submit(plain, seed) for seed in (1, 2)]
+        events = _events(streamed)
+        assert next(kind for kind, _ in events if kind == "progress")  # sampling is under way
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        last = list(events)[-1]
+        answers = [future.result() for future in in_flight]
+    assert last[0] == "error" and last[1]["status"] == 503 and "model replica stopped" in last[1]["error"]
+    for status, body, seconds in answers:
+        assert status == 503 and "model replica stopped" in body["error"] and seconds < 60
+    deadline = time.monotonic() + 120
+    while requests.get(f"{long_runs}/healthz", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the service did not recover within 120 s"
+        time.sleep(1)
+    assert _sampler_pid("long") != pid  # Serve started a new replica
+    again = requests.post(f"{long_runs}/v1/text-to-image", json={"prompt": PROMPT, "steps": 3}, timeout=120)
+    assert again.status_code == 200 and _image(again.json()["images"][0]).shape == (32, 32, 3)
