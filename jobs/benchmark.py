@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from jobs.tracking import experiment_id, tracking_uri  # noqa: E402
+from jobs import tracking  # noqa: E402
+from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.config import DiffusionConfig, ModelConfig, baseline_of, preset  # noqa: E402
 from psunet.diffusion import NoiseSchedule  # noqa: E402
 from psunet.model import PSUNet, forward_flops  # noqa: E402
@@ -1035,28 +1036,20 @@ def checkpoint_steps(storage: Path) -> dict[tuple[str, int], int]:
 
 
 def log_to_mlflow(uri: str, command: str, figures: dict) -> str:
-    import mlflow
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(experiment_id(client, "psunet-benchmark", "runs"), run_name=command,
-                            tags={"psunet.benchmark": command})
-    stamp = int(time.time() * 1000)
-    metrics = [Metric(key, float(value), stamp, 0) for key, value in figures.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
-    for name, seeds in (figures.get("curves") or {}).items():  # convergence: every point at its step
-        metrics += [Metric(f"{name}_seed{seed}_{key}", float(value), stamp, point["step"])
-                    for seed, points in zip(figures["seeds"], seeds) for point in points
-                    for key, value in point.items() if key != "step" and math.isfinite(value)]
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
-    for key, value in figures.items():
-        if isinstance(value, str):
-            client.log_param(run.info.run_id, key, value[:500])
+    client = tracking.client(uri)
+    run_id = tracking.create_run(client, "psunet-benchmark", "runs", command, tags={"psunet.benchmark": command},
+                                 params={key: value for key, value in figures.items() if isinstance(value, str)})
+    metrics = {key: value for key, value in figures.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+    points = [(f"{name}_seed{seed}_{key}", value, point["step"])  # convergence: every point at its step
+              for name, seeds in (figures.get("curves") or {}).items()
+              for seed, curve in zip(figures["seeds"], seeds) for point in curve
+              for key, value in point.items() if key != "step" and math.isfinite(value)]
+    tracking.log_metrics(client, run_id, metrics, points=points)
     if figures.get("plot"):
-        client.log_artifact(run.info.run_id, figures["plot"])
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        client.log_artifact(run_id, figures["plot"])
+    client.set_terminated(run_id)
+    return run_id
 
 
 def bench_checkpoints(args) -> dict:
@@ -1066,8 +1059,6 @@ def bench_checkpoints(args) -> dict:
     (writing it, the report barrier, a sync upload), samples/s (median of the logged windows after the first),
     the data-wait fraction; and the validation task's seconds per checkpoint: what every worker would wait if
     validation ran inside the loop."""
-    import mlflow
-
     from jobs.config import load_config
     from jobs.train import run
 
@@ -1086,7 +1077,7 @@ def bench_checkpoints(args) -> dict:
                                             f"run.mlflow_tracking_uri=sqlite:///{storage}/mlflow.db", *overrides])
             print(f"benchmark: checkpoints: {name} ({args.steps} steps)", file=sys.stderr, flush=True)
             run_id = run(cfg)[1]
-            client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+            client = tracking.client(f"sqlite:///{storage}/mlflow.db")
             history = {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
                        for key in ("checkpoint_stall_s", "samples_per_s", "data_wait_fraction", "validation_s")}
             figures.update({f"{name}_checkpoint_stall_ms": 1000 * statistics.median(history["checkpoint_stall_s"]),

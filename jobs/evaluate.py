@@ -40,7 +40,8 @@ from dataprep import shapes  # noqa: E402
 from jobs.model_ref import load_pipeline  # noqa: E402
 from jobs.quality import mean_scores  # noqa: E402
 from jobs.sampler_options import add_sampler_options, sampler_settings  # noqa: E402
-from jobs.tracking import experiment_id, tracking_uri  # noqa: E402
+from jobs import tracking  # noqa: E402
+from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.data import ShardStream, load_manifest  # noqa: E402
 from psunet.text import BLANK  # noqa: E402
 from psunet.pipeline import Pipeline  # noqa: E402
@@ -267,27 +268,17 @@ def plot_guidance(rows: list[dict], base: SamplerSettings, path: Path) -> Path |
 
 
 def log_to_mlflow(uri: str, experiment: str, report: dict, files: list[Path], storage: str) -> str:
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(experiment_id(client, experiment, storage),
-                            run_name=f"evaluate-{Path(report['model'].rstrip('/')).name}")
-    run_id = run.info.run_id
+    client = tracking.client(uri)
     params = {"model": report["model"], "data": report["data"], "precision": report["precision"],
               "samples": report["samples"],
               **{key: report["default"][key] for key in ("scheduler", "spacing", "steps", "guidance_scale_image",
                                                         "guidance_scale_text")},
-              "fid": report["fid_note"][:500]}
-    for key, value in params.items():
-        client.log_param(run_id, key, value)
-    timestamp = int(time.time() * 1000)
-    metrics = [mlflow.entities.Metric(key, value, timestamp, 0) for key, value in report["default"]["metrics"].items()]
-    for row in report["results"]:
-        suffix = f"w{row['guidance_scale_image']:g}-{row['guidance_scale_text']:g}_steps{row['steps']}"
-        metrics += [mlflow.entities.Metric(f"{key}.{suffix}", value, timestamp, 0)
-                    for key, value in row["metrics"].items()]
-    for start in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[start:start + 500])
+              "fid": report["fid_note"]}
+    run_id = tracking.create_run(client, experiment, storage, f"evaluate-{Path(report['model'].rstrip('/')).name}",
+                                 params=params)
+    points = [(f"{key}.w{row['guidance_scale_image']:g}-{row['guidance_scale_text']:g}_steps{row['steps']}", value, 0)
+              for row in report["results"] for key, value in row["metrics"].items()]
+    tracking.log_metrics(client, run_id, report["default"]["metrics"], points=points)
     for path in files:
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)

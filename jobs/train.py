@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from jobs.config import TrainJobConfig, flatten, load_config  # noqa: E402
-from jobs.tracking import experiment_id  # noqa: E402
+from jobs import tracking  # noqa: E402
 from psunet.checkpoint import load_state, restore_training, save_checkpoint, save_weights, upgrade_weights  # noqa: E402
 from psunet.data import load_manifest, make_loader  # noqa: E402
 from psunet.diffusion import LossOutput, NoiseSchedule, conditional_gaps, diffusion_loss  # noqa: E402
@@ -342,9 +342,7 @@ class StepLog:
     metrics are logged once (the first time), so every step appears once in the run's history."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        import mlflow
-
-        self.client, self.run_id = mlflow.MlflowClient(tracking_uri), run_id
+        self.client, self.run_id = tracking.client(tracking_uri), run_id
         history = self.client.get_metric_history(run_id, "loss")
         self.logged_up_to = max((m.step for m in history), default=0)
 
@@ -367,15 +365,7 @@ class StepLog:
             self.write(step, metrics)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        log_metrics(self.client, self.run_id, step, metrics)
-
-
-def log_metrics(client, run_id: str, step: int, metrics: dict[str, float]) -> None:
-    """One MLflow batch: every metric at `step`, stamped now."""
-    import mlflow
-
-    stamp = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+        tracking.log_metrics(self.client, self.run_id, metrics, step)
 
 
 _VALIDATORS: dict[str, Validator] = {}
@@ -385,8 +375,6 @@ def validate_checkpoint(checkpoint, config: dict, run_id: str, tracking_uri: str
     """A Ray validation task (off the training path): the checkpoint's EMA weights on the held-out batches,
     and with `samples` the sample grids and demo accuracies, logged to the training run's MLflow run at the
     checkpoint's step. The returned metrics join the checkpoint's (they rank the kept checkpoints)."""
-    import mlflow
-
     from psunet.checkpoint import load_model
 
     cfg = TrainJobConfig.model_validate(config)
@@ -398,7 +386,7 @@ def validate_checkpoint(checkpoint, config: dict, run_id: str, tracking_uri: str
         _VALIDATORS.clear()
         _VALIDATORS[key] = Validator(cfg, device)
     validator = _VALIDATORS[key]
-    client = mlflow.MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     with checkpoint.as_directory() as folder:
         model = load_model(folder, device=device)[0]
         step = load_state(folder)["step"]
@@ -409,7 +397,7 @@ def validate_checkpoint(checkpoint, config: dict, run_id: str, tracking_uri: str
             metrics.update(validator.samples(model, Path(out)))
             client.log_artifacts(run_id, out, f"samples/step_{step:07d}")
     metrics["validation_s"] = time.perf_counter() - started
-    log_metrics(client, run_id, step, metrics)
+    tracking.log_metrics(client, run_id, metrics, step)
     print(f"validation: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     return metrics
 
@@ -449,25 +437,13 @@ def _param_spread(model) -> float:
     return max((g - gathered[0]).abs().max().item() for g in gathered)
 
 
-def mlflow_run(cfg: TrainJobConfig, tags: dict[str, str] | None = None) -> str:
-    """The MLflow run of this training run: found by tag on resubmission, created (with params) otherwise.
-
-    `tags` go on a newly created run (a Tune trial passes mlflow.parentRunId to nest under its sweep).
-    """
-    import mlflow
-
-    client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
-    experiment = experiment_id(client, cfg.run.experiment, cfg.run.local_folder)
-    key = f"{cfg.run.storage_path}/{cfg.run.name}"
-    found = client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment, run_name=cfg.run.name, tags={RUN_TAG: key, **(tags or {})})
-    params = flatten(cfg.model_dump(mode="json"))
-    items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[start:start + 100])
-    return run.info.run_id
+def mlflow_run(cfg: TrainJobConfig, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """The MLflow run of this training run: found by tag on resubmission, created (with params and `tags`)
+    otherwise, nested under `parent` (a sweep, or the branch training of experts) when given."""
+    return tracking.find_or_create_run(tracking.client(cfg.run.mlflow_tracking_uri), cfg.run.experiment,
+                                       cfg.run.local_folder, RUN_TAG, f"{cfg.run.storage_path}/{cfg.run.name}",
+                                       cfg.run.name, params=flatten(cfg.model_dump(mode="json")), tags=tags,
+                                       parent=parent)
 
 
 def bundle_model(checkpoint_folder: str, out: Path) -> Path:
@@ -531,7 +507,6 @@ def _fit_expert(config: dict, run_id: str) -> tuple[str, dict]:
 
 def run_experts(cfg: TrainJobConfig, intervals: list[tuple[int, int]]):
     """Branch training: K concurrent Ray Train runs (one MLflow child run each), then one assembled model."""
-    import mlflow
     import ray
 
     cfg = cfg.resolved()
@@ -539,8 +514,8 @@ def run_experts(cfg: TrainJobConfig, intervals: list[tuple[int, int]]):
     intervals = check_intervals(intervals, cfg.diffusion.num_train_timesteps)
     Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
     parent = mlflow_run(cfg)
-    client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
-    client.log_param(parent, "experts.intervals", json.dumps(intervals))
+    client = tracking.client(cfg.run.mlflow_tracking_uri)
+    tracking.log_params(client, parent, {"experts.intervals": json.dumps(intervals)})
     branches = expert_configs(cfg, intervals)
     ray.init(ignore_reinit_error=True)
     fit = ray.remote(num_cpus=0)(_fit_expert)
@@ -548,7 +523,7 @@ def run_experts(cfg: TrainJobConfig, intervals: list[tuple[int, int]]):
           f"{cfg.optim.steps} steps each -> {cfg.run.storage_path}/{cfg.run.name}-expert<i>; "
           f"MLflow {cfg.run.mlflow_tracking_uri} run {parent}", flush=True)
     pending = {fit.remote(branch.model_dump(mode="json"),
-                          mlflow_run(branch, tags={"mlflow.parentRunId": parent})): i
+                          mlflow_run(branch, parent=parent)): i
                for i, branch in enumerate(branches)}
     finished: dict[int, tuple[str, dict]] = {}
     while pending:
@@ -576,7 +551,7 @@ def evaluate_ensemble(cfg: TrainJobConfig, model_folder: Path, client, run_id: s
     with tempfile.TemporaryDirectory() as folder:
         metrics.update(validator.samples(ensemble, Path(folder)))
         client.log_artifacts(run_id, folder, "samples/ensemble")
-    log_metrics(client, run_id, 0, metrics)
+    tracking.log_metrics(client, run_id, metrics)
     return metrics
 
 
@@ -662,7 +637,6 @@ def check_cluster(cfg: TrainJobConfig) -> None:
 
 
 def run(cfg: TrainJobConfig):
-    import mlflow
     import ray
 
     cfg = cfg.resolved()
@@ -678,7 +652,7 @@ def run(cfg: TrainJobConfig):
     result = trainer.fit()
     if result.error:
         raise result.error
-    client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
+    client = tracking.client(cfg.run.mlflow_tracking_uri)
     run_folder = Path(cfg.run.local_folder).resolve() / cfg.run.name
     with result.checkpoint.as_directory() as checkpoint_folder:
         model_folder = bundle_model(checkpoint_folder, run_folder / "model")

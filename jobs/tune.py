@@ -39,7 +39,8 @@ import yaml  # noqa: E402
 from pydantic import Field, ValidationError, model_validator  # noqa: E402
 
 from jobs.config import TrainJobConfig, load_config  # noqa: E402
-from jobs.tracking import experiment_id, tracking_uri  # noqa: E402
+from jobs import tracking  # noqa: E402
+from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.config import StrictModel  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 
@@ -286,7 +287,7 @@ def train_trial(config: dict, sweep: dict, parent_run_id: str) -> None:
         "storage_path": str(Path(sweep.storage_path) / sweep.name / "trials"),
         "mlflow_tracking_uri": tracking_uri(sweep.mlflow_tracking_uri, sweep.storage_path),
         "experiment": sweep.experiment})}).resolved()
-    run_id = mlflow_run(cfg, tags={"mlflow.parentRunId": parent_run_id, "psunet.trial": trial_id})
+    run_id = mlflow_run(cfg, parent=parent_run_id, tags={"psunet.trial": trial_id})
     result = make_trainer(cfg, run_id, callbacks=[TuneReportCallback()]).fit()
     final = {"step": result.metrics["step"], "parameters": parameter_count(cfg.model),
              "shared_depth": cfg.model.shared_depth, "val_loss": result.metrics.get("val_loss"),
@@ -300,30 +301,18 @@ def train_trial(config: dict, sweep: dict, parent_run_id: str) -> None:
             else sweep.evaluation.guidance_scales
         final.update(demo_accuracy(str(folder), cfg.data.val or cfg.data.train, sweep.evaluation, scales,
                                    int(config.get("eval.steps", sweep.evaluation.steps))))
-    import mlflow
-
-    client = mlflow.MlflowClient(cfg.run.mlflow_tracking_uri)
-    stamp = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, final["step"])
-                                      for k, v in final.items() if isinstance(v, (int, float))])
+    client = tracking.client(cfg.run.mlflow_tracking_uri)
+    tracking.log_metrics(client, run_id, {k: v for k, v in final.items() if isinstance(v, (int, float))},
+                         final["step"])
     client.set_terminated(run_id)
     ray.tune.report(final)
 
 
 def parent_run(name: str, storage_path: str, experiment_name: str, uri: str, kind: str, params: dict) -> str:
     """The sweep's MLflow parent run: found by tag when the sweep is resumed, created otherwise."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    experiment = experiment_id(client, experiment_name, storage_path)
-    key = f"{Path(storage_path).resolve()}/{name}"
-    found = client.search_runs([experiment], filter_string=f"tags.`{SWEEP_TAG}` = '{key}'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment, run_name=name, tags={SWEEP_TAG: key, "psunet.kind": kind})
-    for name, value in params.items():
-        client.log_param(run.info.run_id, name, str(value)[:6000])
-    return run.info.run_id
+    return tracking.find_or_create_run(tracking.client(uri), experiment_name, storage_path, SWEEP_TAG,
+                                       f"{Path(storage_path).resolve()}/{name}", name, params=params,
+                                       tags={"psunet.kind": kind})
 
 
 def results_table(grid, columns: list[str]):
@@ -441,8 +430,6 @@ def check_complete(grid, expected_trials: int):
 
 
 def finish(sweep: SweepConfig, grid, parent: str, uri: str, folder: Path, steps: int) -> dict:
-    import mlflow
-
     metric, mode = (sweep.objective, "min" if sweep.objective == "val_loss" else "max")
     columns = ["step", "val_loss", "parameters", "shared_depth", "accuracy", "t2i_accuracy", "t2i_guidance",
                "i2t_accuracy", "i2t_guidance"]
@@ -457,7 +444,7 @@ def finish(sweep: SweepConfig, grid, parent: str, uri: str, folder: Path, steps:
     best_row = finished.sort_values(metric, ascending=mode == "min").iloc[0]
     best_values = {key: _plain(best_row[key]) for key in sweep.search}
     best_yaml = write_best_yaml(sweep, best_values, folder / "best.yaml")
-    client = mlflow.MlflowClient(uri)
+    client = tracking.client(uri)
     experiment = client.get_run(parent).info.experiment_id
     for child in client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
         if child.info.status == "RUNNING":  # stopped by ASHA (or failed): its driver never closed the run
@@ -465,7 +452,7 @@ def finish(sweep: SweepConfig, grid, parent: str, uri: str, folder: Path, steps:
     for path in (table_path, plot, best_yaml):
         if path:
             client.log_artifact(parent, str(path))
-    client.log_metric(parent, f"best_{metric}", float(best_row[metric]))
+    tracking.log_metrics(client, parent, {f"best_{metric}": float(best_row[metric])})
     client.set_terminated(parent)
     summary = {"sweep": sweep.name, "trials": len(table), "stopped_early": int(table["stopped_early"].sum()),
                "errors": int(table["error"].notna().sum()), "best": best_values, f"best_{metric}": float(best_row[metric]),
@@ -518,7 +505,6 @@ def guidance_space(args) -> tuple[dict, int]:
 def guidance_trial(config: dict, pipe, data: str, samples: int, demo: bool, parent_run_id: str, uri: str,
                    experiment: str, storage: str) -> None:
     """One sampler setting (guidance scales, steps, scheduler) of a trained model, evaluated on held-out samples."""
-    import mlflow
     import ray.tune
 
     from jobs.evaluate import combine, evaluate_group
@@ -526,16 +512,12 @@ def guidance_trial(config: dict, pipe, data: str, samples: int, demo: bool, pare
     setting = SamplerSettings.model_validate(config)
     group = evaluate_group(pipe, data, 0, 1, samples, [setting], demo=demo, want_images=False, batch_size=64)
     metrics = combine([group], [setting], demo, None)[0]["metrics"]
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(experiment_id(client, experiment, storage),
-                            run_name=f"image{setting.guidance_scale_image:g}-text{setting.guidance_scale_text:g}-"
-                                     f"steps{setting.steps}-{setting.scheduler}",
-                            tags={"mlflow.parentRunId": parent_run_id})
-    for key, value in config.items():
-        client.log_param(run.info.run_id, key, value)
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, key, value)
-    client.set_terminated(run.info.run_id)
+    client = tracking.client(uri)
+    run_id = tracking.create_run(client, experiment, storage,
+                                 f"image{setting.guidance_scale_image:g}-text{setting.guidance_scale_text:g}-"
+                                 f"steps{setting.steps}-{setting.scheduler}", params=config, parent=parent_run_id)
+    tracking.log_metrics(client, run_id, metrics)
+    client.set_terminated(run_id)
     ray.tune.report(metrics)
 
 
@@ -575,9 +557,7 @@ def run_guidance_sweep(args) -> dict:
     plot = plot_results(table, ["guidance_scale_image", "guidance_scale_text", "steps"], metric,
                         folder / "results.png")
     best = table.sort_values(metric, ascending=False).iloc[0]
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
+    client = tracking.client(uri)
     for path in (table_path, plot):
         if path:
             client.log_artifact(parent, str(path))
