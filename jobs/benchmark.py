@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from jobs import tracking  # noqa: E402
+from jobs.model_ref import MODEL_HELP  # noqa: E402
 from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.config import DiffusionConfig, ModelConfig, baseline_of, preset  # noqa: E402
 from psunet.diffusion import NoiseSchedule  # noqa: E402
@@ -1172,7 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "loader" and not args.data:
         parser.error("loader needs --data <shard folder>")
     if args.command in ("serve", "paint") and not args.model:
-        parser.error(f"{args.command} needs --model <folder or runs:/<id>/model>")
+        parser.error(f"{args.command} needs --model: a {MODEL_HELP}")
     try:
         figures = {"benchmark": args.command, **COMMANDS[args.command](args), **machine_figures()}
     except NothingMeasured as exc:  # nothing to log: say why, and that is a success

@@ -89,6 +89,9 @@ class RunConfig(StrictModel):
         "'validation' slot); it runs beside the training workers, never on their path"))
     mlflow_tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else a local store")
     experiment: str = "psunet"
+    registered_model: str | None = Field("psunet", pattern=r"^[A-Za-z0-9._-]+$", description=(
+        "MLflow Model Registry name the job's final model is registered under (a version per finished job: "
+        "models:/<name>/<version>); null: not registered"))
 
     @field_validator("num_workers")
     @classmethod

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dataprep import shapes  # noqa: E402
-from jobs.model_ref import load_pipeline  # noqa: E402
+from jobs.model_ref import MODEL_HELP, load_pipeline  # noqa: E402
 from jobs.quality import mean_scores  # noqa: E402
 from jobs.sampler_options import add_sampler_options, sampler_settings  # noqa: E402
 from jobs import tracking  # noqa: E402
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--model", required=True, help="checkpoint/model folder or MLflow URI (runs:/<id>/model)")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--data", required=True, help="held-out shard folder (with manifest.json)")
     parser.add_argument("--out", required=True, help="results JSON file (the plot PNG goes beside it)")
     parser.add_argument("--samples", type=int, default=256, help="held-out samples to use, at most")

@@ -2,6 +2,8 @@
 
     load_pipeline("runs/demo-.../model")                    # folder written by jobs/train.py
     load_pipeline("runs:/<run id>/model")                   # the model artifact of a training run
+    load_pipeline("models:/psunet/3")                       # a version in the MLflow Model Registry (or
+                                                            # models:/psunet/latest, models:/psunet@<alias>)
     load_pipeline("mlflow-artifacts:/.../model")            # any URI MLflow can download
 
 MLflow URIs are downloaded (tracking URI: the argument, else MLFLOW_TRACKING_URI, else the local
@@ -21,6 +23,7 @@ from jobs.tracking import tracking_uri as default_tracking_uri
 from psunet.pipeline import Pipeline
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
+MODEL_HELP = "checkpoint or model folder, or an MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
 
 
 def default_device() -> str:
@@ -33,17 +36,33 @@ def local_model_folder(reference: str, tracking_uri: str | None = None) -> Path:
     if folder.is_dir():
         return folder
     if not _URI.match(reference):
-        raise FileNotFoundError(f"model: {reference!r} is neither a folder nor an MLflow URI (runs:/<id>/model)")
+        raise FileNotFoundError(f"model: {reference!r} is not a {MODEL_HELP}")
     import mlflow
 
     target = tempfile.mkdtemp(prefix="psunet-model-")
+    uri = default_tracking_uri(tracking_uri)
     try:
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=reference, dst_path=target,
-            tracking_uri=default_tracking_uri(tracking_uri))
+        source = registered_source(reference, uri) if reference.startswith("models:/") else reference
+        path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=target, tracking_uri=uri)
     except Exception as exc:  # MLflow raises several unrelated types for a missing run or artifact
         raise FileNotFoundError(f"model: cannot download {reference!r} from MLflow: {exc}") from exc
     return Path(path)
+
+
+def registered_source(reference: str, uri: str) -> str:
+    """The artifact URI behind models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias> in the
+    registry of tracking store `uri` (MLflow's own resolution reads only the process-wide registry URI)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name, at, alias = reference.removeprefix("models:/").partition("@")
+    if at:
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = name.partition("/")
+        if version == "latest":
+            version = str(max(int(found.version) for found in client.search_model_versions(f"name = '{name}'")))
+    return client.get_model_version_download_uri(name, version)
 
 
 def load_pipeline(reference: str, weights: str = "ema", device: str | None = None,

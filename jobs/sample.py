@@ -17,7 +17,7 @@ strongly a known caption steers the image) and --guidance-scale-text (how strong
 steers the caption) set one each, overriding --guidance-scale for it. --spacing spreads the steps over
 the training times. Defaults and checks: psunet.settings.SamplerSettings.
 
-MODEL is a checkpoint or model folder, or an MLflow URI such as runs:/<run id>/model.
+MODEL is a checkpoint or model folder, or an MLflow URI: runs:/<run id>/model or models:/<name>/<version>.
 A mask is an image the size of its image: white (>= 128) marks pixels to generate, black pixels
 are kept exactly. One --image or --mask is used for every prompt; otherwise counts must match.
 Images must be at the model's resolution; --resize centre-crops and resizes them (and their
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from jobs.model_ref import load_pipeline  # noqa: E402
+from jobs.model_ref import MODEL_HELP, load_pipeline  # noqa: E402
 from jobs.quality import grid_png  # noqa: E402
 from jobs.sampler_options import add_sampler_options, sampler_settings  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--model", required=True, help="checkpoint/model folder or MLflow URI (runs:/<id>/model)")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--prompt", action="append", help="a caption; [?] marks a word to fill in (repeatable)")
     parser.add_argument("--prompts-file", help="one prompt per line")

@@ -2,6 +2,7 @@
 
     serve run jobs.serve:app model=runs/demo/model          # http://127.0.0.1:8000/ (web page), /docs (API)
     serve run jobs.serve:app model=runs:/<run id>/model max_samples=4
+    serve run jobs.serve:app model=models:/psunet/3         # a version in the MLflow Model Registry
     serve deploy cluster/serve.yaml                          # replicas, autoscaling, GPUs on a cluster
 
 Endpoints: POST /v1/text-to-image, /v1/image-to-text, /v1/generate, /v1/infill (the first and the
@@ -41,6 +42,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import RequestCancelledError
 
+from jobs.model_ref import MODEL_HELP
 from psunet.config import StrictModel
 from psunet.diffusion import SCHEDULERS
 from psunet.settings import MAX_STEPS, SamplerSettings
@@ -58,7 +60,7 @@ HEALTH_CHECK_PERIOD_S = 2  # how often Serve checks the model replica: a dead on
 class ServeArgs(StrictModel):
     """Application arguments (`serve run jobs.serve:app key=value` or `args:` in the Serve config)."""
 
-    model: str = Field(description="checkpoint / model folder, or an MLflow URI such as runs:/<id>/model")
+    model: str = Field(description=MODEL_HELP)
     weights: Literal["ema", "model"] = "ema"
     tracking_uri: str | None = None
     device: str | None = Field(None, description="default: cuda when the replica has a GPU, else cpu")

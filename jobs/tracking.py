@@ -1,5 +1,5 @@
 """MLflow for the jobs, in one place: the default tracking store, experiments created on first use, runs found by
-tag or created (nested under a parent), params and metrics logged in batches."""
+tag or created (nested under a parent), params and metrics logged in batches, models registered."""
 
 from __future__ import annotations
 
@@ -76,3 +76,13 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0,
     items += [Metric(key, float(value), stamp, at) for key, value, at in points]
     for start in range(0, len(items), METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=items[start:start + METRICS_PER_BATCH])
+
+
+def register_model(client, name: str, run_id: str, artifact_path: str = "model") -> str:
+    """A new version of the registered model `name` (created on first use) from the run's artifact folder; its URI,
+    models:/<name>/<version>, loads wherever a model is accepted."""
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    return f"models:/{name}/{version.version}"

@@ -677,6 +677,15 @@ def fetch_final_samples(client, run_id: str, step: int, out: Path) -> Path:
     return Path(client.download_artifacts(run_id, f"samples/step_{step:07d}", str(out)))
 
 
+def register(cfg: TrainJobConfig, run_id: str) -> str | None:
+    """The job's final model (the run's `model` artifact) as a new version in the MLflow Model Registry."""
+    if cfg.run.registered_model is None:
+        return None
+    uri = tracking.register_model(tracking.client(cfg.run.mlflow_tracking_uri), cfg.run.registered_model, run_id)
+    print(f"train: registered the model as {uri}", flush=True)
+    return uri
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (see configs/)")
@@ -697,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     best = result.get_best_checkpoint("val_loss", "min")
     summary = {"run_id": run_id, "step": result.metrics.get("step"), "checkpoint": location(cfg, result.checkpoint),
                "best_checkpoint": location(cfg, best) if best else None, "model": str(model_folder),
-               "samples": str(samples_folder) if samples_folder else None,
+               "registered_model": register(cfg, run_id), "samples": str(samples_folder) if samples_folder else None,
                **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t", "ddp_"))}}
     print("train: done " + json.dumps(summary), flush=True)
     return 0
@@ -712,7 +721,7 @@ def main_experts(cfg: TrainJobConfig, args) -> int:
     intervals = check_intervals(parse_intervals(args.intervals), times) if args.intervals else \
         binary_split(times, args.experts)
     finished, run_id, model_folder, metrics = run_experts(cfg, intervals)
-    summary = {"run_id": run_id, "model": str(model_folder),
+    summary = {"run_id": run_id, "model": str(model_folder), "registered_model": register(cfg, run_id),
                "experts": [{"interval": list(intervals[i]), "checkpoint": path, "step": m.get("step"),
                             "val_loss": m.get("val_loss")} for i, (path, m) in sorted(finished.items())], **metrics}
     print("train: done " + json.dumps(summary), flush=True)

@@ -133,6 +133,7 @@ def test_a_killed_worker_resumes_from_checkpoints_uploaded_in_the_background_to_
     import mlflow
     import pyarrow.fs
 
+    from jobs.model_ref import load_pipeline
     from psunet.pipeline import Pipeline
     from psunet.settings import SamplerSettings
 
@@ -197,6 +198,15 @@ def test_a_killed_worker_resumes_from_checkpoints_uploaded_in_the_background_to_
     assert "starting at step 60/70" in again
     resumed = summary_of(again)
     assert resumed["step"] == 70 and resumed["run_id"] == summary["run_id"]
+    # each finished job registers its model: a new version, loadable by its models:/ URI, the model it bundled
+    name, version = summary["registered_model"].removeprefix("models:/").split("/")
+    assert name == "psunet" and resumed["registered_model"] == f"models:/psunet/{int(version) + 1}"
+    registered = load_pipeline(resumed["registered_model"], device="cpu",
+                               tracking_uri=cluster["exports"]["MLFLOW_TRACKING_URI"])
+    settings = SamplerSettings(steps=3, seed=2)
+    np.testing.assert_array_equal(registered.text_to_image(["a small red circle on the left"], settings)[0],
+                                  Pipeline.from_checkpoint(resumed["model"]).text_to_image(
+                                      ["a small red circle on the left"], settings)[0])
     assert set(Path(tempfile.gettempdir()).glob("psunet-checkpoint-*")) == leftovers
     assert [m.step for m in client.get_metric_history(summary["run_id"], "workers")] == [0, started_at[1], 60]
     steps = [m.step for m in client.get_metric_history(summary["run_id"], "loss")]

@@ -3,6 +3,9 @@ one limit, metrics in batches at their steps."""
 
 import math
 
+import numpy as np
+import pytest
+
 from jobs import tracking
 
 
@@ -25,3 +28,25 @@ def test_runs_are_found_by_tag_nested_and_logged_in_batches(tmp_path):
     history = sorted(client.get_metric_history(child, "curve"), key=lambda m: m.step)
     assert len(history) == 2500 and math.isclose(history[-1].value, 249.9) and history[-1].step == 2499
     assert client.get_experiment_by_name("exp").artifact_location.endswith("mlartifacts")
+
+
+def test_a_registered_model_loads_from_its_models_uri_and_samples_like_its_folder(tiny_model, tmp_path):
+    from jobs.model_ref import load_pipeline
+    from psunet.pipeline import Pipeline
+    from psunet.settings import SamplerSettings
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run_id = tracking.create_run(client, "exp", tmp_path, "train")
+    client.log_artifacts(run_id, str(tiny_model), "model")
+    assert tracking.register_model(client, "tiny", run_id) == "models:/tiny/1"
+    assert tracking.register_model(client, "tiny", run_id) == "models:/tiny/2"  # a version per registration
+    settings = SamplerSettings(steps=3, seed=4)
+    expected, _ = Pipeline.from_checkpoint(tiny_model).text_to_image(["a small red circle on the left"], settings)
+    client.set_registered_model_alias("tiny", "best", "1")
+    for reference in ("models:/tiny/2", "models:/tiny/latest", "models:/tiny@best"):
+        registered = load_pipeline(reference, device="cpu", tracking_uri=uri)
+        images, _ = registered.text_to_image(["a small red circle on the left"], settings)
+        np.testing.assert_array_equal(images, expected)
+    with pytest.raises(FileNotFoundError, match="cannot download 'models:/tiny/9'"):
+        load_pipeline("models:/tiny/9", tracking_uri=uri)
