@@ -68,7 +68,7 @@ print(f"""
 ==> where things are
     MLflow UI:    {tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}
     checkpoints:  {summary['checkpoint'].rsplit('/', 1)[0]}
-    model:        {summary['model']}
+    model:        {summary['model']} (registered as {summary['registered_model']})
     sample grids: {summary['samples']}/text_to_image.png, image_to_text.png
     stop the cluster with: cluster/local.sh stop""")
 failed = [title for title, colour_learned in learned.items() if not colour_learned]

@@ -36,7 +36,8 @@ def local_model_folder(reference: str, tracking_uri: str | None = None) -> Path:
     if folder.is_dir():
         return folder
     if not _URI.match(reference):
-        raise FileNotFoundError(f"model: {reference!r} is not a {MODEL_HELP}")
+        raise FileNotFoundError(f"model: {reference!r} is neither a folder nor an MLflow URI (runs:/<run id>/model, "
+                                "models:/<name>/<version>)")
     import mlflow
 
     target = tempfile.mkdtemp(prefix="psunet-model-")

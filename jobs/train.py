@@ -681,7 +681,8 @@ def register(cfg: TrainJobConfig, run_id: str) -> str | None:
     """The job's final model (the run's `model` artifact) as a new version in the MLflow Model Registry."""
     if cfg.run.registered_model is None:
         return None
-    uri = tracking.register_model(tracking.client(cfg.run.mlflow_tracking_uri), cfg.run.registered_model, run_id)
+    store = cfg.resolved().run.mlflow_tracking_uri
+    uri = tracking.register_model(tracking.client(store), cfg.run.registered_model, run_id)
     print(f"train: registered the model as {uri}", flush=True)
     return uri
 
