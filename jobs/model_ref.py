@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from jobs import tracking
 from jobs.tracking import tracking_uri as default_tracking_uri
 from psunet.pipeline import Pipeline
 
@@ -53,9 +54,7 @@ def local_model_folder(reference: str, tracking_uri: str | None = None) -> Path:
 def registered_source(reference: str, uri: str) -> str:
     """The artifact URI behind models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias> in the
     registry of tracking store `uri` (MLflow's own resolution reads only the process-wide registry URI)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = tracking.client(uri)
     name, at, alias = reference.removeprefix("models:/").partition("@")
     if at:
         version = client.get_model_version_by_alias(name, alias).version

@@ -66,7 +66,8 @@ class ServeArgs(StrictModel):
     device: str | None = Field(None, description="default: cuda when the replica has a GPU, else cpu")
     num_gpus: float | None = Field(None, ge=0, description="per model replica; default: 1 if the cluster has GPUs")
     num_cpus: float | None = Field(None, ge=0, description="per model replica, also its torch threads; default: 1 "
-                                                            "with a GPU, else all the CPUs of the largest node")
+                                                            "with a GPU, else all the CPUs of the largest node (1 when "
+                                                            "built before Ray runs) and a thread per CPU of its node")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: GPUs and CPUs with native bf16")
     max_samples: int = Field(8, ge=1, le=256, description="most samples one request may ask for")
     max_steps: int = Field(100, ge=1, le=MAX_STEPS)
@@ -449,8 +450,7 @@ class Sampler:
         try:
             await self._loop(running)
         except Exception as exc:
-            for ticket in [t for entry in running for t in entry.tickets] + self.waiting:
-                ticket.finish(exc)
+            finish_all([t for entry in running for t in entry.tickets] + self.waiting, exc)
             self.waiting.clear()
             raise
 
@@ -525,9 +525,9 @@ class Sampler:
             try:
                 started.append(Running(tickets, await asyncio.to_thread(self._start, [t.job for t in tickets])))
             except ValueError as exc:  # the sampler refused these inputs: answer each request, keep serving
-                Running(tickets, None).finish({"error": str(exc)})
+                finish_all(tickets, {"error": str(exc)})
             except Exception as exc:
-                Running(tickets, None).finish(exc)
+                finish_all(tickets, exc)
         return started
 
     def _start(self, jobs: list[Job]):
@@ -574,8 +574,12 @@ class Running:
         return gone
 
     def finish(self, outcome: dict | BaseException) -> None:
-        for ticket in self.tickets:
-            ticket.finish(outcome)
+        finish_all(self.tickets, outcome)
+
+
+def finish_all(tickets: list[Ticket], outcome: dict | BaseException) -> None:
+    for ticket in tickets:
+        ticket.finish(outcome)
 
 
 # ---- ingress -----------------------------------------------------------------------------------------------
@@ -742,8 +746,12 @@ class Ingress:
             return _error(output["error"])
         return self._answer(job, output, keep, prompt)
 
+    @property
+    def _timeout_text(self) -> str:
+        return f"timed out after {self.args.request_timeout_s:g} s"
+
     def _timed_out(self) -> JSONResponse:
-        return _error(f"timed out after {self.args.request_timeout_s:g} s", 504)
+        return _error(self._timeout_text, 504)
 
     def _answer(self, job: Job, output: dict, keep: tuple[str, ...], prompt: str | None) -> dict:
         """The response body for a finished job (the same streamed or not)."""
@@ -803,8 +811,7 @@ class Ingress:
                         finished = True
                         yield sse_event("error", {"error": event["error"], "status": event["status"]})
             except asyncio.TimeoutError:
-                yield sse_event("error", {"error": f"timed out after {self.args.request_timeout_s:g} s",
-                                          "status": 504})
+                yield sse_event("error", {"error": self._timeout_text, "status": 504})
             except (StopAsyncIteration, RequestCancelledError):
                 yield sse_event("error", {"error": "the model replica ended the request", "status": 503})
             except Exception as exc:

@@ -19,9 +19,10 @@ def tracking_uri(given: str | None, storage_path: str | Path = "runs") -> str:
 
 
 def client(uri: str):
+    """A client of the tracking store `uri` and of its model registry."""
     import mlflow
 
-    return mlflow.MlflowClient(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(client, name: str, storage_path: str | Path) -> str:

@@ -67,6 +67,11 @@ class NoiseSchedule:
         alpha_bar = self.alphas_cumprod.to(noisy.device)[timesteps.long()].view(-1, 1, 1)
         return (noisy - alpha_bar.sqrt() * prediction.float()) / (1 - alpha_bar).sqrt()
 
+    def clean_of_epsilon(self, noisy: torch.Tensor, epsilon: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The clean data a noise prediction implies at one timestep: (x_t - sqrt(1 - a) eps) / sqrt(a)."""
+        alpha_bar = self.alphas_cumprod.to(noisy.device)[timestep.long()]
+        return (noisy - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
+
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
         return alpha_bar / (1 - alpha_bar)

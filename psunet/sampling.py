@@ -222,9 +222,8 @@ class InfillRun:
         generator = self.generators[0] if len(self.generators) == 1 else self.generators
         image_in = torch.where(self._per_row(self.clean_image, self.image), self.image, self._image_in)
         text_in = torch.where(self._per_row(self.clean_text, self.text), self.text, self._text_in)
-        alpha_bar = self.schedule.alphas_cumprod.to(self.device)[t]
-        self.estimate_image = (image_in - (1 - alpha_bar).sqrt() * eps_image) / alpha_bar.sqrt()
-        self.estimate_text = (text_in - (1 - alpha_bar).sqrt() * eps_text) / alpha_bar.sqrt()
+        self.estimate_image = self.schedule.clean_of_epsilon(image_in, eps_image, t)
+        self.estimate_text = self.schedule.clean_of_epsilon(text_in, eps_text, t)
         self.image = self.image_scheduler.step(eps_image, t, image_in, generator=generator).prev_sample
         self.text = self.text_scheduler.step(eps_text, t, text_in, generator=generator).prev_sample
         self.network_evaluations += self.passes
