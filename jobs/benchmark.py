@@ -306,7 +306,7 @@ def _interleaved(first, second, rounds: int, device: torch.device) -> tuple[floa
 
 
 def bf16_denoiser(model):
-    """A bare model called as Pipeline.denoise calls it at precision bf16: bf16 weights under bf16 autocast,
+    """A bare model called as PSUNetPipeline.denoise calls it at precision bf16: bf16 weights under bf16 autocast,
     the sampler's state staying fp32."""
     model.to(torch.bfloat16)
     device_type = next(model.parameters()).device.type

@@ -44,7 +44,7 @@ from jobs import tracking  # noqa: E402
 from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.data import ShardStream, load_manifest  # noqa: E402
 from psunet.text import BLANK  # noqa: E402
-from psunet.pipeline import Pipeline  # noqa: E402
+from psunet.pipeline import PSUNetPipeline  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 from psunet.settings import parse_guidance  # noqa: E402
 
@@ -84,7 +84,7 @@ def is_demo_data(captions: list[str]) -> bool:
 class AutoencoderFeatures(torch.nn.Module):
     """FID features from the model's own VAE encoder: the flattened latent means of uint8 images."""
 
-    def __init__(self, pipe: Pipeline):
+    def __init__(self, pipe: PSUNetPipeline):
         super().__init__()
         self.autoencoder = pipe.autoencoder
         self.num_features = int(np.prod(pipe.model_config.latent_shape))
@@ -94,7 +94,7 @@ class AutoencoderFeatures(torch.nn.Module):
         return self.autoencoder.encode(pixels.to(self.autoencoder.device)).flatten(1).cpu().double()
 
 
-def fid_metric(choice: str, pipe: Pipeline):
+def fid_metric(choice: str, pipe: PSUNetPipeline):
     """(a FrechetInceptionDistance or None, a note on what was used or why FID is skipped)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -140,7 +140,7 @@ def blank_colour(caption: str) -> str | None:
     return None
 
 
-def evaluate_group(pipe: Pipeline, data: str, group: int, groups: int, limit: int, settings: list[SamplerSettings],
+def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, limit: int, settings: list[SamplerSettings],
                    demo: bool, want_images: bool, batch_size: int) -> dict:
     """Samples and per-sample scores for one shard group, for every setting."""
     if torch.cuda.is_available():

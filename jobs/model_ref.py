@@ -21,7 +21,7 @@ import torch
 
 from jobs import tracking
 from jobs.tracking import tracking_uri as default_tracking_uri
-from psunet.pipeline import Pipeline
+from psunet.pipeline import PSUNetPipeline
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 MODEL_HELP = "checkpoint or model folder, or an MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
@@ -66,6 +66,6 @@ def registered_source(reference: str, uri: str) -> str:
 
 
 def load_pipeline(reference: str, weights: str = "ema", device: str | None = None,
-                  tracking_uri: str | None = None, precision: str = "fp32") -> Pipeline:
-    return Pipeline.from_checkpoint(local_model_folder(reference, tracking_uri), weights=weights,
+                  tracking_uri: str | None = None, precision: str = "fp32") -> PSUNetPipeline:
+    return PSUNetPipeline.from_pretrained(local_model_folder(reference, tracking_uri), weights=weights,
                                     device=device or default_device(), precision=precision)

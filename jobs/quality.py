@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dataprep import shapes
-from psunet.pipeline import Pipeline
+from psunet.pipeline import PSUNetPipeline
 from psunet.settings import SamplerSettings
 
 
@@ -24,14 +24,14 @@ def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]} if scores else {}
 
 
-def text_to_image_accuracy(pipe: Pipeline, prompts: list[str], settings: SamplerSettings
+def text_to_image_accuracy(pipe: PSUNetPipeline, prompts: list[str], settings: SamplerSettings
                            ) -> tuple[dict[str, float], np.ndarray]:
     images, _ = pipe.text_to_image(prompts, settings)
     scores = [shapes.score_image(image, prompt) for image, prompt in zip(images, prompts)]
     return mean_scores(scores), images
 
 
-def image_to_text_accuracy(pipe: Pipeline, latents, true_captions: list[str], settings: SamplerSettings
+def image_to_text_accuracy(pipe: PSUNetPipeline, latents, true_captions: list[str], settings: SamplerSettings
                            ) -> tuple[dict[str, float], list[str]]:
     """Captions for known image latents, scored against the true captions."""
     captions = pipe.captions_for_latents(latents, settings)
@@ -61,7 +61,7 @@ def grid_png(images: np.ndarray, labels: list[str], path: str | Path, scale: int
 
 
 @torch.no_grad()
-def guidance_sweep(pipe: Pipeline, prompts: list[str], latents: torch.Tensor, scales: list[float],
+def guidance_sweep(pipe: PSUNetPipeline, prompts: list[str], latents: torch.Tensor, scales: list[float],
                    settings: SamplerSettings, batch_size: int = 128) -> dict[str, dict]:
     """Text->image and image->text accuracy of held-out (caption, latent) pairs at every guidance scale, in
     batched sampler runs (each row its own scale and seed: prompt i has seed settings.seed + i at every scale,

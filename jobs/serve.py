@@ -9,7 +9,7 @@ Endpoints: POST /v1/text-to-image, /v1/image-to-text, /v1/generate, /v1/infill (
 last take paint-with-words regions for prompt words; each answers JSON, or Server-Sent Events with
 `"stream": true`: progress per step, previews, the result), POST /v1/cancel/<request id> (a streamed
 request); GET /healthz (the model replica answers), /v1/model, /v1/stats (batching counters), / (web page).
-Every request becomes rows of a sampler run (`Pipeline.start_infill`); the model deployment batches at
+Every request becomes rows of a sampler run (`PSUNetPipeline.start_infill`); the model deployment batches at
 the level of sampler steps: each forward carries every running request, each at its own step, a request
 that arrives mid-way joins at the next step (continuous batching) and one that goes away (client
 disconnected, cancelled, timed out) leaves at the next step. Rows have their own seed and (image, text)
@@ -342,7 +342,7 @@ def failure_text(exc: BaseException) -> str:
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class Sampler:
-    """Holds the Pipeline and samples every job under way together, one sampler step at a time.
+    """Holds the PSUNetPipeline and samples every job under way together, one sampler step at a time.
 
     Step-level (continuous) batching: each forward carries every running job, each at its own step;
     a job that arrives while others run joins at their next step, and leaves as soon as its last
@@ -531,7 +531,7 @@ class Sampler:
         return started
 
     def _start(self, jobs: list[Job]):
-        """One sampler run (Pipeline.start_infill) for jobs that share steps, scheduler, spacing and which inputs they
+        """One sampler run (PSUNetPipeline.start_infill) for jobs that share steps, scheduler, spacing and which inputs they
         give; each row keeps its own seed and guidance scales."""
         first = jobs[0]
         concat = (lambda name: None if getattr(first, name) is None else

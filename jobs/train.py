@@ -153,7 +153,7 @@ class Validator:
     """Held-out loss, and on demo data attribute-reader accuracy and sample grids (rank 0 only)."""
 
     def __init__(self, cfg: TrainJobConfig, device: torch.device):
-        from psunet.pipeline import Pipeline
+        from psunet.pipeline import PSUNetPipeline
         from psunet.autoencoder import Autoencoder
         from psunet.text import TextCodec, load_vectors
 
@@ -166,7 +166,7 @@ class Validator:
         codec = TextCodec(load_vectors(assets["word_vectors"], assets["word_vectors_sha256"]), cfg.model.text_len)
         self.autoencoder = Autoencoder.load(assets["autoencoder"], device=str(device))
         self.settings = cfg.schedule.sampler()
-        self.make_pipeline = lambda model: Pipeline(model, cfg.model, cfg.diffusion, codec, self.autoencoder,
+        self.make_pipeline = lambda model: PSUNetPipeline(model, cfg.model, cfg.diffusion, codec, self.autoencoder,
                                                     self.settings)
         first = batches[0]
         self.captions = first["caption"][: cfg.schedule.samples]

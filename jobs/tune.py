@@ -260,10 +260,10 @@ def demo_accuracy(model_folder: str, val: str, evaluation: EvaluationSpec, guida
     scale, each direction at its best scale, and the mean of the two bests ("accuracy")."""
     from jobs.evaluate import held_out_pairs
     from jobs.quality import guidance_sweep
-    from psunet.pipeline import Pipeline
+    from psunet.pipeline import PSUNetPipeline
 
     prompts, latents = held_out_pairs(val, evaluation.samples)
-    sweep = guidance_sweep(Pipeline.from_checkpoint(model_folder), prompts, latents, guidance_scales,
+    sweep = guidance_sweep(PSUNetPipeline.from_pretrained(model_folder), prompts, latents, guidance_scales,
                            SamplerSettings(steps=steps))
     result = {"accuracy": (sweep["t2i"]["best"] + sweep["i2t"]["best"]) / 2}
     for task in ("t2i", "i2t"):

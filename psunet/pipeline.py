@@ -1,6 +1,6 @@
 """A trained model with its autoencoder and word vectors: the tasks users call, all through one sampler.
 
-    pipe = Pipeline.from_checkpoint("runs/demo/checkpoint_...")
+    pipe = PSUNetPipeline.from_pretrained("runs/demo/checkpoint_...")
     images, _ = pipe.text_to_image(["a small red circle on the left"])
     captions = pipe.image_to_text(images_uint8)
     result = pipe.infill(prompts=["a [?] circle on the [?]"], images=images, image_masks=masks)
@@ -49,7 +49,7 @@ class InfillResult:
 
 @dataclass
 class PendingInfill:
-    """An infill whose sampler run is under way (Pipeline.start_infill), with what decoding it needs."""
+    """An infill whose sampler run is under way (PSUNetPipeline.start_infill), with what decoding it needs."""
 
     run: InfillRun
     prompts: list[str] | None
@@ -67,7 +67,7 @@ class PendingInfill:
 
 
 @dataclass
-class Pipeline:
+class PSUNetPipeline:
     model: PSUNet
     model_config: ModelConfig
     diffusion_config: DiffusionConfig
@@ -81,15 +81,15 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: str | torch.device) -> "Pipeline":
+    def to(self, device: str | torch.device) -> "PSUNetPipeline":
         """Move the model and the autoencoder (in place); returns self."""
         self.model.to(device)
         self.autoencoder.vae.to(device)
         return self
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, weights: str = "ema", device: str = "cpu",
-                        precision: str = "fp32") -> "Pipeline":
+    def from_pretrained(cls, folder: str | Path, weights: str = "ema", device: str = "cpu",
+                        precision: str = "fp32") -> "PSUNetPipeline":
         """Load a checkpoint folder whose `assets.json` names the autoencoder and the word vectors.
 
         Relative asset paths are resolved against the folder, so a bundled model folder is self-contained.

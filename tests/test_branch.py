@@ -16,7 +16,7 @@ from psunet.config import DiffusionConfig, preset
 from psunet.diffusion import NoiseSchedule, diffusion_loss
 from psunet.experts import ExpertEnsemble
 from psunet.model import ModelOutput
-from psunet.pipeline import Pipeline
+from psunet.pipeline import PSUNetPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -87,8 +87,8 @@ def test_branch_training_runs_k_trainers_and_assembles_one_model(tiny_model, dem
     assert not torch.equal(experts[0][name], experts[1][name])
     assert (experts[0][name] - base[name]).abs().max() < 0.1  # fine-tuned from the base, not from scratch
 
-    # it samples through the same Pipeline as any model
-    pipe = Pipeline.from_checkpoint(summary["model"])
+    # it samples through the same PSUNetPipeline as any model
+    pipe = PSUNetPipeline.from_pretrained(summary["model"])
     images, _ = pipe.text_to_image(["a small red circle on the left"])
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
     assert pipe.training_step == 6

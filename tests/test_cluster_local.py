@@ -134,7 +134,7 @@ def test_a_killed_worker_resumes_from_checkpoints_uploaded_in_the_background_to_
     import pyarrow.fs
 
     from jobs.model_ref import load_pipeline
-    from psunet.pipeline import Pipeline
+    from psunet.pipeline import PSUNetPipeline
     from psunet.settings import SamplerSettings
 
     env, storage, output = cluster["env"], "s3://psunet/runs", tmp_path / "job.log"
@@ -165,7 +165,7 @@ def test_a_killed_worker_resumes_from_checkpoints_uploaded_in_the_background_to_
     assert summary["step"] == 60 and summary["checkpoint"] == "s3://psunet/runs/s3/checkpoint_0000060"
     # three shards over two DDP workers: no hang, and the replicas agree bit for bit
     assert summary["ddp_param_max_abs_diff"] == 0.0
-    pipe = Pipeline.from_checkpoint(summary["model"])
+    pipe = PSUNetPipeline.from_pretrained(summary["model"])
     images, unknown = pipe.text_to_image(["a small red circle on the left"], SamplerSettings(steps=4))
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8 and unknown == [[]]
     assert (Path(summary["samples"]) / "text_to_image.png").is_file()
@@ -205,7 +205,7 @@ def test_a_killed_worker_resumes_from_checkpoints_uploaded_in_the_background_to_
                                tracking_uri=cluster["exports"]["MLFLOW_TRACKING_URI"])
     settings = SamplerSettings(steps=3, seed=2)
     np.testing.assert_array_equal(registered.text_to_image(["a small red circle on the left"], settings)[0],
-                                  Pipeline.from_checkpoint(resumed["model"]).text_to_image(
+                                  PSUNetPipeline.from_pretrained(resumed["model"]).text_to_image(
                                       ["a small red circle on the left"], settings)[0])
     assert set(Path(tempfile.gettempdir()).glob("psunet-checkpoint-*")) == leftovers
     assert [m.step for m in client.get_metric_history(summary["run_id"], "workers")] == [0, started_at[1], 60]

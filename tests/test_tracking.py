@@ -32,7 +32,7 @@ def test_runs_are_found_by_tag_nested_and_logged_in_batches(tmp_path):
 
 def test_a_registered_model_loads_from_its_models_uri_and_samples_like_its_folder(tiny_model, tmp_path):
     from jobs.model_ref import load_pipeline
-    from psunet.pipeline import Pipeline
+    from psunet.pipeline import PSUNetPipeline
     from psunet.settings import SamplerSettings
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -42,7 +42,7 @@ def test_a_registered_model_loads_from_its_models_uri_and_samples_like_its_folde
     assert tracking.register_model(client, "tiny", run_id) == "models:/tiny/1"
     assert tracking.register_model(client, "tiny", run_id) == "models:/tiny/2"  # a version per registration
     settings = SamplerSettings(steps=3, seed=4)
-    expected, _ = Pipeline.from_checkpoint(tiny_model).text_to_image(["a small red circle on the left"], settings)
+    expected, _ = PSUNetPipeline.from_pretrained(tiny_model).text_to_image(["a small red circle on the left"], settings)
     client.set_registered_model_alias("tiny", "best", "1")
     for reference in ("models:/tiny/2", "models:/tiny/latest", "models:/tiny@best"):
         registered = load_pipeline(reference, device="cpu", tracking_uri=uri)
