@@ -68,16 +68,19 @@ def _use_gpu(choice: str) -> bool:
 
 def _source_images(spec: str, resolution: int, limit: int) -> np.ndarray:
     from dataprep import readers
+    from psunet.progress import progress
 
     images = []
-    for item in readers.open_source(spec):
-        if isinstance(item, readers.RawRecord):
-            try:
-                images.append(readers.load_image(item, resolution))
-            except readers.Skip:
-                continue
-        if len(images) >= limit:
-            break
+    with progress(total=limit, desc="vae images", unit="images") as bar:
+        for item in readers.open_source(spec):
+            if isinstance(item, readers.RawRecord):
+                try:
+                    images.append(readers.load_image(item, resolution))
+                except readers.Skip:
+                    continue
+                bar.update()
+            if len(images) >= limit:
+                break
     if not images:
         raise SystemExit(f"dataprep: no readable images in {spec} to train an autoencoder on")
     return np.stack(images)
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from dataprep.vae import train_vae
     from dataprep.word2vec import prepare_word_vectors
     from psunet.autoencoder import Autoencoder
+    from psunet.progress import progress
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         images = np.stack([sample.image for sample in samples])
         units = demo_units(args.samples, args.seed, args.resolution, args.max_objects, args.scene)
     else:
-        captions = list(source_captions(args.source))
+        captions = list(progress(source_captions(args.source), desc="captions", unit="captions"))
         images = None
         units = source_units(args.source, skipped)
 

@@ -31,6 +31,7 @@ import webdataset as wds
 from dataprep import readers, shapes
 from psunet.autoencoder import Autoencoder
 from psunet.data import Manifest, encode_sample, write_manifest
+from psunet.progress import progress
 from psunet.text import TextCodec, load_vectors
 
 RECORDS_PER_UNIT = 256
@@ -108,6 +109,13 @@ def unit_records(unit: dict) -> Iterator[readers.RawRecord | readers.SkippedReco
     else:
         for record in unit["records"]:
             yield readers.RawRecord(**record)
+
+
+def unit_size(unit: dict) -> int | None:
+    """How many records a work unit holds; None for a WebDataset shard (not known before reading it)."""
+    if unit["kind"] == "demo":
+        return unit["stop"] - unit["start"]
+    return len(unit["records"]) if unit["kind"] == "records" else None
 
 
 def load_rows(unit: dict, resolution: int) -> Iterator[dict]:
@@ -210,6 +218,8 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
         # doubles the headers the reader parses (and a fixed one makes the shards reproducible)
         writers[split] = wds.ShardWriter(str(out / split / f"{split}-%06d.tar"), maxcount=settings.samples_per_shard,
                                          verbose=0, mtime=0)
+    sizes = [unit_size(unit) for unit in units]
+    bar = progress(total=None if None in sizes else sum(sizes), desc="encode", unit="samples")
     try:
         for batch in dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
             for i, key in enumerate(batch["key"]):
@@ -225,7 +235,9 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
                                                    json.loads(str(batch["meta"][i]))))
                 counts[split] += 1
                 unknown_words += int(batch["unknown"][i])
+            bar.update(len(batch["key"]))
     finally:
+        bar.close()
         for writer in writers.values():
             writer.close()
     elapsed = time.perf_counter() - started

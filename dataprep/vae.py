@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from psunet.autoencoder import Autoencoder
+from psunet.progress import progress
 
 SCALING_SAMPLE = 2048  # images used to measure the latent standard deviation
 MAX_HELD_OUT = 256
@@ -63,7 +64,7 @@ def train_vae(
     base_channels: int = 16,
     seed: int = 0,
     log_every: int = 100,
-    log: Callable[[str], object] = print,
+    log: Callable[[str], object] | None = None,
 ) -> dict:
     """Train on (N, H, W, 3) uint8 `images`, save to `out_dir`, and report how well it does.
 
@@ -71,6 +72,9 @@ def train_vae(
     posterior. The last 10% of the images (at most MAX_HELD_OUT) are held out to measure the
     reconstruction MSE on the [0, 1] pixel scale; the rest are trained on. The scaling factor is
     1 / std of the posterior means of up to SCALING_SAMPLE training images.
+
+    Progress goes to a bar on a terminal (plain lines otherwise); every `log_every` steps a line with the loss
+    goes to `log` (default: printed above the bar).
 
     Returns {"scaling_factor", "reconstruction_mse", "steps", "path"}.
     """
@@ -91,7 +95,9 @@ def train_vae(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
 
     started = time.perf_counter()
-    for step in range(1, steps + 1):
+    bar = progress(range(1, steps + 1), desc="vae", unit="steps")
+    log = log or bar.write
+    for step in bar:
         batch = _to_signed_pixels(train[rng.choice(len(train), min(batch_size, len(train)), replace=False)])
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
@@ -100,6 +106,7 @@ def train_vae(
         loss.backward()
         optimizer.step()
         schedule.step()
+        bar.note(f"loss {loss.item():.4f}")
         if step % log_every == 0 or step == steps:
             rate = step * len(batch) / (time.perf_counter() - started)
             log(f"vae step {step}/{steps} loss {loss.item():.4f} ({rate:.0f} img/s)")

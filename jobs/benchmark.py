@@ -19,7 +19,6 @@ the local store runs/mlflow.db. No figure here is a test: tests only check that 
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import multiprocessing
@@ -42,6 +41,7 @@ from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.config import DiffusionConfig, ModelConfig, baseline_of, preset  # noqa: E402
 from psunet.diffusion import NoiseSchedule  # noqa: E402
 from psunet.model import PSUNet, forward_flops  # noqa: E402
+from psunet.progress import progress  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 
 PROMPT = "a small red circle on the left"  # sampling and serve requests
@@ -88,15 +88,15 @@ def matmul_peak(device: torch.device, seconds: float = 2.0) -> float:
 
 
 class StepTimer:
-    """The training job's own step (jobs.train.train_step: loss, clipping, AdamW, EMA) with `cfg`, on one fixed
+    """The training job's own step (psunet.training.train_step: loss, clipping, AdamW, EMA) with `cfg`, on one fixed
     synthetic batch of cfg.optim.batch_size (the data path is measured by `loader`)."""
 
     def __init__(self, cfg, device: torch.device, wrap=None):
-        from jobs.train import make_optimizer, uses_bf16
         from psunet.ema import EMA
+        from psunet.training import make_optimizer, uses_bf16
 
         torch.manual_seed(cfg.optim.seed)
-        self.cfg, self.device, self.use_bf16 = cfg, device, uses_bf16(cfg, device)
+        self.cfg, self.device, self.use_bf16 = cfg, device, uses_bf16(cfg.optim, device)
         model = PSUNet(cfg.model).to(device)
         self.ema = EMA(model, cfg.optim.ema_decay)
         self.optimizer = make_optimizer(model, cfg.optim)
@@ -108,10 +108,11 @@ class StepTimer:
 
     def step(self, batch: dict | None = None) -> None:
         """One training step on `batch` (a loader's batch), by default on the fixed synthetic one."""
-        from jobs.train import train_step
+        from psunet.training import train_step
 
-        train_step(self.model, self.model, self.optimizer, self.ema, self.schedule, self.cfg,
-                   [self.batch if batch is None else batch], self.cfg.optim.lr, self.device, self.use_bf16)
+        train_step(self.model, self.model, self.optimizer, self.ema, self.schedule, self.cfg.diffusion,
+                   [self.batch if batch is None else batch], self.cfg.optim.lr, self.device,
+                   grad_clip=self.cfg.optim.grad_clip, use_bf16=self.use_bf16, time_range=self.cfg.branch.time_range)
 
     def seconds_per_step(self, steps: int, warmup: int = 3) -> float:
         for _ in range(warmup):
@@ -384,14 +385,14 @@ PROGRESS_KEYS = ("wall_seconds", "val_loss", "val_gap_image", "val_gap_text", "t
 
 def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, evaluate=None,
               eval_every: int = 0, name: str = "") -> tuple[PSUNet, list[dict]]:
-    """Train `model` in this process with the training job's own step (jobs.train.train_step) and lr schedule,
+    """Train `model` in this process with the training job's own step (psunet.training.train_step) and lr schedule,
     for `steps` steps (cfg.branch.time_range limits the times); returns (EMA model, evaluation curve).
 
     evaluate(ema_model, step) -> dict is called every `eval_every` steps and at the end; each curve point also
     has the wall-clock seconds spent in training steps so far."""
-    from jobs.train import lr_at, make_optimizer, train_step
     from psunet.data import make_loader
     from psunet.ema import EMA
+    from psunet.training import lr_at, make_optimizer, train_step
 
     optim = cfg.optim.model_copy(update={"steps": steps, "warmup_steps": min(cfg.optim.warmup_steps, steps - 1)})
     ema = EMA(model, cfg.optim.ema_decay)
@@ -400,14 +401,16 @@ def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, e
     batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True, seed=seed,
                                rank=0, world_size=1))
     curve, training_seconds = [], 0.0
-    for step in range(steps):
+    bar = progress(range(steps), desc=f"train {name}" if name else "train", unit="steps")
+    for step in bar:
         started = time.perf_counter()
-        train_step(model, model, optimizer, ema, schedule, cfg, [next(batches)], lr_at(step, optim), device)
+        train_step(model, model, optimizer, ema, schedule, cfg.diffusion, [next(batches)], lr_at(step, optim), device,
+                   grad_clip=optim.grad_clip, time_range=cfg.branch.time_range)
         training_seconds += time.perf_counter() - started
         if evaluate and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             curve.append({"step": step + 1, "wall_seconds": training_seconds, **evaluate(ema.model, step + 1)})
-            print(f"convergence: {name} step {step + 1} " + " ".join(
-                f"{k}={v:.4g}" for k, v in curve[-1].items() if k in PROGRESS_KEYS), file=sys.stderr, flush=True)
+            bar.write(f"convergence: {name} step {step + 1} " + " ".join(
+                f"{k}={v:.4g}" for k, v in curve[-1].items() if k in PROGRESS_KEYS), file=sys.stderr)
     return ema.model, curve
 
 
@@ -516,20 +519,20 @@ def interleaved_step_seconds(configs: dict, device: torch.device, steps: int, ro
 
 
 class HeldOut:
-    """The evaluation every compared model gets: the validation losses and conditional gaps (jobs.train's
+    """The evaluation every compared model gets: the validation losses and conditional gaps (jobs.training_run's
     Validator, on the same fixed batches for every model), and at accuracy points text->image and
     image->text attribute accuracy of held-out pairs at each direction's best guidance scale of a sweep."""
 
     def __init__(self, base, samples: int, scales: list[float], settings: SamplerSettings, device: torch.device):
-        from jobs.evaluate import held_out_pairs
+        from jobs.quality import held_out_pairs
 
         self.base, self.scales, self.settings, self.device = base, scales, settings, device
         self.prompts, self.latents = held_out_pairs(base.data.val or base.data.train, samples)
         self.validators = {}  # per model config: its batches, autoencoder and codec are loaded once
 
     def __call__(self, model, model_config, accuracy: bool) -> dict:
-        from jobs.quality import guidance_sweep
-        from jobs.train import Validator
+        from jobs.quality import guidance_sweep, sweep_metrics
+        from jobs.training_run import Validator
 
         key = model_config.model_dump_json()
         if key not in self.validators:
@@ -539,10 +542,7 @@ class HeldOut:
         if accuracy:
             sweep = guidance_sweep(validator.make_pipeline(model), self.prompts, self.latents, self.scales,
                                    self.settings)
-            for task in ("t2i", "i2t"):
-                point.update({f"{task}_accuracy": sweep[task]["best"], f"{task}_guidance": sweep[task]["best_scale"],
-                              **{f"{task}_accuracy_w{scale:g}": value["mean"]
-                                 for scale, value in sweep[task]["by_scale"].items()}})
+            point.update(sweep_metrics(sweep))
         return point
 
 
@@ -704,8 +704,8 @@ def bench_objectives(args) -> dict:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     from jobs.config import load_config
-    from jobs.evaluate import AutoencoderFeatures, best_guidance, combine, evaluate_group, frechet_distance
-    from jobs.train import Validator
+    from jobs.quality import AutoencoderFeatures, best_guidance, combine, evaluate_group, frechet_distance
+    from jobs.training_run import Validator
     from psunet.config import DiffusionConfig
 
     device = device_of(args.device)
@@ -773,18 +773,20 @@ def bench_paint(args) -> dict:
     seeds = [args.seed + i for i in range(args.samples)]
     figures = {"model": args.model, "samples": args.samples, "steps": args.sample_steps,
                "paint_fraction": args.paint_fraction}
-    for weight in args.paint_weights:
-        hits = 0
-        for start in range(0, args.samples, 64):
-            rows = slice(start, start + 64)
-            result = pipe.infill(prompts=prompts[rows], settings=settings, seeds=seeds[rows],
-                                 paint=paint[rows] if weight > 0 else None, paint_weight=weight,
-                                 paint_fraction=args.paint_fraction)
-            for image, prompt, place in zip(result.images, prompts[rows], places[rows]):
-                colour = prompt.split()[2]
-                hits += any(o.colour == colour and o.position == place for o in shapes.read_attributes(image))
-        figures[f"in_region_weight_{weight:g}"] = hits / args.samples
-        print(f"paint: weight {weight:g}: {hits}/{args.samples} objects in their region", file=sys.stderr, flush=True)
+    with progress(total=len(args.paint_weights) * args.samples, desc="paint", unit="samples") as bar:
+        for weight in args.paint_weights:
+            hits = 0
+            for start in range(0, args.samples, 64):
+                rows = slice(start, start + 64)
+                result = pipe.infill(prompts=prompts[rows], settings=settings, seeds=seeds[rows],
+                                     paint=paint[rows] if weight > 0 else None, paint_weight=weight,
+                                     paint_fraction=args.paint_fraction)
+                for image, prompt, place in zip(result.images, prompts[rows], places[rows]):
+                    colour = prompt.split()[2]
+                    hits += any(o.colour == colour and o.position == place for o in shapes.read_attributes(image))
+                bar.update(len(result.images))
+            figures[f"in_region_weight_{weight:g}"] = hits / args.samples
+            bar.write(f"paint: weight {weight:g}: {hits}/{args.samples} objects in their region", file=sys.stderr)
     return figures
 
 
@@ -983,7 +985,7 @@ def _stop(process, grace_s: float) -> None:
 
 
 def train_resume_check(first_steps: int = 20, then_steps: int = 30) -> dict:
-    """Ray Train V2 on the GPU through the training job's command line only (jobs.train.main): a tiny shard
+    """Ray Train V2 on the GPU through the training job's own run (jobs.training_run.run): a tiny shard
     set made by dataprep in a temporary folder, one run to first_steps, then the same run (name and storage)
     again to then_steps. Resumed: the second run ends at then_steps and wrote no checkpoint at or before the
     first's final step, so it started from the first's final checkpoint rather than from step 0."""
@@ -996,37 +998,29 @@ def train_resume_check(first_steps: int = 20, then_steps: int = 30) -> dict:
         if dataprep_main(["demo", "--out", str(data), "--samples", "300", "--vae-steps", "200",
                           "--samples-per-shard", "100", "--val-fraction", "0.2", "--word-dim", "16"]) != 0:
             raise RuntimeError("dataprep demo failed (its error is on stderr)")
-        argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.train={data}/train", f"data.val={data}/val",
-                f"run.storage_path={storage}", "run.name=gpu-check", "run.use_gpu=true", "run.num_workers=1"]
+        overrides = [f"data.train={data}/train", f"data.val={data}/val", f"run.storage_path={storage}",
+                     "run.name=gpu-check", "run.use_gpu=true", "run.num_workers=1"]
         started = time.perf_counter()
-        first = train_cli(argv + [f"optim.steps={first_steps}"])
+        first = trained_steps(overrides + [f"optim.steps={first_steps}"])
         between = time.perf_counter()
         before = checkpoint_steps(storage)
-        second = train_cli(argv + [f"optim.steps={then_steps}"])
+        second = trained_steps(overrides + [f"optim.steps={then_steps}"])
         written = sorted(step for key, step in checkpoint_steps(storage).items() if key not in before)
-    return {"first_final_step": first["step"], "second_final_step": second["step"],
+    return {"first_final_step": first, "second_final_step": second,
             "second_checkpoint_steps": written, "first_run_s": between - started,
             "second_run_s": time.perf_counter() - between,
-            "resumed": second["step"] == then_steps and bool(written) and min(written) > first["step"]}
+            "resumed": second == then_steps and bool(written) and min(written) > first}
 
 
-def train_cli(argv: list[str]) -> dict:
-    """jobs.train.main(argv), its stdout captured and passed on to stderr: the summary it prints as
-    "train: done {json}"."""
-    from jobs.train import main as train_main
+def trained_steps(overrides: list[str]) -> int:
+    """A training run of configs/tiny.yaml with `overrides` (jobs.training_run.run, what jobs/train.py runs), its
+    prints passed on to stderr; its final step."""
+    from jobs.config import load_config
+    from jobs.training_run import run
 
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        code = train_main(argv)
-    text = captured.getvalue()
-    print(text, file=sys.stderr, end="", flush=True)
-    if code != 0:
-        raise RuntimeError(f"jobs/train.py exited with {code}")
-    marker = "train: done "
-    if marker not in text:
-        raise RuntimeError("jobs/train.py printed no 'train: done' summary")
-    # raw_decode: Ray may print worker lines into the same stream right after the summary
-    return json.JSONDecoder().raw_decode(text[text.rindex(marker) + len(marker):])[0]
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(load_config(str(ROOT / "configs" / "tiny.yaml"), overrides))[0]
+    return result.metrics["step"]
 
 
 def checkpoint_steps(storage: Path) -> dict[tuple[str, int], int]:
@@ -1061,7 +1055,7 @@ def bench_checkpoints(args) -> dict:
     the data-wait fraction; and the validation task's seconds per checkpoint: what every worker would wait if
     validation ran inside the loop."""
     from jobs.config import load_config
-    from jobs.train import run
+    from jobs.training_run import run
 
     variants = {"sync": ["run.checkpoint_upload=sync", "schedule.validate_checkpoints=false"],
                 "async": ["run.checkpoint_upload=async", "schedule.validate_checkpoints=false"],

@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from jobs.tracking import tracking_uri
-from psunet.config import DiffusionConfig, ModelConfig, StrictModel, preset
+from psunet.config import DiffusionConfig, ModelConfig, OptimConfig, StrictModel, preset
 from psunet.settings import SamplerSettings
 
 
@@ -29,23 +29,6 @@ class DataConfig(StrictModel):
     val: str | None = Field(None, description="held-out shard folder")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
     shuffle_buffer: int = Field(1000, ge=1)
-
-
-class OptimConfig(StrictModel):
-    steps: int = Field(1000, ge=1, description="total optimizer steps")
-    batch_size: int = Field(64, ge=1, description="per training worker at the most workers (run.num_workers' "
-                            "maximum); the global batch, batch_size x that maximum, stays the same when "
-                            "fewer workers run (gradient accumulation)")
-    lr: float = Field(3e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.03, ge=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
-    compile: bool = False
-    seed: int = 0
 
 
 class ScheduleConfig(StrictModel):

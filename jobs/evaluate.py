@@ -33,65 +33,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dataprep import shapes  # noqa: E402
 from jobs.model_ref import MODEL_HELP, load_pipeline  # noqa: E402
-from jobs.quality import mean_scores  # noqa: E402
-from jobs.sampler_options import add_sampler_options, sampler_settings  # noqa: E402
+from jobs.quality import (AutoencoderFeatures, best_guidance, combine, evaluate_group, held_out_captions,  # noqa: E402
+                          is_demo_data)
+from jobs.sampler_options import add_sampler_options, int_list, sampler_settings  # noqa: E402
 from jobs import tracking  # noqa: E402
 from jobs.tracking import tracking_uri  # noqa: E402
-from psunet.data import ShardStream, load_manifest  # noqa: E402
-from psunet.text import BLANK  # noqa: E402
+from psunet.data import load_manifest  # noqa: E402
 from psunet.pipeline import PSUNetPipeline  # noqa: E402
+from psunet.progress import progress  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 from psunet.settings import parse_guidance  # noqa: E402
-
-DEMO_KEYS = (*shapes.ATTRIBUTES, "all")
-DEMO_TASKS = ("t2i", "i2t", "infill", "joint")
-
-
-def wilson_interval(fraction: float, count: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion measured on `count` samples."""
-    if count == 0:
-        return 0.0, 1.0
-    centre = (fraction + z * z / (2 * count)) / (1 + z * z / count)
-    half = z * math.sqrt(fraction * (1 - fraction) / count + z * z / (4 * count * count)) / (1 + z * z / count)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def held_out_captions(data: str, count: int) -> list[str]:
-    """The first `count` captions of a shard folder, in order."""
-    return [item["caption"] for _, item in zip(range(count), ShardStream(data, training=False))]
-
-
-def held_out_pairs(data: str, count: int) -> tuple[list[str], torch.Tensor]:
-    """The first `count` (caption, image latent) pairs of a shard folder, in order: captions and (N, C, h, w)."""
-    items = [item for _, item in zip(range(count), ShardStream(data, training=False))]
-    if not items:
-        raise ValueError(f"no held-out samples in {data}")
-    return [item["caption"] for item in items], torch.stack([item["latent"] for item in items])
-
-
-def is_demo_data(captions: list[str]) -> bool:
-    """True when every caption names at least one object with all its attributes."""
-    parsed = [shapes.parse_caption(caption) for caption in captions]
-    return bool(parsed) and all(objects and all(None not in (o.shape, o.colour, o.size, o.position)
-                                                for o in objects) for objects in parsed)
-
-
-class AutoencoderFeatures(torch.nn.Module):
-    """FID features from the model's own VAE encoder: the flattened latent means of uint8 images."""
-
-    def __init__(self, pipe: PSUNetPipeline):
-        super().__init__()
-        self.autoencoder = pipe.autoencoder
-        self.num_features = int(np.prod(pipe.model_config.latent_shape))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images.float() / 127.5 - 1
-        return self.autoencoder.encode(pixels.to(self.autoencoder.device)).flatten(1).cpu().double()
 
 
 def fid_metric(choice: str, pipe: PSUNetPipeline):
@@ -129,110 +84,6 @@ def sweep_settings(base: SamplerSettings, guidance_scales: list, steps_sweep: li
         if setting not in unique:
             unique.append(setting)
     return unique
-
-
-def blank_colour(caption: str) -> str | None:
-    """The caption with its first colour word replaced by [?] (None when it names no colour)."""
-    words = caption.split()
-    for i, word in enumerate(words):
-        if word in shapes.COLOURS:
-            return " ".join(words[:i] + [BLANK] + words[i + 1:])
-    return None
-
-
-def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, limit: int, settings: list[SamplerSettings],
-                   demo: bool, want_images: bool, batch_size: int) -> dict:
-    """Samples and per-sample scores for one shard group, for every setting."""
-    if torch.cuda.is_available():
-        pipe = pipe.to("cuda")
-    stream = ShardStream(data, pipe.model_config, training=False, rank=group, world_size=groups)
-    items = []
-    for item in stream:
-        if len(items) >= limit:
-            break
-        items.append(item)
-    if not items:
-        return {"references": [], "real_images": None, "per_setting": [], "skipped": len(stream.errors)}
-    references = [item["caption"] for item in items]
-    latents = torch.stack([item["latent"] for item in items])
-    batches = [slice(start, start + batch_size) for start in range(0, len(items), batch_size)]
-    real = np.concatenate([pipe.decode_images(latents[b]) for b in batches]) if want_images else None
-    per_setting = []
-    for setting in settings:
-        t2i_images, captions, joint_images, joint_captions, filled = [], [], [], [], []
-        for b in batches:
-            t2i_images.append(pipe.text_to_image(references[b], setting)[0])
-            captions += pipe.captions_for_latents(latents[b], setting)
-            if demo:
-                images, generated = pipe.generate(len(references[b]), setting)
-                joint_images.append(images)
-                joint_captions += generated
-                filled += pipe.captions_for_latents(latents[b], setting, prompts=[blank_colour(r) for r in references[b]])
-        t2i_images = np.concatenate(t2i_images)
-        result = {"captions": captions, "t2i_images": t2i_images if want_images else None}
-        if demo:
-            result["t2i"] = [shapes.score_image(image, r) for image, r in zip(t2i_images, references)]
-            result["i2t"] = [shapes.score_caption(c, r) for c, r in zip(captions, references)]
-            result["infill"] = [{"colour": float(shapes.score_caption(c, r)["colour"])}
-                                for c, r in zip(filled, references)]
-            result["joint"] = [shapes.score_image(image, caption)
-                               for image, caption in zip(np.concatenate(joint_images), joint_captions)]
-        per_setting.append(result)
-    return {"references": references, "real_images": real, "per_setting": per_setting,
-            "skipped": len(stream.errors)}
-
-
-def caption_scores(captions: list[str], references: list[str]) -> dict[str, float]:
-    from torchmetrics.text import BLEUScore, ROUGEScore
-
-    bleu = BLEUScore(n_gram=4, smooth=True)(captions, [[reference] for reference in references])
-    rouge = ROUGEScore(rouge_keys=("rougeL",))(captions, references)["rougeL_fmeasure"]
-    return {"bleu4": float(bleu), "rougeL": float(rouge)}
-
-
-def frechet_distance(metric, real: np.ndarray, fake: np.ndarray, batch_size: int = 64) -> float:
-    metric.reset()
-    for images, is_real in ((real, True), (fake, False)):
-        for start in range(0, len(images), batch_size):
-            metric.update(torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).contiguous(),
-                          real=is_real)
-    return float(metric.compute())
-
-
-def combine(groups: list[dict], settings: list[SamplerSettings], demo: bool, fid) -> list[dict]:
-    """One row per setting: metric values and 95 % intervals over all groups' samples."""
-    groups = [g for g in groups if g["per_setting"]]
-    references = [ref for g in groups for ref in g["references"]]
-    real = np.concatenate([g["real_images"] for g in groups]) if fid is not None else None
-    rows = []
-    for index, setting in enumerate(settings):
-        parts = [g["per_setting"][index] for g in groups]
-        metrics, intervals = caption_scores([c for p in parts for c in p["captions"]], references), {}
-        if demo:
-            for task in DEMO_TASKS:
-                scores = [s for p in parts for s in p[task]]
-                for key, value in mean_scores(scores).items():
-                    metrics[f"{task}_{key}"] = value
-                    intervals[f"{task}_{key}"] = list(wilson_interval(value, len(scores)))
-        if fid is not None:
-            metrics["fid"] = frechet_distance(fid, real, np.concatenate([p["t2i_images"] for p in parts]))
-        rows.append({**setting.model_dump(exclude={"seed"}), "metrics": metrics, "intervals": intervals})
-    return rows
-
-
-def best_guidance(rows: list[dict]) -> dict:
-    """Each direction's best row of the guidance sweep: text->image by guidance_scale_image (mean of its
-    attribute accuracies), image->text by guidance_scale_text. A direction's score depends only on its own
-    modality's scale (the other modality is known), so the best pair is the two bests together."""
-    best = {}
-    for task, scale in (("t2i", "guidance_scale_image"), ("i2t", "guidance_scale_text")):
-        def mean_accuracy(row: dict) -> float:
-            return float(np.mean([row["metrics"][f"{task}_{key}"] for key in shapes.ATTRIBUTES]))
-
-        top = max(rows, key=mean_accuracy)
-        best[task] = {scale: top[scale], "mean_accuracy": mean_accuracy(top),
-                      **{key: top["metrics"][f"{task}_{key}"] for key in (*shapes.ATTRIBUTES, "all")}}
-    return best
 
 
 def plot_guidance(rows: list[dict], base: SamplerSettings, path: Path) -> Path | None:
@@ -285,14 +136,6 @@ def log_to_mlflow(uri: str, experiment: str, report: dict, files: list[Path], st
     return run_id
 
 
-def float_list(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part.strip()]
-
-
-def int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
 def run(args) -> dict:
     import ray
 
@@ -322,11 +165,11 @@ def run(args) -> dict:
     pending = [task.remote(pipe_ref, str(Path(args.data).resolve()), g, groups, per_group, settings, demo,
                            fid is not None, args.batch_size) for g in range(groups)]
     results = []
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        results += ray.get(done)
-        print(f"evaluate: {len(results)}/{groups} shard groups done ({time.perf_counter() - started:.0f} s)",
-              flush=True)
+    with progress(total=groups, desc="evaluate", unit="shard groups", delay=0) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results += ray.get(done)
+            bar.update(len(done))
     samples = sum(len(r["references"]) for r in results)
     if samples == 0:
         raise ValueError(f"no readable samples in {args.data}")

@@ -1,19 +1,18 @@
-"""Find a trained model by reference: a checkpoint or model folder, or an MLflow artifact URI.
+"""Models by MLflow URI: the model source that lets PSUNetPipeline.from_pretrained take MLflow URIs.
 
-    load_pipeline("runs/demo-.../model")                    # folder written by jobs/train.py
-    load_pipeline("runs:/<run id>/model")                   # the model artifact of a training run
-    load_pipeline("models:/psunet/3")                       # a version in the MLflow Model Registry (or
-                                                            # models:/psunet/latest, models:/psunet@<alias>)
-    load_pipeline("mlflow-artifacts:/.../model")            # any URI MLflow can download
+    PSUNetPipeline.from_pretrained("runs:/<run id>/model")          # the model artifact of a training run
+    PSUNetPipeline.from_pretrained("models:/psunet/3")              # a version in the MLflow Model Registry (or
+                                                                    # models:/psunet/latest, models:/psunet@<alias>)
+    PSUNetPipeline.from_pretrained("mlflow-artifacts:/.../model")   # any URI MLflow can download
 
-MLflow URIs are downloaded (tracking URI: the argument, else MLFLOW_TRACKING_URI, else the local
-store in runs/ that training uses by default) into a temporary folder first; the model artifact
-bundles its word vectors and autoencoder, so nothing else is needed.
+Installed as the entry point `mlflow` of group psunet.model_sources (pyproject.toml), so psunet itself
+imports no MLflow. URIs are downloaded (tracking URI: the argument, else MLFLOW_TRACKING_URI, else the
+local store in runs/ that training uses by default) into a temporary folder; the model artifact bundles
+its word vectors and autoencoder, so nothing else is needed.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from jobs import tracking
 from jobs.tracking import tracking_uri as default_tracking_uri
 from psunet.pipeline import PSUNetPipeline
 
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 MODEL_HELP = "checkpoint or model folder, or an MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
 
 
@@ -32,13 +30,7 @@ def default_device() -> str:
 
 
 def local_model_folder(reference: str, tracking_uri: str | None = None) -> Path:
-    """A local folder holding the model: the folder itself, or an MLflow artifact downloaded."""
-    folder = Path(reference)
-    if folder.is_dir():
-        return folder
-    if not _URI.match(reference):
-        raise FileNotFoundError(f"model: {reference!r} is neither a folder nor an MLflow URI (runs:/<run id>/model, "
-                                "models:/<name>/<version>)")
+    """A local folder holding the model behind an MLflow URI: the artifact, downloaded."""
     import mlflow
 
     target = tempfile.mkdtemp(prefix="psunet-model-")
@@ -67,5 +59,6 @@ def registered_source(reference: str, uri: str) -> str:
 
 def load_pipeline(reference: str, weights: str = "ema", device: str | None = None,
                   tracking_uri: str | None = None, precision: str = "fp32") -> PSUNetPipeline:
-    return PSUNetPipeline.from_pretrained(local_model_folder(reference, tracking_uri), weights=weights,
-                                    device=device or default_device(), precision=precision)
+    """PSUNetPipeline.from_pretrained on this machine's default device, with the jobs' tracking store."""
+    return PSUNetPipeline.from_pretrained(reference, weights=weights, device=device or default_device(),
+                                          precision=precision, tracking_uri=tracking_uri)

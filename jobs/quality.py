@@ -1,9 +1,11 @@
-"""Sample grids and demo-data quality scores, shared by training validation and evaluation.
+"""Sample grids and demo-data quality scores, shared by training validation, evaluation, tuning and benchmarks.
 
 Text->image accuracy: the attribute reader reads each generated image and is scored against the
 prompt's attributes. Image->text accuracy: each generated caption is parsed and scored against
 the true caption's attributes. Positions are absolute, or relative for relation captions
-(dataprep.shapes.score_image, score_caption).
+(dataprep.shapes.score_image, score_caption). Held-out samples of a shard folder are scored per shard
+group (evaluate_group) and combined into one row of metrics with 95 % intervals per sampler setting
+(combine); any data also gets BLEU-4 / ROUGE-L of captions and, given a feature extractor, FID.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from dataprep import shapes
+from psunet.data import ShardStream
 from psunet.pipeline import PSUNetPipeline
 from psunet.settings import SamplerSettings
+from psunet.text import BLANK
 
 
 def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
@@ -89,3 +93,163 @@ def guidance_sweep(pipe: PSUNetPipeline, prompts: list[str], latents: torch.Tens
         best = max(by_scale, key=lambda scale: by_scale[scale]["mean"])
         result[task] = {"by_scale": by_scale, "best_scale": best, "best": by_scale[best]["mean"]}
     return result
+
+
+def sweep_metrics(sweep: dict) -> dict[str, float]:
+    """A guidance_sweep's result as flat metrics: per direction its best accuracy, the scale it was reached at,
+    and its accuracy at every scale (t2i_accuracy, t2i_guidance, t2i_accuracy_w<scale>, i2t_...)."""
+    metrics = {}
+    for task in ("t2i", "i2t"):
+        metrics.update({f"{task}_accuracy": sweep[task]["best"], f"{task}_guidance": sweep[task]["best_scale"],
+                        **{f"{task}_accuracy_w{scale:g}": value["mean"]
+                           for scale, value in sweep[task]["by_scale"].items()}})
+    return metrics
+
+
+DEMO_TASKS = ("t2i", "i2t", "infill", "joint")
+
+
+def wilson_interval(fraction: float, count: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion measured on `count` samples."""
+    if count == 0:
+        return 0.0, 1.0
+    centre = (fraction + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * math.sqrt(fraction * (1 - fraction) / count + z * z / (4 * count * count)) / (1 + z * z / count)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def held_out_captions(data: str, count: int) -> list[str]:
+    """The first `count` captions of a shard folder, in order."""
+    return [item["caption"] for _, item in zip(range(count), ShardStream(data, training=False))]
+
+
+def held_out_pairs(data: str, count: int) -> tuple[list[str], torch.Tensor]:
+    """The first `count` (caption, image latent) pairs of a shard folder, in order: captions and (N, C, h, w)."""
+    items = [item for _, item in zip(range(count), ShardStream(data, training=False))]
+    if not items:
+        raise ValueError(f"no held-out samples in {data}")
+    return [item["caption"] for item in items], torch.stack([item["latent"] for item in items])
+
+
+def is_demo_data(captions: list[str]) -> bool:
+    """True when every caption names at least one object with all its attributes."""
+    parsed = [shapes.parse_caption(caption) for caption in captions]
+    return bool(parsed) and all(objects and all(None not in (o.shape, o.colour, o.size, o.position)
+                                                for o in objects) for objects in parsed)
+
+
+class AutoencoderFeatures(torch.nn.Module):
+    """FID features from the model's own VAE encoder: the flattened latent means of uint8 images."""
+
+    def __init__(self, pipe: PSUNetPipeline):
+        super().__init__()
+        self.autoencoder = pipe.autoencoder
+        self.num_features = int(np.prod(pipe.model_config.latent_shape))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.float() / 127.5 - 1
+        return self.autoencoder.encode(pixels.to(self.autoencoder.device)).flatten(1).cpu().double()
+
+
+def blank_colour(caption: str) -> str | None:
+    """The caption with its first colour word replaced by [?] (None when it names no colour)."""
+    words = caption.split()
+    for i, word in enumerate(words):
+        if word in shapes.COLOURS:
+            return " ".join(words[:i] + [BLANK] + words[i + 1:])
+    return None
+
+
+def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, limit: int, settings: list[SamplerSettings],
+                   demo: bool, want_images: bool, batch_size: int) -> dict:
+    """Samples and per-sample scores for one shard group, for every setting."""
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
+    stream = ShardStream(data, pipe.model_config, training=False, rank=group, world_size=groups)
+    items = []
+    for item in stream:
+        if len(items) >= limit:
+            break
+        items.append(item)
+    if not items:
+        return {"references": [], "real_images": None, "per_setting": [], "skipped": len(stream.errors)}
+    references = [item["caption"] for item in items]
+    latents = torch.stack([item["latent"] for item in items])
+    batches = [slice(start, start + batch_size) for start in range(0, len(items), batch_size)]
+    real = np.concatenate([pipe.decode_images(latents[b]) for b in batches]) if want_images else None
+    per_setting = []
+    for setting in settings:
+        t2i_images, captions, joint_images, joint_captions, filled = [], [], [], [], []
+        for b in batches:
+            t2i_images.append(pipe.text_to_image(references[b], setting)[0])
+            captions += pipe.captions_for_latents(latents[b], setting)
+            if demo:
+                images, generated = pipe.generate(len(references[b]), setting)
+                joint_images.append(images)
+                joint_captions += generated
+                filled += pipe.captions_for_latents(latents[b], setting, prompts=[blank_colour(r) for r in references[b]])
+        t2i_images = np.concatenate(t2i_images)
+        result = {"captions": captions, "t2i_images": t2i_images if want_images else None}
+        if demo:
+            result["t2i"] = [shapes.score_image(image, r) for image, r in zip(t2i_images, references)]
+            result["i2t"] = [shapes.score_caption(c, r) for c, r in zip(captions, references)]
+            result["infill"] = [{"colour": float(shapes.score_caption(c, r)["colour"])}
+                                for c, r in zip(filled, references)]
+            result["joint"] = [shapes.score_image(image, caption)
+                               for image, caption in zip(np.concatenate(joint_images), joint_captions)]
+        per_setting.append(result)
+    return {"references": references, "real_images": real, "per_setting": per_setting,
+            "skipped": len(stream.errors)}
+
+
+def caption_scores(captions: list[str], references: list[str]) -> dict[str, float]:
+    from torchmetrics.text import BLEUScore, ROUGEScore
+
+    bleu = BLEUScore(n_gram=4, smooth=True)(captions, [[reference] for reference in references])
+    rouge = ROUGEScore(rouge_keys=("rougeL",))(captions, references)["rougeL_fmeasure"]
+    return {"bleu4": float(bleu), "rougeL": float(rouge)}
+
+
+def frechet_distance(metric, real: np.ndarray, fake: np.ndarray, batch_size: int = 64) -> float:
+    metric.reset()
+    for images, is_real in ((real, True), (fake, False)):
+        for start in range(0, len(images), batch_size):
+            metric.update(torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).contiguous(),
+                          real=is_real)
+    return float(metric.compute())
+
+
+def combine(groups: list[dict], settings: list[SamplerSettings], demo: bool, fid) -> list[dict]:
+    """One row per setting: metric values and 95 % intervals over all groups' samples."""
+    groups = [g for g in groups if g["per_setting"]]
+    references = [ref for g in groups for ref in g["references"]]
+    real = np.concatenate([g["real_images"] for g in groups]) if fid is not None else None
+    rows = []
+    for index, setting in enumerate(settings):
+        parts = [g["per_setting"][index] for g in groups]
+        metrics, intervals = caption_scores([c for p in parts for c in p["captions"]], references), {}
+        if demo:
+            for task in DEMO_TASKS:
+                scores = [s for p in parts for s in p[task]]
+                for key, value in mean_scores(scores).items():
+                    metrics[f"{task}_{key}"] = value
+                    intervals[f"{task}_{key}"] = list(wilson_interval(value, len(scores)))
+        if fid is not None:
+            metrics["fid"] = frechet_distance(fid, real, np.concatenate([p["t2i_images"] for p in parts]))
+        rows.append({**setting.model_dump(exclude={"seed"}), "metrics": metrics, "intervals": intervals})
+    return rows
+
+
+def best_guidance(rows: list[dict]) -> dict:
+    """Each direction's best row of the guidance sweep: text->image by guidance_scale_image (mean of its
+    attribute accuracies), image->text by guidance_scale_text. A direction's score depends only on its own
+    modality's scale (the other modality is known), so the best pair is the two bests together."""
+    best = {}
+    for task, scale in (("t2i", "guidance_scale_image"), ("i2t", "guidance_scale_text")):
+        def mean_accuracy(row: dict) -> float:
+            return float(np.mean([row["metrics"][f"{task}_{key}"] for key in shapes.ATTRIBUTES]))
+
+        top = max(rows, key=mean_accuracy)
+        best[task] = {scale: top[scale], "mean_accuracy": mean_accuracy(top),
+                      **{key: top["metrics"][f"{task}_{key}"] for key in (*shapes.ATTRIBUTES, "all")}}
+    return best

@@ -43,6 +43,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from jobs.model_ref import MODEL_HELP, load_pipeline  # noqa: E402
 from jobs.quality import grid_png  # noqa: E402
 from jobs.sampler_options import add_sampler_options, sampler_settings  # noqa: E402
+from psunet.progress import progress  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 
 
@@ -64,6 +65,13 @@ def read_image(path: str, size: int, resize: bool, mode: str = "RGB") -> np.ndar
         image = image.crop((left, top, left + side, top + side))
         image = image.resize((size, size), Image.NEAREST if mode == "L" else Image.LANCZOS)
     return np.asarray(image)
+
+
+def read_images(paths: list[str], size: int, resize: bool) -> np.ndarray | None:
+    """The input images as one (N, size, size, 3) uint8 array; None without any."""
+    if not paths:
+        return None
+    return np.stack([read_image(path, size, resize) for path in progress(paths, desc="sample: read", unit="images")])
 
 
 def read_mask(path: str, image_path: str, size: int, resize: bool) -> np.ndarray:
@@ -140,7 +148,9 @@ def write_results(out: Path, result, job: dict, settings: SamplerSettings, meta:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     records = []
-    for i, (image, caption) in enumerate(zip(result.images, result.captions)):
+    pairs = progress(zip(result.images, result.captions), total=len(result.captions), desc="sample: write",
+                     unit="samples")
+    for i, (image, caption) in enumerate(pairs):
         name = f"sample_{i:03d}.png"
         Image.fromarray(image).save(partial / name)
         records.append({"image": name, "caption": caption,
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.model, weights=args.weights, device=args.device, tracking_uri=args.tracking_uri,
                              precision=args.precision)
         size = pipe.resolution
-        images = np.stack([read_image(p, size, args.resize) for p in job["images"]]) if job["images"] else None
+        images = read_images(job["images"], size, args.resize)
         masks = np.stack([read_mask(m, i, size, args.resize) for m, i in zip(job["masks"], job["images"])]) \
             if job["masks"] else None
         if args.paint and not job["prompts"]:

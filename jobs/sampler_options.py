@@ -1,4 +1,5 @@
-"""The sampler's command-line options, shared by the jobs that sample (sample.py, evaluate.py).
+"""The sampler's command-line options, shared by the jobs that sample (sample.py, evaluate.py), and the
+comma-separated lists that sweeps of sampler settings take (evaluate.py, tune.py).
 
 Their defaults, help and checks come from psunet.settings.SamplerSettings.
 """
@@ -31,3 +32,13 @@ def sampler_settings(args) -> SamplerSettings:
               "guidance_scale_text": args.guidance_scale_text}
     return SamplerSettings(steps=args.steps, scheduler=args.scheduler, spacing=args.spacing, seed=args.seed,
                            **{name: scale for name, scale in scales.items() if scale is not None})
+
+
+def float_list(text: str) -> list[float]:
+    """"1,2.5,5" -> [1.0, 2.5, 5.0] (empty parts skipped)."""
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    """"10,25" -> [10, 25] (empty parts skipped)."""
+    return [int(part) for part in text.split(",") if part.strip()]

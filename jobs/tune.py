@@ -7,7 +7,7 @@
     python jobs/tune.py guidance --model MODEL --data data/demo/val --guidance-scales-image 1,3,5 \
         --guidance-scales-text 1,3                               # a grid of image x text scales
 
-`train`: each trial runs a driver function that builds and fits a TorchTrainer from jobs/train.py
+`train`: each trial runs a driver function that builds and fits a TorchTrainer from jobs/training_run.py
 (the Ray Train V2 pattern), so a trial may use several DDP workers; metrics reach Tune through
 TuneReportCallback at every checkpoint. ASHA stops trials early on the mean training loss since the previous
 checkpoint (held-out metrics come from validation tasks, after the report); `fifo` runs
@@ -37,11 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 from pydantic import Field, ValidationError, model_validator  # noqa: E402
+from ray.tune import Callback  # noqa: E402
 
 from jobs.config import TrainJobConfig, load_config  # noqa: E402
 from jobs import tracking  # noqa: E402
 from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.config import StrictModel  # noqa: E402
+from psunet.progress import progress  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 
 EVAL_KEYS = {"eval.guidance_scale": "guidance_scale", "eval.steps": "steps"}  # searched SamplerSettings fields
@@ -258,19 +260,13 @@ def demo_accuracy(model_folder: str, val: str, evaluation: EvaluationSpec, guida
                   steps: int) -> dict:
     """Text->image and image->text accuracy (mean over the attributes) of held-out pairs at each guidance
     scale, each direction at its best scale, and the mean of the two bests ("accuracy")."""
-    from jobs.evaluate import held_out_pairs
-    from jobs.quality import guidance_sweep
+    from jobs.quality import guidance_sweep, held_out_pairs, sweep_metrics
     from psunet.pipeline import PSUNetPipeline
 
     prompts, latents = held_out_pairs(val, evaluation.samples)
     sweep = guidance_sweep(PSUNetPipeline.from_pretrained(model_folder), prompts, latents, guidance_scales,
                            SamplerSettings(steps=steps))
-    result = {"accuracy": (sweep["t2i"]["best"] + sweep["i2t"]["best"]) / 2}
-    for task in ("t2i", "i2t"):
-        result.update({f"{task}_accuracy": sweep[task]["best"], f"{task}_guidance": sweep[task]["best_scale"],
-                       **{f"{task}_accuracy_w{scale:g}": value["mean"]
-                          for scale, value in sweep[task]["by_scale"].items()}})
-    return result
+    return {"accuracy": (sweep["t2i"]["best"] + sweep["i2t"]["best"]) / 2, **sweep_metrics(sweep)}
 
 
 def train_trial(config: dict, sweep: dict, parent_run_id: str) -> None:
@@ -278,7 +274,7 @@ def train_trial(config: dict, sweep: dict, parent_run_id: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.train import make_trainer, mlflow_run
+    from jobs.training_run import make_trainer, mlflow_run
 
     sweep = SweepConfig.model_validate(sweep)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -294,9 +290,9 @@ def train_trial(config: dict, sweep: dict, parent_run_id: str) -> None:
              "loss_mean": result.metrics.get("loss_mean")}
     wants_accuracy = sweep.objective != "val_loss" or any(key in config for key in EVAL_KEYS)
     if wants_accuracy:
-        from jobs.train import bundle_model
+        from psunet.model_folder import bundle
 
-        folder = bundle_model(result.checkpoint.path, Path(cfg.run.storage_path) / cfg.run.name / "model")
+        folder = bundle(result.checkpoint.path, Path(cfg.run.storage_path) / cfg.run.name / "model")
         scales = [config["eval.guidance_scale"]] if "eval.guidance_scale" in config \
             else sweep.evaluation.guidance_scales
         final.update(demo_accuracy(str(folder), cfg.data.val or cfg.data.train, sweep.evaluation, scales,
@@ -402,10 +398,38 @@ def run_train_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
             trainable, param_space={key: spec.tune_domain() for key, spec in sweep.search.items()},
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
                                         max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name="tune", storage_path=str(folder)))
+            run_config=tune.RunConfig(name="tune", storage_path=str(folder), callbacks=[TrialProgress("sweep")]))
     grid = check_complete(tuner.fit(), sweep.num_samples * math.prod(
         len(spec.grid) for spec in sweep.search.values() if spec.grid is not None))
     return finish(sweep, grid, parent, uri, folder, steps)
+
+
+class TrialProgress(Callback):
+    """The sweep's trials ended so far, as a bar on a terminal or a line now and then (psunet.progress), with
+    the running and errored counts beside it. Trials a restored sweep had already ended count from the start."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __getstate__(self) -> dict:  # Tune saves its callbacks with the sweep; the bar stays in this process
+        return {"desc": self.desc, "bar": None}
+
+    def setup(self, total_num_samples: int | None = None, **info) -> None:
+        self.bar = progress(total=total_num_samples, desc=self.desc, unit="trials")
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.bar is None:
+            return
+        statuses = [trial.status for trial in trials]
+        ended = sum(status in ("TERMINATED", "ERROR") for status in statuses)
+        self.bar.note(f"{statuses.count('RUNNING')} running, {statuses.count('ERROR')} errored")
+        if ended > self.bar.done:
+            self.bar.update(ended - self.bar.done)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if self.bar is not None:
+            self.on_step_end(0, trials)
+            self.bar.close()
 
 
 class SweepInterrupted(RuntimeError):
@@ -470,7 +494,7 @@ def guidance_axes(args) -> tuple[list[float], list[float] | None]:
     """The image and the text guidance scales of the sweep; the text scales are None when each trial has one
     scale for both modalities (--guidance-scales alone). --guidance-scales-image / --guidance-scales-text
     replace --guidance-scales for their modality and make the sweep a grid of image x text scales."""
-    from jobs.evaluate import float_list
+    from jobs.sampler_options import float_list
 
     both = float_list(args.guidance_scales)
     if args.guidance_scales_image is None and args.guidance_scales_text is None:
@@ -485,7 +509,7 @@ def guidance_space(args) -> tuple[dict, int]:
     A trial's config is SamplerSettings fields, both guidance scales among them."""
     from ray import tune
 
-    from jobs.evaluate import int_list
+    from jobs.sampler_options import int_list
 
     image, text = guidance_axes(args)
     steps, schedulers = int_list(args.steps), [s for s in args.schedulers.split(",") if s]
@@ -507,7 +531,7 @@ def guidance_trial(config: dict, pipe, data: str, samples: int, demo: bool, pare
     """One sampler setting (guidance scales, steps, scheduler) of a trained model, evaluated on held-out samples."""
     import ray.tune
 
-    from jobs.evaluate import combine, evaluate_group
+    from jobs.quality import combine, evaluate_group
 
     setting = SamplerSettings.model_validate(config)
     group = evaluate_group(pipe, data, 0, 1, samples, [setting], demo=demo, want_images=False, batch_size=64)
@@ -526,7 +550,7 @@ def run_guidance_sweep(args) -> dict:
     from ray import tune
 
     from jobs.model_ref import load_pipeline
-    from jobs.evaluate import held_out_captions, is_demo_data
+    from jobs.quality import held_out_captions, is_demo_data
     from psunet.data import load_manifest
 
     space, trials = guidance_space(args)
@@ -544,7 +568,8 @@ def run_guidance_sweep(args) -> dict:
     if tune.Tuner.can_restore(tuner_path):
         tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(name="tune", storage_path=str(folder)))
+        tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
+            name="tune", storage_path=str(folder), callbacks=[TrialProgress("guidance sweep")]))
     grid = check_complete(tuner.fit(), trials)
     metric = "t2i_all" if any((r.metrics or {}).get("t2i_all") is not None for r in grid) else "bleu4"
     import pandas as pd

@@ -9,6 +9,9 @@ A checkpoint folder holds
     state.json              step, EMA update count, data position, optimizer groups
     config.json             the model and diffusion configs (and anything else the caller adds); an
                             expert ensemble adds "experts": {"intervals": [[start, end), ...]}
+    assets.json             the shards' autoencoder and word vectors (psunet.model_folder.assets_for)
+
+psunet.model_folder loads a checkpoint for sampling and bundles it into a model folder.
 """
 
 from __future__ import annotations
@@ -19,9 +22,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from psunet.config import DiffusionConfig, ModelConfig
-from psunet.experts import ExpertEnsemble, check_intervals
-from psunet.model import PSUNet
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -92,47 +92,3 @@ def restore_training(folder: str | Path, model: torch.nn.Module, optimizer: torc
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
     return state, load_file(str(folder / "ema.safetensors"), device=str(device))
-
-
-def upgrade_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Weights saved before the time tokens had their own embeddings get zero ones: the same function as before."""
-    for name, tensor in expected.items():
-        if name.endswith("time_pos") and name not in state:
-            state[name] = torch.zeros_like(tensor)
-
-
-def build_model(config: dict) -> tuple[PSUNet | ExpertEnsemble, ModelConfig, DiffusionConfig]:
-    """An untrained model for a config.json dict: a PSUNet, or an ExpertEnsemble when it names experts."""
-    model_config = ModelConfig.model_validate(config["model"])
-    diffusion_config = DiffusionConfig.model_validate(config["diffusion"])
-    if "experts" in config:
-        intervals = check_intervals(config["experts"]["intervals"], diffusion_config.num_train_timesteps)
-        return ExpertEnsemble(model_config, intervals), model_config, diffusion_config
-    return PSUNet(model_config), model_config, diffusion_config
-
-
-def load_model(folder: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
-               ) -> tuple[PSUNet | ExpertEnsemble, ModelConfig, DiffusionConfig, dict]:
-    """A ready-to-sample model from a checkpoint folder: (model in eval mode, configs, full config dict).
-
-    Refuses a folder whose weights do not fit its config, naming the mismatched tensors.
-    """
-    folder = Path(folder)
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    for name in ("config.json", f"{weights}.safetensors"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"checkpoint {folder} has no {name}")
-    config = json.loads((folder / "config.json").read_text())
-    model, model_config, diffusion_config = build_model(config)
-    state = load_file(str(folder / f"{weights}.safetensors"))
-    expected = model.state_dict()
-    upgrade_weights(state, expected)
-    bad = sorted(set(expected) ^ set(state)) + [
-        f"{name} {tuple(state[name].shape)} != {tuple(tensor.shape)}"
-        for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
-    if bad:
-        raise ValueError(f"checkpoint {folder}: weights do not match its model config: {', '.join(bad[:5])}"
-                         + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
-    model.load_state_dict(state)
-    return model.to(device).eval(), model_config, diffusion_config, config

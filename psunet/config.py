@@ -139,6 +139,25 @@ class DiffusionConfig(StrictModel):
         return self.timesteps != "shared"
 
 
+class OptimConfig(StrictModel):
+    """The optimizer, its learning-rate schedule and the training step's precision (psunet.training)."""
+
+    steps: int = Field(1000, ge=1, description="total optimizer steps")
+    batch_size: int = Field(64, ge=1, description="per training worker at the most workers (run.num_workers' "
+                            "maximum); the global batch, batch_size x that maximum, stays the same when "
+                            "fewer workers run (gradient accumulation)")
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.03, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = False
+    seed: int = 0
+
+
 def baseline_of(config: ModelConfig) -> ModelConfig:
     """The U-ViT-multi baseline at equal parameters: every modality-specific block moves to the shared part.
 

@@ -240,7 +240,8 @@ class PSUNet(nn.Module):
         x = patches.reshape(b, side, side, c.latent_channels, p, p)
         return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c.latent_channels, c.latent_size, c.latent_size)
 
-    def _run(self, block: Block, tokens, skip, paint):
+    def run_block(self, block: Block, tokens, skip, paint):
+        """One block, through activation checkpointing when the config asks for it while training."""
         if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(block, tokens, skip, paint, use_reentrant=False)
         return block(tokens, skip, paint)
@@ -281,19 +282,19 @@ class PSUNet(nn.Module):
 
         image_tokens = torch.cat([time_image, self.image_in(self.patchify(image_latents)) + self.image_pos], 1)
         text_tokens = torch.cat([time_text, self.text_in(text_vectors) + self.text_pos], 1)
-        image_tokens, image_skips = self.image_specific.run_in(image_tokens, self._run)
-        text_tokens, text_skips = self.text_specific.run_in(text_tokens, self._run)
+        image_tokens, image_skips = self.image_specific.run_in(image_tokens, self.run_block)
+        text_tokens, text_skips = self.text_specific.run_in(text_tokens, self.run_block)
 
         # shared sequence: [image-branch time, text-branch time, text tokens, image tokens]
         n_text = self.config.text_len
         tokens = torch.cat([image_tokens[:, :1], text_tokens[:, :1], text_tokens[:, 1:], image_tokens[:, 1:]], 1)
-        tokens, shared_skips = self.shared.run_in(tokens, self._run, paint)
-        tokens = self.shared.run_out(tokens, shared_skips, self._run, paint)
+        tokens, shared_skips = self.shared.run_in(tokens, self.run_block, paint)
+        tokens = self.shared.run_out(tokens, shared_skips, self.run_block, paint)
         text_out = tokens[:, 1:TEXT_OFFSET + n_text]
         image_out = torch.cat([tokens[:, :1], tokens[:, TEXT_OFFSET + n_text:]], 1)
 
-        image_out = self.image_specific.run_out(image_out, image_skips, self._run)
-        text_out = self.text_specific.run_out(text_out, text_skips, self._run)
+        image_out = self.image_specific.run_out(image_out, image_skips, self.run_block)
+        text_out = self.text_specific.run_out(text_out, text_skips, self.run_block)
 
         eps_image = self.image_conv(self.unpatchify(self.image_head(self.image_norm(image_out[:, 1:]))))
         eps_text = self.text_head(self.text_norm(text_out[:, 1:]))

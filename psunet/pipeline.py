@@ -1,11 +1,16 @@
 """A trained model with its autoencoder and word vectors: the tasks users call, all through one sampler.
 
-    pipe = PSUNetPipeline.from_pretrained("runs/demo/checkpoint_...")
-    images, _ = pipe.text_to_image(["a small red circle on the left"])
-    captions = pipe.image_to_text(images_uint8)
-    result = pipe.infill(prompts=["a [?] circle on the [?]"], images=images, image_masks=masks)
+    pipe = PSUNetPipeline.from_pretrained("runs/demo/model")            # or "models:/psunet/3", a checkpoint
+    out = pipe(prompt="a small red circle on the left", num_inference_steps=25, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(0))
+    out.images[0].save("circle.png")                                       # PIL, as diffusers pipelines give
+    captions = pipe(image=Image.open("shape.png")).captions                 # image -> text
+    filled = pipe(prompt="a [?] circle on the [?]", image=image, mask_image=mask)  # infill both
+    pipe.save_pretrained("my-model")
 
-Every task is `infill` (one sampler run, psunet.sampling) with a different known part and mask.
+Calling the pipeline follows diffusers' conventions; the task methods below it (`infill`, `text_to_image`,
+`image_to_text`, `generate`) take and give numpy arrays and are what jobs and the service use. Every task is
+`infill` (one sampler run, psunet.sampling) with a different known part and mask.
 Image masks are per pixel, True where the image is to be generated; a latent cell is known only when
 none of its pixels is to be generated, and known pixels are pasted back into the output unchanged. In
 a prompt, `[?]` marks a word to fill in; the given words come back unchanged. Paint-with-words steers
@@ -17,26 +22,40 @@ run is going and `pending.keep(rows)` drops samples nobody waits for any more.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from psunet import model_folder
 from psunet.autoencoder import Autoencoder
-from psunet.checkpoint import load_model, load_state
 from psunet.config import DiffusionConfig, ModelConfig
 from psunet.model import PSUNet
 from psunet.paint import PaintWithWords
+from psunet.progress import progress
 from psunet.sampling import Guidance, InfillRun, SampleOutput, run_to_end, step_together
 from psunet.settings import SamplerSettings
 from psunet.text import BLANK, END, TextCodec, load_vectors, tokenize
 
 Paint = list[list[tuple[int | str, np.ndarray]]]  # per prompt: (word index or the word itself, (H, W) bool region)
+ImageInput = Image.Image | list[Image.Image] | np.ndarray  # PIL image(s), or (B, H, W, 3) uint8
 
-ASSETS = "assets.json"
 PRECISIONS = ("fp32", "bf16")
+OUTPUT_TYPES = ("pil", "np")
+
+
+@dataclass
+class PSUNetPipelineOutput(BaseOutput):
+    """What calling the pipeline returns: images (PIL, or (B, H, W, 3) floats in [0, 1] for output_type "np"),
+    captions, and per prompt the words the model does not know."""
+
+    images: list[Image.Image] | np.ndarray
+    captions: list[str]
+    unknown_words: list[list[str]]
 
 
 @dataclass
@@ -76,6 +95,7 @@ class PSUNetPipeline:
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     training_step: int | None = None  # the step the weights were saved at, when the folder records it
     precision: str = "fp32"  # bf16: the denoiser's weights and matmuls in bfloat16 (the sampler's state stays fp32)
+    progress_bar: bool = True  # calling the pipeline shows its steps (psunet.progress) when sampling takes a while
 
     @property
     def device(self) -> torch.device:
@@ -88,33 +108,70 @@ class PSUNetPipeline:
         return self
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, weights: str = "ema", device: str = "cpu",
-                        precision: str = "fp32") -> "PSUNetPipeline":
-        """Load a checkpoint folder whose `assets.json` names the autoencoder and the word vectors.
+    def from_pretrained(cls, reference: str | Path, weights: str = "ema", device: str = "cpu",
+                        precision: str = "fp32", **source_options) -> "PSUNetPipeline":
+        """Load a model folder (psunet.model_folder), a training checkpoint, or a model URI (models:/<name>/<version>,
+        runs:/<run id>/model: resolved by an installed model source; `source_options` such as tracking_uri go to it).
 
-        Relative asset paths are resolved against the folder, so a bundled model folder is self-contained.
         precision "bf16" casts the denoiser to bfloat16 (GPUs, and CPUs with native bf16 such as AVX512-BF16/AMX).
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        folder = Path(folder)
-        model, model_config, diffusion_config, _ = load_model(folder, weights=weights, device=device)
+        files = model_folder.locate(model_folder.resolve(reference, **source_options), weights)
+        model, model_config, diffusion_config, _ = model_folder.load_model(files.folder, weights=weights,
+                                                                           device=device)
         if precision == "bf16":
             model.to(torch.bfloat16)
-        assets_path = folder / ASSETS
-        if not assets_path.is_file():
-            raise FileNotFoundError(f"checkpoint {folder} has no {ASSETS} (autoencoder and word vectors)")
-        assets = json.loads(assets_path.read_text())
-        autoencoder_ref = assets["autoencoder"]
-        if assets.get("autoencoder_is_local", True):
-            autoencoder_ref = str((folder / autoencoder_ref).resolve())
-        vectors = load_vectors(folder / assets["word_vectors"], assets.get("word_vectors_sha256"))
-        codec = TextCodec(vectors, model_config.text_len)
+        codec = TextCodec(load_vectors(files.word_vectors, files.word_vectors_sha256), model_config.text_len)
         if codec.dim != model_config.word_dim:
             raise ValueError(f"word vectors are {codec.dim}-d but the model's word_dim is {model_config.word_dim}")
-        step = load_state(folder).get("step") if (folder / "state.json").is_file() else None
-        return cls(model, model_config, diffusion_config, codec, Autoencoder.load(autoencoder_ref, device=device),
-                   training_step=step, precision=precision)
+        settings = SamplerSettings.model_validate(files.sampler) if files.sampler else SamplerSettings()
+        return cls(model, model_config, diffusion_config, codec, Autoencoder.load(str(files.autoencoder), device=device),
+                   settings=settings, training_step=files.step, precision=precision)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write this pipeline as a model folder (replaced if it exists): weights, configs, autoencoder, word
+        vectors and the default sampler settings; `from_pretrained(folder)` gives it back."""
+        config = {"model": self.model_config.model_dump(), "diffusion": self.diffusion_config.model_dump()}
+        if hasattr(self.model, "intervals"):
+            config["experts"] = {"intervals": [list(pair) for pair in self.model.intervals]}
+        weights = {name: tensor.float() for name, tensor in self.model.state_dict().items()}
+        return model_folder.write(folder, config, weights, self.autoencoder.vae, self.codec.keyed_vectors,
+                                  {"step": self.training_step}, self.settings.model_dump())
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, image: ImageInput | None = None,
+                 mask_image: ImageInput | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | tuple[float, float] | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 batch_size: int | None = None) -> PSUNetPipelineOutput:
+        """Text->image (prompt), image->text (image), infilling (prompt with [?] blanks, image with mask_image),
+        or unconditional pairs (batch_size), with diffusers' argument names.
+
+        image: PIL image(s) or (B, H, W, 3) uint8 at the model's resolution; mask_image: PIL masks (white = generate,
+        as diffusers' inpainting) or (B, H, W) bool (True = generate); guidance_scale: one for both modalities or an
+        (image, text) pair; generator: one torch.Generator for the batch or one per sample (defaults: the
+        pipeline's settings, seed included). output_type "pil" or "np" (floats in [0, 1])."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        settings = self.settings
+        if num_inference_steps is not None:
+            settings = SamplerSettings.model_validate({**settings.model_dump(), "steps": num_inference_steps})
+        if guidance_scale is not None:
+            settings = settings.with_guidance(guidance_scale)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        generators = [generator] if isinstance(generator, torch.Generator) else generator
+        if batch_size is None and prompt is None and image is None:
+            batch_size = 1
+        pending = self.start_infill(prompts, _as_images(image), _as_masks(mask_image), batch_size, settings,
+                                    generators=generators)
+        steps = range(pending.run.steps)
+        for _ in progress(steps, desc="sampling", unit="step") if self.progress_bar else steps:
+            self.step([pending.run])
+        result = self.finish_infill(pending)
+        images = [Image.fromarray(array) for array in result.images] if output_type == "pil" else \
+            result.images.astype(np.float32) / 255
+        return PSUNetPipelineOutput(images, result.captions, result.unknown_words)
 
     def denoise(self, image: torch.Tensor, text: torch.Tensor, times: torch.Tensor, **options):
         """One network evaluation in the pipeline's precision (what the sampler calls)."""
@@ -123,7 +180,8 @@ class PSUNetPipeline:
 
     def start(self, batch_size: int, settings: SamplerSettings | None = None, seeds: list[int] | None = None,
               guidance_scales: list[Guidance] | None = None, **known) -> InfillRun:
-        """The sampler's run with these settings; `seeds` / `guidance_scales` (one per sample) override theirs."""
+        """The sampler's run with these settings; `seeds` / `guidance_scales` (one per sample) override theirs;
+        `known` holds the known parts, paint and generators (InfillRun's arguments)."""
         return InfillRun(self.model_config, self.diffusion_config, batch_size, settings=settings or self.settings,
                          seeds=seeds, guidance_scales=guidance_scales, device=self.device, **known)
 
@@ -162,12 +220,14 @@ class PSUNetPipeline:
                      image_masks: np.ndarray | None = None, count: int | None = None,
                      settings: SamplerSettings | None = None, seeds: list[int] | None = None,
                      guidance_scales: list[Guidance] | None = None, paint: Paint | None = None,
-                     paint_weight: float = 1.0, paint_fraction: float = 1.0) -> PendingInfill:
+                     paint_weight: float = 1.0, paint_fraction: float = 1.0,
+                     generators: list[torch.Generator] | None = None) -> PendingInfill:
         """`infill`'s first half: inputs checked and encoded, the sampler's run started (no step taken).
+        generators: torch.Generators in place of seeds (one, or one per sample).
 
         Advance `pending.run` with `step` (with other runs or alone), then `finish_infill(pending)`."""
         batch = self._batch_size(prompts, images, image_masks, count)
-        known = {}
+        known = {} if generators is None else {"generators": generators}
         unknown_words: list[list[str]] = [[] for _ in range(batch)]
         if prompts is not None:
             encoded = self.codec.encode(self.check_prompts(prompts))
@@ -330,3 +390,19 @@ class PSUNetPipeline:
 
     def decode_images(self, latents: torch.Tensor) -> np.ndarray:
         return Autoencoder.to_uint8(self.autoencoder.decode(latents.to(self.autoencoder.device)))
+
+
+def _as_images(image: ImageInput | None) -> np.ndarray | None:
+    """PIL image(s) as (B, H, W, 3) uint8; arrays pass through (checked by the pipeline)."""
+    if image is None or isinstance(image, np.ndarray):
+        return image
+    images = [image] if isinstance(image, Image.Image) else image
+    return np.stack([np.asarray(picture.convert("RGB")) for picture in images])
+
+
+def _as_masks(mask_image: ImageInput | None) -> np.ndarray | None:
+    """PIL mask(s) (white = generate) as (B, H, W) bool; arrays pass through (checked by the pipeline)."""
+    if mask_image is None or isinstance(mask_image, np.ndarray):
+        return mask_image
+    masks = [mask_image] if isinstance(mask_image, Image.Image) else mask_image
+    return np.stack([np.asarray(mask.convert("L")) > 127 for mask in masks])

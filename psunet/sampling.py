@@ -71,6 +71,22 @@ def _per_sample(name: str, values, batch: int) -> list:
     return values
 
 
+def _generators(seeds: Sequence[int] | None, generators: Sequence[torch.Generator] | None, seed: int, batch: int,
+                device: torch.device) -> list[torch.Generator]:
+    """The run's random generators (one, or one per sample): the caller's, or seeded ones on `device`."""
+    if generators is not None:
+        if seeds is not None:
+            raise ValueError("give seeds or generators, not both")
+        return _per_sample("generators", generators, batch)
+    seeds = _per_sample("seeds", [seed] if seeds is None else seeds, batch)
+    return [torch.Generator(device=device).manual_seed(int(value)) for value in seeds]
+
+
+def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (a CPU generator also drives a GPU run), on `device`."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
 def run_settings(settings: SamplerSettings | None, options: dict) -> SamplerSettings:
     """The settings object, or one built from SamplerSettings fields given as keywords (not both)."""
     if settings is not None and options:
@@ -93,12 +109,12 @@ class InfillRun:
                  text_known: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
                  settings: SamplerSettings | None = None, seeds: Sequence[int] | None = None,
                  guidance_scales: Sequence[Guidance] | None = None, device: torch.device | str = "cpu",
-                 paint: PaintWithWords | None = None, **options):
+                 paint: PaintWithWords | None = None, generators: Sequence[torch.Generator] | None = None,
+                 **options):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         c, b = model_config, batch_size
         settings = run_settings(settings, options).check_for(diffusion_config.num_train_timesteps)
-        seeds = _per_sample("seeds", [settings.seed] if seeds is None else seeds, b)
         scales = [settings.guidance] if guidance_scales is None else \
             [settings.with_guidance(scale).guidance for scale in guidance_scales]
         scales = _per_sample("guidance_scales", scales, b)
@@ -115,7 +131,7 @@ class InfillRun:
             paint.check(c, b)
         self.text_given, self.text_known = text_known, text_known * diffusion_config.text_scale
 
-        self.generators = [torch.Generator(device=device).manual_seed(int(value)) for value in seeds]
+        self.generators = _generators(seeds, generators, settings.seed, b, device)
         self.schedule = NoiseSchedule(diffusion_config)
         self.image_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing)
         self.text_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing)
@@ -155,8 +171,8 @@ class InfillRun:
         if len(self.generators) == 1:
             if rows is not None and not bool(rows.any()):
                 return torch.zeros(shape, device=self.device)
-            return torch.randn(shape, device=self.device, generator=self.generators[0])
-        draws = [torch.randn((1, *shape[1:]), device=self.device, generator=g)
+            return _randn(shape, self.generators[0], self.device)
+        draws = [_randn((1, *shape[1:]), g, self.device)
                  if rows is None or rows[i] else torch.zeros((1, *shape[1:]), device=self.device)
                  for i, g in enumerate(self.generators)]
         return torch.cat(draws)
@@ -320,6 +336,7 @@ def joint_infill(
     guidance_scales: Sequence[Guidance] | None = None,
     device: torch.device | str = "cpu",
     paint: PaintWithWords | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     **options,
 ) -> SampleOutput:
     """Sample both modalities given any known parts.
@@ -330,9 +347,10 @@ def joint_infill(
     settings: a SamplerSettings, or its fields as keywords (steps=25, scheduler="ddim", guidance_scale=3, ...).
     seeds / guidance_scales: one per sample in place of the settings' single value (a scale is one number for
     both modalities or an (image, text) pair); with a seed per sample each sample's noise comes from its own
-    generator, so it does not depend on its batch mates.
+    generator, so it does not depend on its batch mates. generators: torch.Generators in place of seeds (one, or
+    one per sample), as diffusers pipelines take them; they advance as the run draws noise.
     paint: paint-with-words regions for caption words (psunet.paint); the bias goes on the conditional pass.
     """
     return run_to_end(model, InfillRun(model_config, diffusion_config, batch_size, image_known, image_mask,
                                        text_known, text_mask, settings, seeds, guidance_scales, device, paint,
-                                       **options))
+                                       generators, **options))

@@ -61,33 +61,32 @@ def demo_set(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="session")
 def tiny_model(demo_set, tmp_path_factory):
-    """A tiny model trained briefly on the demo shards, bundled the way jobs/train.py bundles it."""
+    """A tiny model trained briefly on the demo shards with the training step (psunet.training), bundled the way
+    jobs/train.py bundles it."""
     import json
 
     from jobs.config import load_config
-    from jobs.train import assets_for, bundle_model
     from psunet.checkpoint import save_checkpoint
     from psunet.data import make_loader
-    from psunet.diffusion import NoiseSchedule, diffusion_loss
+    from psunet.diffusion import NoiseSchedule
     from psunet.ema import EMA
     from psunet.model import PSUNet
-    from psunet.pipeline import ASSETS
+    from psunet.model_folder import ASSETS, assets_for, bundle
+    from psunet.training import lr_at, make_optimizer, train_step
 
     cfg = load_config("configs/tiny.yaml", [f"data.train={demo_set}/train", f"data.val={demo_set}/val"]).resolved()
+    optim = cfg.optim.model_copy(update={"steps": 60, "batch_size": 16, "lr": 2e-3})
     model = PSUNet(cfg.model)
-    ema = EMA(model, 0.9)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    ema = EMA(model, optim.ema_decay)
+    optimizer = make_optimizer(model, optim)
     schedule = NoiseSchedule(cfg.diffusion)
-    batches = iter(make_loader(cfg.data.train, 16, cfg.model, training=True, seed=0, rank=0, world_size=1))
-    for _ in range(60):
-        batch = next(batches)
-        loss = diffusion_loss(model, schedule, cfg.diffusion, batch["latent"], batch["text"]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        ema.update(model)
+    batches = iter(make_loader(cfg.data.train, optim.batch_size, cfg.model, training=True, seed=0, rank=0,
+                               world_size=1))
+    for step in range(optim.steps):
+        train_step(model, model, optimizer, ema, schedule, cfg.diffusion, [next(batches)], lr_at(step, optim),
+                   torch.device("cpu"), grad_clip=optim.grad_clip)
     root = tmp_path_factory.mktemp("model")
-    checkpoint = save_checkpoint(root / "checkpoint", model, ema.state_dict(), optimizer, {"step": 60},
+    checkpoint = save_checkpoint(root / "checkpoint", model, ema.state_dict(), optimizer, {"step": optim.steps},
                                  {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump()})
     (checkpoint / ASSETS).write_text(json.dumps(assets_for(cfg.data.train)))
-    return bundle_model(str(checkpoint), root / "model")
+    return bundle(checkpoint, root / "model")

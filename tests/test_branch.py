@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from jobs.sample import main as sample_main
 from jobs.train import main
-from psunet.checkpoint import load_model
+from psunet.model_folder import load_model
 from psunet.config import DiffusionConfig, preset
 from psunet.diffusion import NoiseSchedule, diffusion_loss
 from psunet.experts import ExpertEnsemble
@@ -74,13 +74,13 @@ def test_branch_training_runs_k_trainers_and_assembles_one_model(tiny_model, dem
                                   filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'")
     assert sorted(c.info.run_name for c in children) == ["branch-expert0", "branch-expert1"]
     assert all(c.data.params["branch.time_range"] in ("[0, 500]", "[500, 1000]") for c in children)
-    assert {a.path for a in client.list_artifacts(summary["run_id"], "model")} >= {"model/ema.safetensors",
-                                                                                   "model/config.json"}
+    assert {a.path for a in client.list_artifacts(summary["run_id"], "model")} >= {"model/model_index.json",
+                                                                                   "model/denoiser"}
 
     # the assembled folder: an ensemble of two fine-tuned copies of the base
     ensemble, model_config, _, config = load_model(summary["model"])
     assert isinstance(ensemble, ExpertEnsemble) and ensemble.intervals == [(0, 500), (500, 1000)]
-    base = load_file(str(Path(tiny_model) / "ema.safetensors"))
+    base = load_file(str(Path(tiny_model) / "denoiser/diffusion_pytorch_model.safetensors"))
     experts = [e.state_dict() for e in ensemble.experts]
     name = "shared.mid_block.attn.qkv.weight"
     assert not torch.equal(experts[0][name], base[name]) and not torch.equal(experts[1][name], base[name])
@@ -105,7 +105,7 @@ def test_branch_training_runs_k_trainers_and_assembles_one_model(tiny_model, dem
     (["--init-from", "{model}", "--intervals", "0:600,500:1000"], "overlap"),
     (["--init-from", "{model}", "--experts", "2", "--intervals", "0:500,500:1000"], "not both"),
     (["--init-from", "{model}", "--experts", "2", "model.width=64"], "model.width: base 32, config 64"),
-    (["--init-from", "{nowhere}", "--experts", "2"], "not a model or checkpoint folder"),
+    (["--init-from", "{nowhere}", "--experts", "2"], "not a model folder or training checkpoint"),
     (["--init-from", "{model}", "branch.time_range=[500,2000]"], "branch.time_range"),
 ])
 def test_bad_branch_requests_are_refused_before_anything_starts(tiny_model, demo_set, tmp_path, capsys, extra,

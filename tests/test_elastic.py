@@ -5,12 +5,13 @@ that gives the same update as one big batch, and the validation task's Ray resou
 import pytest
 import torch
 
-import jobs.train
+import psunet.training
 from jobs.config import load_config, worker_range
-from jobs.train import SampleStream, rank_split, task_resources, train_step
+from jobs.training_run import SampleStream, task_resources
 from psunet.diffusion import LossOutput, NoiseSchedule
 from psunet.ema import EMA
 from psunet.model import PSUNet
+from psunet.training import rank_split, train_step
 
 TINY = "configs/tiny.yaml"
 
@@ -76,7 +77,7 @@ def fixed_loss(net, schedule, config, latents, text, time_range=None) -> LossOut
 def test_accumulated_micro_batches_give_the_update_of_one_batch(monkeypatch):
     """One batch of 8, and micro-batches of 3 + 5 weighted by their share of the global batch, leave the same
     weights; the reported loss is the same sample-weighted mean."""
-    monkeypatch.setattr(jobs.train, "diffusion_loss", fixed_loss)
+    monkeypatch.setattr(psunet.training, "diffusion_loss", fixed_loss)
     cfg = load_config(TINY, ["data.train=x"])
     c = cfg.model
     batch = {"latent": torch.randn(8, *c.latent_shape), "text": torch.randn(8, c.text_len, c.word_dim)}
@@ -86,8 +87,8 @@ def test_accumulated_micro_batches_give_the_update_of_one_batch(monkeypatch):
         torch.manual_seed(0)
         model = PSUNet(c)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        out, _ = train_step(model, model, optimizer, EMA(model, 0.9), NoiseSchedule(cfg.diffusion), cfg, batches,
-                            0.1, torch.device("cpu"), global_batch=8)
+        out, _ = train_step(model, model, optimizer, EMA(model, 0.9), NoiseSchedule(cfg.diffusion), cfg.diffusion,
+                            batches, 0.1, torch.device("cpu"), grad_clip=cfg.optim.grad_clip, global_batch=8)
         results.append((out.loss.item(), torch.cat([p.detach().flatten() for p in model.parameters()])))
     torch.manual_seed(0)
     start = torch.cat([p.detach().flatten() for p in PSUNet(c).parameters()])

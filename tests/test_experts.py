@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from psunet.checkpoint import load_model, save_weights
+from psunet.checkpoint import save_weights
+from psunet.model_folder import load_model
 from psunet.config import DiffusionConfig, preset
 from psunet.experts import ExpertEnsemble, binary_split, check_intervals, parse_intervals
 from psunet.sampling import joint_infill

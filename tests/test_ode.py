@@ -50,7 +50,7 @@ def test_euler_with_one_step_is_a_weight_tied_discrete_stack():
     shared = model.shared
     tokens = torch.randn(2, 34, config.width)
     with torch.no_grad():
-        mid_in, skips = shared.run_in(tokens, model._run)
+        mid_in, skips = shared.run_in(tokens, model.run_block)
         expected = tokens
         for skip in skips:
             expected = expected + shared.in_block.residual(expected)

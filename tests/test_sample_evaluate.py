@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.evaluate import blank_colour, frechet_distance, is_demo_data, sweep_settings, wilson_interval
+from jobs.evaluate import sweep_settings
 from jobs.evaluate import main as evaluate_main
+from jobs.quality import blank_colour, frechet_distance, is_demo_data, wilson_interval
 from jobs.model_ref import load_pipeline
 from jobs.sample import main as sample_main
 from psunet.data import make_loader
-from psunet.pipeline import ASSETS
 from psunet.settings import SamplerSettings, parse_guidance
 
 FAST = ["--steps", "4"]
@@ -187,9 +187,9 @@ def test_a_model_from_an_mlflow_run_needs_no_other_files(tiny_model, tmp_path):
 def _mismatched_model(tiny_model, tmp_path) -> str:
     broken = tmp_path / "mismatched"
     shutil.copytree(tiny_model, broken)
-    config = json.loads((broken / "config.json").read_text())
+    config = json.loads((broken / "denoiser/config.json").read_text())
     config["model"]["width"] *= 2
-    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "denoiser/config.json").write_text(json.dumps(config))
     return str(broken)
 
 
@@ -261,9 +261,9 @@ def test_an_invalid_per_modality_guidance_scale_is_refused_naming_its_field(tiny
     assert not out.exists()
 
 
-@pytest.mark.parametrize("which,message", [("missing", "neither a folder nor an MLflow URI"),
+@pytest.mark.parametrize("which,message", [("missing", "neither a folder nor a model URI"),
                                            ("mismatched", "weights do not match its model config"),
-                                           ("no-assets", "assets.json")])
+                                           ("no-vectors", "has no word_vectors/words.bin")])
 def test_a_missing_or_mismatched_checkpoint_is_named(tiny_model, tmp_path, capsys, which, message):
     if which == "missing":
         model = str(tmp_path / "nowhere")
@@ -272,7 +272,7 @@ def test_a_missing_or_mismatched_checkpoint_is_named(tiny_model, tmp_path, capsy
     else:
         model = str(tmp_path / "bare")
         shutil.copytree(tiny_model, model)
-        (Path(model) / ASSETS).unlink()
+        (Path(model) / "word_vectors/words.bin").unlink()
     out = tmp_path / "out"
     assert sample_main(["--model", model, "--out", str(out), "--prompt", "a red circle", *FAST]) == 2
     assert message in capsys.readouterr().err
@@ -308,7 +308,7 @@ def test_wilson_interval_and_demo_detection():
 
 
 def test_frechet_distance_tells_real_from_noise(tiny_model, demo_set):
-    from jobs.evaluate import AutoencoderFeatures
+    from jobs.quality import AutoencoderFeatures
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     pipe = load_pipeline(str(tiny_model))

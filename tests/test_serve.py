@@ -112,9 +112,9 @@ def test_health_model_page_and_openapi(service, tiny_model):
     from psunet.text import TextCodec, load_vectors
 
     info = requests.get(f"{service}/v1/model").json()
-    assert info["vocabulary_size"] == len(TextCodec(load_vectors(tiny_model / "words.bin"), 16).vocab)
+    assert info["vocabulary_size"] == len(TextCodec(load_vectors(tiny_model / "word_vectors/words.bin"), 16).vocab)
     assert info["resolution"] == 32 and info["parameters"] > 1000
-    assert info["training_step"] == json.loads((tiny_model / "state.json").read_text())["step"]
+    assert info["training_step"] == json.loads((tiny_model / "training.json").read_text())["step"]
     assert info["model_config"]["text_len"] == 16 and info["limits"]["max_samples"] == 4
     assert info["precision"] == "fp32" and info["threads"] == 1  # num_cpus 1: one torch thread
     assert info["defaults"] == {"steps": 25, "scheduler": "dpmsolver++", "spacing": "trailing",
@@ -144,7 +144,7 @@ def test_text_to_image_json_and_png(service):
 def test_image_to_text_generate_and_infill(service, tiny_model):
     from psunet.text import load_vectors
 
-    vocabulary = set(load_vectors(tiny_model / "words.bin").key_to_index)
+    vocabulary = set(load_vectors(tiny_model / "word_vectors/words.bin").key_to_index)
     picture = _picture()
     answer = requests.post(f"{service}/v1/image-to-text", json={"image": _png(picture), "steps": 3,
                                                                  "num_samples": 2}).json()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from jobs.config import load_config
-from jobs.train import lr_at, main
+from jobs.train import main
+from psunet.training import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -48,11 +48,11 @@ def sweep_cluster(tmp_path_factory):
 
 def _run_tune(args: list[str], env: dict | None = None) -> dict:
     """jobs/tune.py as users run it: its own process (a local Ray instance, or the cluster `env` names);
-    the summary it prints."""
+    all it wrote (standard output, then standard error) and the summary it prints."""
     done = subprocess.run([sys.executable, "jobs/tune.py", *args], capture_output=True, text=True, timeout=600,
                           env=env or {**os.environ, "RAY_AUTH_MODE": "token"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout, json.loads(done.stdout.split("tune: done ", 1)[1].splitlines()[0])
+    return done.stdout + done.stderr, json.loads(done.stdout.split("tune: done ", 1)[1].splitlines()[0])
 
 
 def _sweep(tmp_path, demo_set, **fields) -> str:
@@ -125,8 +125,9 @@ def test_a_split_sweep_with_both_directions_as_objective(tmp_path, demo_set):
     path = _sweep(tmp_path, demo_set, search={"model.n_text+model.n_image": {"grid": [[0, 0], [1, 1]]}},
                   hold_parameters=True, objective="accuracy",
                   evaluation={"guidance_scales": [1.0, 3.0], "steps": 2, "samples": 4})
-    _, summary = _run_tune(["train", "--sweep", path])
+    output, summary = _run_tune(["train", "--sweep", path])
     assert summary["trials"] == 2 and summary["errors"] == 0
+    assert "sweep: 2/2 trials (100%)" in output  # not a terminal: a progress line when the last trial ends
     assert summary["best"]["model.n_text+model.n_image"] in ([0, 0], [1, 1])
     table = pd.read_csv(summary["results"])
     assert sorted(table["shared_depth"]) == [1, 5]  # tiny preset: (1, 1, 1) holds as many parameters as (0, 0, 5)
