@@ -106,8 +106,8 @@ def train_vae(
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.note(f"loss {loss.item():.4f}")
         if step % log_every == 0 or step == steps:
+            bar.note(f"loss {loss.item():.4f}")
             rate = step * len(batch) / (time.perf_counter() - started)
             log(f"vae step {step}/{steps} loss {loss.item():.4f} ({rate:.0f} img/s)")
 

@@ -301,7 +301,6 @@ def validate_checkpoint(checkpoint, config: dict, run_id: str, tracking_uri: str
     """A Ray validation task (off the training path): the checkpoint's EMA weights on the held-out batches,
     and with `samples` the sample grids and demo accuracies, logged to the training run's MLflow run at the
     checkpoint's step. The returned metrics join the checkpoint's (they rank the kept checkpoints)."""
-
     cfg = TrainJobConfig.model_validate(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # a task process validates many checkpoints (of one run, or of a sweep's trials): load the held-out data once

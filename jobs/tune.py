@@ -50,6 +50,7 @@ EVAL_KEYS = {"eval.guidance_scale": "guidance_scale", "eval.steps": "steps"}  # 
 SWEEP_TAG = "psunet.sweep"
 # a trial's driver only waits on its TorchTrainer; Tune refuses an empty resource request, so it asks for a sliver
 DRIVER_CPU = 0.01
+ENDED = ("TERMINATED", "ERROR")  # the statuses of a trial that will not run again
 
 
 class ParamSpec(StrictModel):
@@ -418,18 +419,20 @@ class TrialProgress(Callback):
         self.bar = progress(total=total_num_samples, desc=self.desc, unit="trials")
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        if self.bar is None:
-            return
-        statuses = [trial.status for trial in trials]
-        ended = sum(status in ("TERMINATED", "ERROR") for status in statuses)
-        self.bar.note(f"{statuses.count('RUNNING')} running, {statuses.count('ERROR')} errored")
-        if ended > self.bar.done:
-            self.bar.update(ended - self.bar.done)
+        if self.bar is not None:
+            self.count(trials)
 
     def on_experiment_end(self, trials: list, **info) -> None:
         if self.bar is not None:
-            self.on_step_end(0, trials)
+            self.count(trials)
             self.bar.close()
+
+    def count(self, trials: list) -> None:
+        statuses = [trial.status for trial in trials]
+        ended = sum(status in ENDED for status in statuses)
+        self.bar.note(f"{statuses.count('RUNNING')} running, {statuses.count('ERROR')} errored")
+        if ended > self.bar.done:
+            self.bar.update(ended - self.bar.done)
 
 
 class SweepInterrupted(RuntimeError):
@@ -445,7 +448,7 @@ def check_complete(grid, expected_trials: int):
     from ray.tune import ExperimentAnalysis
 
     saved = ExperimentAnalysis(grid.experiment_path).trials
-    ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+    ended = sum(trial.status in ENDED for trial in saved)
     if ended < expected_trials:
         raise SweepInterrupted(f"interrupted with {ended} of {expected_trials} trials ended; run the same command "
                                "again to continue (finished trials are kept, the others start again, a training "

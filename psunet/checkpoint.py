@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
 

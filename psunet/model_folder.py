@@ -217,7 +217,12 @@ def load_model(folder: str | Path, weights: str = "ema", device: str | torch.dev
                ) -> tuple[PSUNet | ExpertEnsemble, ModelConfig, DiffusionConfig, dict]:
     """A ready-to-sample model from a model folder or a training checkpoint: (model in eval mode, configs,
     config dict). Refuses weights that do not fit the config, naming the mismatched tensors."""
-    files = locate(folder, weights, assets=False)
+    return model_from(locate(folder, weights, assets=False), device)
+
+
+def model_from(files: ModelFiles, device: str | torch.device = "cpu"
+               ) -> tuple[PSUNet | ExpertEnsemble, ModelConfig, DiffusionConfig, dict]:
+    """load_model for parts already located."""
     model, model_config, diffusion_config = build_model(files.config)
     state = load_file(str(files.weights))
     expected = model.state_dict()
@@ -226,7 +231,7 @@ def load_model(folder: str | Path, weights: str = "ema", device: str | torch.dev
         f"{name} {tuple(state[name].shape)} != {tuple(tensor.shape)}"
         for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
     if bad:
-        raise ValueError(f"checkpoint {folder}: weights do not match its model config: {', '.join(bad[:5])}"
+        raise ValueError(f"checkpoint {files.folder}: weights do not match its model config: {', '.join(bad[:5])}"
                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
     model.load_state_dict(state)
     return model.to(device).eval(), model_config, diffusion_config, files.config

@@ -118,8 +118,7 @@ class PSUNetPipeline:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         files = model_folder.locate(model_folder.resolve(reference, **source_options), weights)
-        model, model_config, diffusion_config, _ = model_folder.load_model(files.folder, weights=weights,
-                                                                           device=device)
+        model, model_config, diffusion_config, _ = model_folder.model_from(files, device)
         if precision == "bf16":
             model.to(torch.bfloat16)
         codec = TextCodec(load_vectors(files.word_vectors, files.word_vectors_sha256), model_config.text_len)

@@ -3,6 +3,7 @@ checkpoint and a models:/ URI), and calls with prompt / image / mask_image / gen
 the task methods give."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -118,3 +119,24 @@ def test_a_checkpoint_converts_to_a_model_folder(tiny_model, tmp_path, capsys):
     np.testing.assert_array_equal(converted, PSUNetPipeline.from_pretrained(tiny_model).text_to_image(PROMPTS, settings)[0])
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "converted"), str(tmp_path / "converted")]) == 2  # not over its source
+    assert "not over it" in capsys.readouterr().err and (tmp_path / "converted" / MODEL_INDEX).is_file()
+
+
+def test_a_model_folder_in_the_earlier_flat_layout_still_loads(tiny_model, tmp_path):
+    """Folders written before model_index.json: config.json, ema.safetensors, state.json, and an assets.json naming
+    the word vectors and the autoencoder copied in beside them."""
+    checkpoint, old = tiny_model.parent / "checkpoint", tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", "ema.safetensors", "state.json"):
+        shutil.copy2(checkpoint / name, old / name)
+    shutil.copy2(tiny_model / "word_vectors/words.bin", old / "words.bin")
+    shutil.copytree(tiny_model / "autoencoder", old / "vae")
+    vectors = json.loads((tiny_model / "word_vectors/config.json").read_text())
+    (old / "assets.json").write_text(json.dumps({"word_vectors": "words.bin", "word_vectors_sha256": vectors["sha256"],
+                                                 "autoencoder": "vae", "autoencoder_is_local": True}))
+    settings = SamplerSettings(steps=2)
+    loaded = PSUNetPipeline.from_pretrained(old)
+    assert loaded.training_step == 60
+    np.testing.assert_array_equal(loaded.text_to_image(PROMPTS, settings)[0],
+                                  PSUNetPipeline.from_pretrained(tiny_model).text_to_image(PROMPTS, settings)[0])
