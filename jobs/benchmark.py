@@ -7,6 +7,7 @@
     python jobs/benchmark.py convergence --config configs/demo.yaml --steps 1000 --seeds 3 --accuracy-every 500
     python jobs/benchmark.py convergence --against ode --steps 1000 model.shared_depth=7 model.ode_solver=midpoint
     python jobs/benchmark.py convergence --against experts --experts 2 --steps 1500 --branch-at 1000
+    python jobs/benchmark.py time-to-quality --steps 1000 --seeds 3  # steps to quality thresholds per recipe
     python jobs/benchmark.py paint --model runs/<run>/model   # paint-with-words: objects landing in the region
     python jobs/benchmark.py serve --model runs/<run>/model   # Serve text-to-image, batching on vs off
     python jobs/benchmark.py checkpoints --steps 200          # checkpoint stall sync vs async, validation beside
@@ -380,16 +381,17 @@ def first_reach(points: list[tuple[float, float]], target: float, higher_is_bett
     return math.inf
 
 
-PROGRESS_KEYS = ("wall_seconds", "val_loss", "val_gap_image", "val_gap_text", "t2i_accuracy", "i2t_accuracy")
+PROGRESS_KEYS = ("wall_seconds", "val_loss", "val_gap_image", "val_gap_text", "t2i_accuracy", "i2t_accuracy",
+                 "t2i_colour", "t2i_all", "i2t_colour", "infill_colour", "joint_colour", "fid")
 
 
 def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, evaluate=None,
-              eval_every: int = 0, name: str = "") -> tuple[PSUNet, list[dict]]:
+              eval_at: set[int] = frozenset(), name: str = "") -> tuple[PSUNet, list[dict]]:
     """Train `model` in this process with the training job's own step (psunet.training.train_step) and lr schedule,
     for `steps` steps (cfg.branch.time_range limits the times); returns (EMA model, evaluation curve).
 
-    evaluate(ema_model, step) -> dict is called every `eval_every` steps and at the end; each curve point also
-    has the wall-clock seconds spent in training steps so far."""
+    evaluate(ema_model, step) -> dict is called after each step in `eval_at`; each curve point also has the
+    wall-clock seconds spent in training steps so far."""
     from psunet.data import make_loader
     from psunet.ema import EMA
     from psunet.training import lr_at, make_optimizer, train_step
@@ -407,7 +409,7 @@ def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, e
         train_step(model, model, optimizer, ema, schedule, cfg.diffusion, [next(batches)], lr_at(step, optim), device,
                    grad_clip=optim.grad_clip, time_range=cfg.branch.time_range)
         training_seconds += time.perf_counter() - started
-        if evaluate and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        if evaluate and step + 1 in eval_at:
             curve.append({"step": step + 1, "wall_seconds": training_seconds, **evaluate(ema.model, step + 1)})
             bar.write(f"convergence: {name} step {step + 1} " + " ".join(
                 f"{k}={v:.4g}" for k, v in curve[-1].items() if k in PROGRESS_KEYS), file=sys.stderr)
@@ -601,7 +603,8 @@ def convergence_run(cfg, name: str, seed: int, steps: int, held_out: HeldOut, ar
         return held_out(model, cfg.model, args.accuracy and (step % args.accuracy_every == 0 or step == steps))
 
     torch.manual_seed(seed)
-    _, curve = train_for(cfg, PSUNet(cfg.model).to(device), steps, seed, device, evaluate, args.eval_every,
+    eval_at = {*range(args.eval_every, steps + 1, args.eval_every), steps}
+    _, curve = train_for(cfg, PSUNet(cfg.model).to(device), steps, seed, device, evaluate, eval_at,
                          f"{name} seed {seed}")
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(curve))
@@ -1087,9 +1090,16 @@ def bench_checkpoints(args) -> dict:
     return figures
 
 
+def bench_time_to_quality(args) -> dict:
+    from jobs.time_to_quality import time_to_quality
+
+    return time_to_quality(args)
+
+
 COMMANDS = {"train": bench_train, "overhead": bench_overhead, "loader": bench_loader, "sampling": bench_sampling,
             "convergence": bench_convergence, "objectives": bench_objectives, "serve": bench_serve,
-            "paint": bench_paint, "gpu": bench_gpu, "checkpoints": bench_checkpoints}
+            "paint": bench_paint, "gpu": bench_gpu, "checkpoints": bench_checkpoints,
+            "time-to-quality": bench_time_to_quality}
 
 
 def machine_figures() -> dict:
@@ -1148,7 +1158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paint-weights", type=lambda text: [float(v) for v in text.split(",")], default=[0, 1, 4],
                         help="paint: comma-separated weights w (0 = no bias)")
     parser.add_argument("--paint-fraction", type=float, default=1.0, help="paint: share of steps with the bias")
-    parser.add_argument("--out-dir", default="runs/benchmark", help="convergence: where the curves PNG goes")
+    parser.add_argument("--out-dir", default="runs/benchmark", help="convergence, time-to-quality: where the curves "
+                        "PNG and the cached runs go")
+    parser.add_argument("--recipes", default="configs/studies/objective.yaml",
+                        help="time-to-quality: a YAML file of recipes (name: [section.field=value, ...])")
+    parser.add_argument("--only", type=lambda text: text.split(","), help="time-to-quality: these recipes only")
+    parser.add_argument("--eval-at", type=lambda text: [int(v) for v in text.split(",")], default=[250, 500, 750, 1000],
+                        help="time-to-quality: the steps at which each run is evaluated (the last step always)")
     parser.add_argument("--workers", type=int, default=1, help="checkpoints: training workers")
     parser.add_argument("--checkpoint-every", type=int, default=25, help="checkpoints: steps between checkpoints")
     parser.add_argument("--storage-path", help="checkpoints: where checkpoints go (a folder or a storage URI); "

@@ -177,16 +177,18 @@ def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, lim
     latents = torch.stack([item["latent"] for item in items])
     batches = [slice(start, start + batch_size) for start in range(0, len(items), batch_size)]
     real = np.concatenate([pipe.decode_images(latents[b]) for b in batches]) if want_images else None
-    per_setting = []
+    per_setting, joint_pairs = [], {}
     for setting in settings:
-        t2i_images, captions, joint_images, joint_captions, filled = [], [], [], [], []
+        t2i_images, captions, filled = [], [], []
+        # joint pairs have nothing known, so no guidance: settings that differ only in guidance share them
+        unguided = setting.with_guidance(1.0)
+        if demo and unguided not in joint_pairs:
+            pairs = [pipe.generate(len(references[b]), setting) for b in batches]
+            joint_pairs[unguided] = np.concatenate([p[0] for p in pairs]), [c for p in pairs for c in p[1]]
         for b in batches:
             t2i_images.append(pipe.text_to_image(references[b], setting)[0])
             captions += pipe.captions_for_latents(latents[b], setting)
             if demo:
-                images, generated = pipe.generate(len(references[b]), setting)
-                joint_images.append(images)
-                joint_captions += generated
                 filled += pipe.captions_for_latents(latents[b], setting, prompts=[blank_colour(r) for r in references[b]])
         t2i_images = np.concatenate(t2i_images)
         result = {"captions": captions, "t2i_images": t2i_images if want_images else None}
@@ -195,8 +197,7 @@ def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, lim
             result["i2t"] = [shapes.score_caption(c, r) for c, r in zip(captions, references)]
             result["infill"] = [{"colour": float(shapes.score_caption(c, r)["colour"])}
                                 for c, r in zip(filled, references)]
-            result["joint"] = [shapes.score_image(image, caption)
-                               for image, caption in zip(np.concatenate(joint_images), joint_captions)]
+            result["joint"] = [shapes.score_image(image, caption) for image, caption in zip(*joint_pairs[unguided])]
         per_setting.append(result)
     return {"references": references, "real_images": real, "per_setting": per_setting,
             "skipped": len(stream.errors)}

@@ -20,6 +20,7 @@ import torch
 from jobs import tracking
 from jobs.config import TrainJobConfig, flatten
 from psunet.checkpoint import load_state, restore_training, save_checkpoint
+from psunet.config import DiffusionConfig
 from psunet.data import load_manifest, make_loader
 from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss
 from psunet.ema import EMA, unwrap
@@ -348,6 +349,12 @@ def check_base(cfg: TrainJobConfig) -> None:
     if differ:
         raise ValueError(f"--init-from {folder}: the base model's shape differs from this config: "
                          + "; ".join(differ))
+    trained = DiffusionConfig.saved(base["diffusion"])
+    targets = {modality: (trained.target(modality), cfg.diffusion.target(modality)) for modality in ("image", "text")}
+    if any(was != now for was, now in targets.values()):
+        raise ValueError(f"--init-from {folder}: the base model predicts {targets['image'][0]} (image) and "
+                         f"{targets['text'][0]} (text), this config trains {targets['image'][1]} and "
+                         f"{targets['text'][1]}; set diffusion.prediction (and diffusion.text_target) to the base's")
 
 
 def _param_spread(model) -> float:

@@ -111,10 +111,25 @@ class DiffusionConfig(StrictModel):
         "recognisable at higher noise levels (a per-modality SNR shift); the text is then not pure noise at the "
         "last training time, while sampling starts it from N(0, I)"
     )
-    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting; None = off")
-    text_target: Literal["epsilon", "sample"] = Field(
-        "epsilon", description="what the text head predicts: epsilon (the noise) or sample (the clean word vectors, "
-        "as Diffusion-LM does for embedded words); the loss and the sampler convert it to the noise either way")
+    prediction: Literal["epsilon", "v"] = Field(
+        "v", description="what both heads predict: epsilon (the noise) or v = sqrt(a) eps - sqrt(1 - a) x0 "
+        "(Salimans & Ho; at high noise it is the clean data); model folders saved before this field existed are "
+        "epsilon models")
+    text_target: Literal["epsilon", "v", "sample"] | None = Field(
+        None, description="what the text head predicts, when not `prediction`: epsilon, v, or sample (the clean "
+        "word vectors, as Diffusion-LM does for embedded words)")
+    min_snr_gamma: float | None = Field(
+        5.0, gt=0, description="loss weight: the cap of the clean-data weight (min-SNR-gamma, Hang et al. 2023); "
+        "None = no cap")
+    snr_floor: float | None = Field(
+        1.0, gt=0, description="loss weight: the floor of the clean-data weight at high noise (the weight is "
+        "clamp(base, snr_floor, min_snr_gamma)); None = no floor")
+    weight_base: Literal["snr", "snr+1"] = Field(
+        "snr", description="loss weight before cap and floor, on the clean-data error: snr (what an epsilon loss "
+        "gives) or snr+1 (what a v loss gives)")
+    zero_terminal_snr: bool = Field(
+        False, description="rescale the betas so the last time is pure noise (Lin et al. 2024; diffusers' "
+        "rescale_betas_zero_snr); needs targets that are not epsilon")
     timesteps: Literal["shared", "independent", "slices"] = Field(
         "slices", description="shared: one time per sample for both modalities (the paper's joint-only training); "
         "independent: one time per modality (UniDiffuser); slices: per sample one of joint (t, t), text given "
@@ -132,6 +147,23 @@ class DiffusionConfig(StrictModel):
             if "timesteps" not in data:
                 data["timesteps"] = "independent" if legacy else "shared"
         return data
+
+    @model_validator(mode="after")
+    def _terminal_target(self) -> "DiffusionConfig":
+        if self.zero_terminal_snr and "epsilon" in (self.prediction, self.target("text")):
+            raise ValueError("zero_terminal_snr: the last time has no signal, so a noise prediction cannot give "
+                             "the clean data there; use prediction: v (and a text_target other than epsilon)")
+        return self
+
+    @classmethod
+    def saved(cls, data: dict) -> "DiffusionConfig":
+        """The config of a saved model: one saved before `prediction` existed predicts epsilon, one saved before
+        `snr_floor` existed had no floor."""
+        return cls.model_validate({"prediction": "epsilon", "snr_floor": None, **data})
+
+    def target(self, modality: Literal["image", "text"]) -> Literal["epsilon", "v", "sample"]:
+        """What the head of `modality` predicts."""
+        return self.text_target or self.prediction if modality == "text" else self.prediction
 
     @property
     def conditions_clean(self) -> bool:

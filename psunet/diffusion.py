@@ -1,4 +1,4 @@
-"""The training objective: epsilon-prediction on image latents and word vectors, over timestep slices.
+"""The training objective: denoising on image latents and word vectors, over timestep slices.
 
 `DiffusionConfig.timesteps` decides which pairs of times (t_image, t_text) the model learns:
   * shared: one time per sample for both (the paper's joint-only training). Sampling must then re-noise a
@@ -11,11 +11,20 @@ To train the unconditional branch that masked classifier-free guidance needs, ea
 sample is, with probability p_drop, replaced by pure Gaussian noise (labelled the last time, as the
 sampler labels it, unless times are shared); a dropped or clean modality has no loss term. Word
 vectors are scaled by `text_scale` before noising. The noise schedule and add_noise come from diffusers.
+
+What a head predicts (`DiffusionConfig.target`: epsilon, v or the clean sample) and how its error is weighted are
+separate choices. NoiseSchedule converts between the targets, the one place the loss, the conditional gaps and
+the sampler do it. Every weight is stated on the clean-data error ||x0_hat - x0||^2: an epsilon error is SNR times
+it, a v error (SNR + 1) times it, so a recipe's weight means the same whatever its target. The weight is
+clamp(base, snr_floor, min_snr_gamma) with base SNR (a plain epsilon loss) or SNR + 1 (a plain v loss): the cap
+is min-SNR-gamma, the floor keeps the high-noise times, where one modality has to read the other, from counting
+for almost nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -30,8 +39,13 @@ SCHEDULERS = {
 }
 
 
-def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing"):
-    """A fresh diffusers scheduler, by name, over the training noise schedule; `spacing` is its timestep_spacing."""
+Target = Literal["epsilon", "v", "sample"]
+SCHEDULER_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}  # a sample prediction steps as epsilon
+
+
+def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing", prediction: str = "epsilon"):
+    """A fresh diffusers scheduler, by name, over the training noise schedule; `spacing` is its timestep_spacing,
+    `prediction` the target it is stepped with (epsilon or v)."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler: unknown name {name!r}; choose one of {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name](dict(
@@ -39,13 +53,15 @@ def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing"
         beta_schedule=config.beta_schedule,
         beta_start=config.beta_start,
         beta_end=config.beta_end,
-        prediction_type="epsilon",
+        prediction_type=SCHEDULER_PREDICTION[prediction],
         timestep_spacing=spacing,
+        **({"rescale_betas_zero_snr": True} if config.zero_terminal_snr else {}),
     ))
 
 
 class NoiseSchedule:
-    """The forward process q(x_t | x_0) of a diffusers DDPMScheduler, on the data's device."""
+    """The forward process q(x_t | x_0) of a diffusers DDPMScheduler, on the data's device, and the conversions
+    between what a head predicts (epsilon, v, the clean sample) and the noise or the clean data."""
 
     def __init__(self, config: DiffusionConfig):
         self.config = config
@@ -59,22 +75,63 @@ class NoiseSchedule:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, timesteps.long())
 
-    def epsilon_of_text(self, config: DiffusionConfig, prediction: torch.Tensor, noisy: torch.Tensor,
-                        timesteps: torch.Tensor) -> torch.Tensor:
-        """The text head's output as a noise prediction (text_target "sample": from the predicted clean vectors)."""
-        if config.text_target == "epsilon":
-            return prediction.float()
-        alpha_bar = self.alphas_cumprod.to(noisy.device)[timesteps.long()].view(-1, 1, 1)
-        return (noisy - alpha_bar.sqrt() * prediction.float()) / (1 - alpha_bar).sqrt()
+    def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(a), sqrt(1 - a)) at `timesteps` (one, or one per sample), broadcastable to `like`."""
+        alpha_bar = self.alphas_cumprod.to(like.device)[timesteps.long()]
+        alpha_bar = alpha_bar.view(-1, *[1] * (like.dim() - 1)) if alpha_bar.dim() else alpha_bar
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
-    def clean_of_epsilon(self, noisy: torch.Tensor, epsilon: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The clean data a noise prediction implies at one timestep: (x_t - sqrt(1 - a) eps) / sqrt(a)."""
-        alpha_bar = self.alphas_cumprod.to(noisy.device)[timestep.long()]
-        return (noisy - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
+    def target_of(self, target: Target, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+                  ) -> torch.Tensor:
+        """What a head with `target` should output for data `clean` noised with `noise` to `timesteps`."""
+        if target == "epsilon":
+            return noise
+        if target == "sample":
+            return clean
+        signal, sigma = self._coefficients(timesteps, clean)
+        return signal * noise - sigma * clean
+
+    def epsilon_of(self, target: Target, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor
+                   ) -> torch.Tensor:
+        """A head's output as the noise prediction it implies, given its noisy input."""
+        output = output.float()
+        if target == "epsilon":
+            return output
+        signal, sigma = self._coefficients(timesteps, noisy)
+        if target == "v":
+            return signal * output + sigma * noisy
+        return (noisy - signal * output) / sigma
+
+    def clean_of(self, target: Target, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor
+                 ) -> torch.Tensor:
+        """A head's output as the clean data it implies, given its noisy input."""
+        output = output.float()
+        if target == "sample":
+            return output
+        signal, sigma = self._coefficients(timesteps, noisy)
+        if target == "v":
+            return signal * noisy - sigma * output
+        return (noisy - sigma * output) / signal
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
         return alpha_bar / (1 - alpha_bar)
+
+
+def clean_data_weight(config: DiffusionConfig, snr: torch.Tensor) -> torch.Tensor:
+    """The loss weight on the clean-data error at signal-to-noise ratio `snr`: clamp(base, snr_floor,
+    min_snr_gamma), base SNR or SNR + 1."""
+    base = snr + 1 if config.weight_base == "snr+1" else snr
+    if config.snr_floor is None and config.min_snr_gamma is None:
+        return base
+    return torch.clamp(base, min=config.snr_floor, max=config.min_snr_gamma)
+
+
+def loss_weight(config: DiffusionConfig, target: Target, snr: torch.Tensor) -> torch.Tensor:
+    """The weight of a head's squared error in its own target's terms, so that the clean-data error gets
+    `clean_data_weight`: an epsilon error is SNR times the clean-data error, a v error SNR + 1 times."""
+    per_clean_error = {"epsilon": snr, "v": snr + 1, "sample": torch.ones_like(snr)}[target]
+    return clean_data_weight(config, snr) / per_clean_error
 
 
 @dataclass
@@ -115,8 +172,8 @@ def draw_slices(config: DiffusionConfig, batch: int, start: int, end: int, devic
 def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConfig,
                    image_latents: torch.Tensor, text_vectors: torch.Tensor,
                    generator: torch.Generator | None = None, time_range: tuple[int, int] | None = None) -> LossOutput:
-    """Epsilon-prediction MSE on both modalities over the configured timestep slices, with noise-replacement
-    dropout per modality.
+    """The weighted denoising error of both heads (each on its own target) over the configured timestep slices,
+    with noise-replacement dropout per modality.
 
     time_range [start, end): draw the diffusion times from that interval only (an expert's branch training).
     """
@@ -145,13 +202,14 @@ def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConf
         times = t_image
 
     out = model(noisy_image, noisy_text, times)
-    err_image = (out.eps_image.float() - noise_image).pow(2).flatten(1).mean(1)
-    eps_text = schedule.epsilon_of_text(config, out.eps_text, noisy_text, t_text)
-    err_text = (eps_text - noise_text).pow(2).flatten(1).mean(1)
-    if config.min_snr_gamma is not None:
-        err_image = err_image * min_snr_weight(schedule.snr(t_image), config.min_snr_gamma)
-        # scaling the data by s multiplies its signal-to-noise ratio by s^2
-        err_text = err_text * min_snr_weight(schedule.snr(t_text) * config.text_scale ** 2, config.min_snr_gamma)
+    image_target, text_target = config.target("image"), config.target("text")
+    err_image = (out.eps_image.float() - schedule.target_of(image_target, image_latents, noise_image, t_image)
+                 ).pow(2).flatten(1).mean(1)
+    err_text = (out.eps_text.float() - schedule.target_of(text_target, text_vectors, noise_text, t_text)
+                ).pow(2).flatten(1).mean(1)
+    err_image = err_image * loss_weight(config, image_target, schedule.snr(t_image))
+    # scaling the data by s multiplies its signal-to-noise ratio by s^2
+    err_text = err_text * loss_weight(config, text_target, schedule.snr(t_text) * config.text_scale ** 2)
 
     learn_image = (keep_image & ~clean_image).float()
     learn_text = (keep_text & ~clean_text).float()
@@ -186,10 +244,12 @@ def conditional_gaps(model, schedule: NoiseSchedule, config: DiffusionConfig, im
     dropped_time = torch.full_like(t, schedule.num_timesteps - 1) if clean else t
 
     def error(out_field: str, target: torch.Tensor, image, text, times) -> float:
-        out = getattr(model(image, text, times), out_field)
+        out = model(image, text, times)
         if out_field == "eps_text":
-            out = schedule.epsilon_of_text(config, out, text, times[1])
-        return (out.float() - target).pow(2).mean().item()
+            eps = schedule.epsilon_of(config.target("text"), out.eps_text, text, times[1])
+        else:
+            eps = schedule.epsilon_of(config.target("image"), out.eps_image, image, times[0])
+        return (eps - target).pow(2).mean().item()
 
     image_given = error("eps_image", noise_image, noisy_image, text_vectors if clean else noisy_text,
                         torch.stack([t, given_time]))
@@ -198,8 +258,3 @@ def conditional_gaps(model, schedule: NoiseSchedule, config: DiffusionConfig, im
                        torch.stack([given_time, t]))
     text_alone = error("eps_text", noise_text, dropped_image, noisy_text, torch.stack([dropped_time, t]))
     return {"gap_image": image_alone - image_given, "gap_text": text_alone - text_given}
-
-
-def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR, gamma) / SNR: the min-SNR-gamma weight for epsilon prediction (Hang et al. 2023)."""
-    return torch.clamp(snr, max=gamma) / snr

@@ -199,7 +199,7 @@ def assemble_experts(checkpoints: list[str], intervals: list[tuple[int, int]], o
 def build_model(config: dict) -> tuple[PSUNet | ExpertEnsemble, ModelConfig, DiffusionConfig]:
     """An untrained model for a model config dict: a PSUNet, or an ExpertEnsemble when it names experts."""
     model_config = ModelConfig.model_validate(config["model"])
-    diffusion_config = DiffusionConfig.model_validate(config["diffusion"])
+    diffusion_config = DiffusionConfig.saved(config["diffusion"])
     if "experts" in config:
         intervals = check_intervals(config["experts"]["intervals"], diffusion_config.num_train_timesteps)
         return ExpertEnsemble(model_config, intervals), model_config, diffusion_config

@@ -5,7 +5,8 @@ At each step with time t:
   1. the known part is re-noised to t with fresh noise: x_in = m * noised(x0_known) + (1 - m) * x_t;
   2. conditional input x_in and unconditional input m * (pure noise) + (1 - m) * x_t go through the
      network in ONE batched forward (2 evaluations per step, however many modalities are known);
-  3. eps = eps_unc + w * (eps_cond - eps_unc); a diffusers scheduler steps x_t.
+  3. out = out_unc + w * (out_cond - out_unc) on the heads' outputs (epsilon or v, DiffusionConfig.prediction);
+     a diffusers scheduler configured for that target steps x_t.
 At the end the known part is pasted back exactly. Text->image, image->text, unconditional joint
 generation and partial infilling are the same call with different masks.
 
@@ -87,6 +88,12 @@ def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Ten
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
+def stepped_as(target: str) -> str:
+    """The target a head's output is stepped with: its own, except a clean-sample prediction, stepped as the
+    noise it implies."""
+    return "epsilon" if target == "sample" else target
+
+
 def run_settings(settings: SamplerSettings | None, options: dict) -> SamplerSettings:
     """The settings object, or one built from SamplerSettings fields given as keywords (not both)."""
     if settings is not None and options:
@@ -98,7 +105,7 @@ class InfillRun:
     """One batch of samples going through the sampler's steps together: joint_infill, one step at a time.
 
     `inputs()` gives this step's model inputs (the conditional and, when guided, the unconditional rows),
-    `advance(eps_image, eps_text)` takes the model's outputs for them and steps the schedulers; `done`
+    `advance(out_image, out_text)` takes the model's outputs for them and steps the schedulers; `done`
     after `steps` steps, then `result()`. `step_together` puts several runs, at any of their steps, through
     one forward (times are per sample), which is how a service lets requests join a batch mid-way.
     Arguments as for joint_infill.
@@ -133,8 +140,11 @@ class InfillRun:
 
         self.generators = _generators(seeds, generators, settings.seed, b, device)
         self.schedule = NoiseSchedule(diffusion_config)
-        self.image_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing)
-        self.text_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing)
+        self.image_target, self.text_target = diffusion_config.target("image"), diffusion_config.target("text")
+        self.image_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing,
+                                              stepped_as(self.image_target))
+        self.text_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing,
+                                             stepped_as(self.text_target))
         self.image_scheduler.set_timesteps(settings.steps, device=device)
         self.text_scheduler.set_timesteps(settings.steps, device=device)
 
@@ -225,23 +235,29 @@ class InfillRun:
         self._text_rows = text, times[1]
         return torch.cat([self._image_in, image_unc]), text, times, paint
 
-    def advance(self, eps_image: torch.Tensor, eps_text: torch.Tensor) -> None:
-        """Step the schedulers with the model's outputs for this run's rows of `inputs()`."""
-        eps_image = eps_image.float()
-        eps_text = self.schedule.epsilon_of_text(self.diffusion_config, eps_text, *self._text_rows)
+    def advance(self, out_image: torch.Tensor, out_text: torch.Tensor) -> None:
+        """Step the schedulers with the model's outputs for this run's rows of `inputs()`.
+
+        Guidance combines the outputs in the target the scheduler steps with (epsilon or v: both are affine in
+        the noise at a given input, so the guided sample is the same); a clean-sample text head is stepped as
+        the noise it implies."""
+        out_image = out_image.float()
+        out_text = out_text.float()
+        if self.text_target == "sample":
+            out_text = self.schedule.epsilon_of("sample", out_text, *self._text_rows)
         if self.guided:
-            cond_image, unc_image = eps_image.chunk(2)
-            cond_text, unc_text = eps_text.chunk(2)
-            eps_image = unc_image + self.weight_image * (cond_image - unc_image)
-            eps_text = unc_text + self.weight_text * (cond_text - unc_text)
+            cond_image, unc_image = out_image.chunk(2)
+            cond_text, unc_text = out_text.chunk(2)
+            out_image = unc_image + self.weight_image * (cond_image - unc_image)
+            out_text = unc_text + self.weight_text * (cond_text - unc_text)
         t = self.image_scheduler.timesteps[self.index]
         generator = self.generators[0] if len(self.generators) == 1 else self.generators
         image_in = torch.where(self._per_row(self.clean_image, self.image), self.image, self._image_in)
         text_in = torch.where(self._per_row(self.clean_text, self.text), self.text, self._text_in)
-        self.estimate_image = self.schedule.clean_of_epsilon(image_in, eps_image, t)
-        self.estimate_text = self.schedule.clean_of_epsilon(text_in, eps_text, t)
-        self.image = self.image_scheduler.step(eps_image, t, image_in, generator=generator).prev_sample
-        self.text = self.text_scheduler.step(eps_text, t, text_in, generator=generator).prev_sample
+        self.estimate_image = self.schedule.clean_of(stepped_as(self.image_target), out_image, image_in, t)
+        self.estimate_text = self.schedule.clean_of(stepped_as(self.text_target), out_text, text_in, t)
+        self.image = self.image_scheduler.step(out_image, t, image_in, generator=generator).prev_sample
+        self.text = self.text_scheduler.step(out_text, t, text_in, generator=generator).prev_sample
         self.network_evaluations += self.passes
         self.index += 1
 

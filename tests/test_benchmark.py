@@ -194,3 +194,4 @@ def test_gpu_plan_records_a_failing_or_overrunning_part_and_goes_on():
     assert figures["overruns_seconds"] == pytest.approx(figures["overruns_budget_s"], abs=2)
     assert figures["works_x"] == 1 and "works_error" not in figures
     assert time.perf_counter() - started < 45 + 15  # a killed part gets no grace time
+

@@ -9,6 +9,8 @@ from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss, ma
 from psunet.ema import EMA
 from psunet.model import ModelOutput, PSUNet
 
+PLAIN_EPSILON = {"prediction": "epsilon", "min_snr_gamma": None, "snr_floor": None}  # the unweighted epsilon loss
+
 
 class ZeroModel(torch.nn.Module):
     """Predicts zero noise and records what it was given."""
@@ -71,7 +73,7 @@ def test_min_snr_weighting_lowers_low_noise_terms():
     model_config = preset("tiny")
     model = PSUNet(model_config)
     data = batch(model_config, 64)
-    plain = DiffusionConfig(p_drop_text=0, p_drop_image=0)
+    plain = DiffusionConfig(p_drop_text=0, p_drop_image=0, **PLAIN_EPSILON)
     weighted = plain.model_copy(update={"min_snr_gamma": 5.0})
     loss_plain = diffusion_loss(model, NoiseSchedule(plain), plain, *data, torch.Generator().manual_seed(0))
     loss_weighted = diffusion_loss(model, NoiseSchedule(weighted), weighted, *data, torch.Generator().manual_seed(0))
@@ -117,7 +119,7 @@ def test_min_snr_weight_of_the_text_uses_the_texts_own_snr():
     losses = {}
     for scale in (1.0, 3.0):
         config = DiffusionConfig(p_drop_text=0, p_drop_image=0, timesteps="shared", text_scale=scale,
-                                 min_snr_gamma=1.0)
+                                 **{**PLAIN_EPSILON, "min_snr_gamma": 1.0})
         model = ZeroModel()
         out = diffusion_loss(model, NoiseSchedule(config), config, image, text, torch.Generator().manual_seed(0))
         snr = NoiseSchedule(config).snr(model.times) * scale ** 2
