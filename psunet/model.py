@@ -182,6 +182,9 @@ class ODEUShape(nn.Module):
 
 @dataclass
 class ModelOutput:
+    """Each head's prediction in its target's terms (DiffusionConfig.target: the noise, v or the clean sample);
+    the names are from when every head predicted the noise."""
+
     eps_image: torch.Tensor  # (B, C, H, W)
     eps_text: torch.Tensor  # (B, L, E)
 
@@ -267,7 +270,7 @@ class PSUNet(nn.Module):
 
     def forward(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor,
                 paint: PaintBias | None = None) -> ModelOutput:
-        """Predict the noise of both modalities.
+        """Predict both modalities' targets (the noise, v or the clean data: DiffusionConfig.target).
 
         timesteps: (B,) one time per sample, or (2, B) = (image times, text times) for independent
         per-modality times. paint: paint-with-words bias over the shared sequence [image time, text time,
