@@ -704,10 +704,8 @@ def bench_objectives(args) -> dict:
     samples as jobs/evaluate.py does (text->image, image->text, caption infilling, joint coherence at each
     guidance scale, the best scale per direction, FID with the autoencoder's features at the best
     text->image scale), with the validation losses and conditional gaps."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     from jobs.config import load_config
-    from jobs.quality import AutoencoderFeatures, best_guidance, combine, evaluate_group, frechet_distance
+    from jobs.quality import demo_sweep
     from jobs.training_run import Validator
     from psunet.config import DiffusionConfig
 
@@ -727,13 +725,7 @@ def bench_objectives(args) -> dict:
         seconds = time.perf_counter() - started
         validator = Validator(cfg, device)
         pipe = validator.make_pipeline(model.eval())
-        group = evaluate_group(pipe, cfg.data.val, 0, 1, args.samples, settings, demo=True, want_images=True,
-                               batch_size=64)
-        rows = combine([group], settings, True, None)
-        best = best_guidance(rows)
-        at = [row["guidance_scale_image"] for row in rows].index(best["t2i"]["guidance_scale_image"])
-        fid = frechet_distance(FrechetInceptionDistance(feature=AutoencoderFeatures(pipe)), group["real_images"],
-                               group["per_setting"][at]["t2i_images"])
+        rows, best, fid = demo_sweep(pipe, cfg.data.val, args.samples, settings, batch_size=64)
         metrics = {"train_seconds": seconds, **validator.loss(model), "fid_autoencoder_at_best_t2i": fid,
                    "best": best, "by_guidance": {row["guidance_scale_image"]: row["metrics"] for row in rows}}
         figures[objective] = metrics

@@ -254,3 +254,18 @@ def best_guidance(rows: list[dict]) -> dict:
         best[task] = {scale: top[scale], "mean_accuracy": mean_accuracy(top),
                       **{key: top["metrics"][f"{task}_{key}"] for key in (*shapes.ATTRIBUTES, "all")}}
     return best
+
+
+def demo_sweep(pipe: PSUNetPipeline, data: str, samples: int, settings: list[SamplerSettings], batch_size: int
+               ) -> tuple[list[dict], dict, float]:
+    """The first `samples` held-out demo samples at every setting of a guidance sweep: the rows (combine), each
+    direction's best (best_guidance) and FID with the autoencoder's features at the best text->image scale."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    group = evaluate_group(pipe, data, 0, 1, samples, settings, demo=True, want_images=True, batch_size=batch_size)
+    rows = combine([group], settings, True, None)
+    best = best_guidance(rows)
+    at = [row["guidance_scale_image"] for row in rows].index(best["t2i"]["guidance_scale_image"])
+    fid = frechet_distance(FrechetInceptionDistance(feature=AutoencoderFeatures(pipe)), group["real_images"],
+                           group["per_setting"][at]["t2i_images"])
+    return rows, best, fid

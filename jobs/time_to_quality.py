@@ -29,7 +29,7 @@ import yaml
 
 from dataprep.shapes import ATTRIBUTES
 from jobs.config import load_config
-from jobs.quality import AutoencoderFeatures, best_guidance, combine, evaluate_group, frechet_distance
+from jobs.quality import demo_sweep
 from jobs.training_run import Validator
 from psunet.model import PSUNet
 from psunet.settings import SamplerSettings
@@ -73,14 +73,9 @@ class Evaluation:
         self.validator = Validator(cfg, device)
 
     def __call__(self, model) -> dict[str, float]:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
         pipe = self.validator.make_pipeline(model.eval())
-        group = evaluate_group(pipe, self.cfg.data.val, 0, 1, self.samples, self.settings, demo=True,
-                               want_images=True, batch_size=128)
-        rows = combine([group], self.settings, True, None)
-        best = best_guidance(rows)
-        point = dict(self.validator.loss(model))
+        rows, best, fid = demo_sweep(pipe, self.cfg.data.val, self.samples, self.settings, batch_size=128)
+        point = {**self.validator.loss(model), "fid": fid}
         for task, modality, keys in (("t2i", "image", (*ATTRIBUTES, "all")), ("i2t", "text", (*ATTRIBUTES, "all")),
                                      ("infill", "text", ("colour",)), ("joint", "image", ("colour", "all"))):
             scale = best["i2t" if modality == "text" else "t2i"][f"guidance_scale_{modality}"]
@@ -90,9 +85,6 @@ class Evaluation:
                 point[name] = row["metrics"][name]
                 point[f"{name}_low"], point[f"{name}_high"] = row["intervals"][name]
             point[f"{task}_guidance"] = scale
-        at = [r["guidance_scale_image"] for r in rows].index(best["t2i"]["guidance_scale_image"])
-        point["fid"] = frechet_distance(FrechetInceptionDistance(feature=AutoencoderFeatures(pipe)),
-                                        group["real_images"], group["per_setting"][at]["t2i_images"])
         return point
 
 
