@@ -584,31 +584,40 @@ def reach_table(runs: dict[str, list[dict]]) -> dict:
     return table
 
 
+def cached_curve(folder: Path, name: str, seed: int, key: dict, label: str, train) -> list[dict]:
+    """The curve of one (name, seed) run kept as JSON in `folder` under a hash of `key` (all that decides it):
+    read back when there, else `train()` and kept, so a rerun with the same settings trains nothing."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    cache = folder / f"{name}-seed{seed}-{digest}.json"
+    if cache.exists():
+        print(f"{label}: {name} seed {seed}: reusing {cache}", file=sys.stderr, flush=True)
+        return json.loads(cache.read_text())
+    curve = train()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(curve))
+    return curve
+
+
 def convergence_run(cfg, name: str, seed: int, steps: int, held_out: HeldOut, args, device: torch.device
                     ) -> list[dict]:
     """One model trained from `seed` for `steps`, evaluated every --eval-every steps (accuracy every
     --accuracy-every). Kept as JSON in --out-dir, so a rerun with the same settings reuses it (and only
     measures the step times again)."""
-    import hashlib
-
-    key = json.dumps({"config": cfg.model_dump(mode="json"), "seed": seed, "steps": steps,
-                      "eval": [args.eval_every, args.accuracy_every, args.samples, held_out.scales,
-                               held_out.settings.model_dump(mode="json")]}, sort_keys=True)
-    cache = Path(args.out_dir) / "runs" / f"{name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-    if cache.exists():
-        print(f"convergence: {name} seed {seed}: reusing {cache}", file=sys.stderr, flush=True)
-        return json.loads(cache.read_text())
-
     def evaluate(model, step: int) -> dict:
         return held_out(model, cfg.model, args.accuracy and (step % args.accuracy_every == 0 or step == steps))
 
-    torch.manual_seed(seed)
-    eval_at = {*range(args.eval_every, steps + 1, args.eval_every), steps}
-    _, curve = train_for(cfg, PSUNet(cfg.model).to(device), steps, seed, device, evaluate, eval_at,
-                         f"{name} seed {seed}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(curve))
-    return curve
+    def train() -> list[dict]:
+        torch.manual_seed(seed)
+        eval_at = {*range(args.eval_every, steps + 1, args.eval_every), steps}
+        return train_for(cfg, PSUNet(cfg.model).to(device), steps, seed, device, evaluate, eval_at,
+                         f"{name} seed {seed}")[1]
+
+    key = {"config": cfg.model_dump(mode="json"), "seed": seed, "steps": steps,
+           "eval": [args.eval_every, args.accuracy_every, args.samples, held_out.scales,
+                    held_out.settings.model_dump(mode="json")]}
+    return cached_curve(Path(args.out_dir) / "runs", name, seed, key, "convergence", train)
 
 
 def bench_convergence(args) -> dict:

@@ -17,8 +17,6 @@ what is new.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import statistics
 import sys
@@ -90,22 +88,18 @@ class Evaluation:
 
 def recipe_run(cfg, name: str, seed: int, args, device: torch.device) -> list[dict]:
     """One recipe trained from `seed`, evaluated at every --eval-at step; cached as JSON in --out-dir."""
-    from jobs.benchmark import train_for
+    from jobs.benchmark import cached_curve, train_for
 
-    key = json.dumps({"config": cfg.model_dump(mode="json"), "seed": seed, "steps": args.steps,
-                      "eval_at": args.eval_at, "samples": args.samples, "scales": args.guidance_scales,
-                      "sample_steps": args.sample_steps}, sort_keys=True)
-    cache = Path(args.out_dir) / "time_to_quality" / f"{name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-    if cache.exists():
-        print(f"time-to-quality: {name} seed {seed}: reusing {cache}", file=sys.stderr, flush=True)
-        return json.loads(cache.read_text())
-    evaluation = Evaluation(cfg, args.samples, args.guidance_scales, args.sample_steps, device)
-    torch.manual_seed(seed)
-    _, curve = train_for(cfg, PSUNet(cfg.model).to(device), args.steps, seed, device,
-                         lambda model, step: evaluation(model), eval_at=set(args.eval_at), name=f"{name} seed {seed}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(curve))
-    return curve
+    def train() -> list[dict]:
+        evaluation = Evaluation(cfg, args.samples, args.guidance_scales, args.sample_steps, device)
+        torch.manual_seed(seed)
+        return train_for(cfg, PSUNet(cfg.model).to(device), args.steps, seed, device,
+                         lambda model, step: evaluation(model), eval_at=set(args.eval_at),
+                         name=f"{name} seed {seed}")[1]
+
+    key = {"config": cfg.model_dump(mode="json"), "seed": seed, "steps": args.steps, "eval_at": args.eval_at,
+           "samples": args.samples, "scales": args.guidance_scales, "sample_steps": args.sample_steps}
+    return cached_curve(Path(args.out_dir) / "time_to_quality", name, seed, key, "time-to-quality", train)
 
 
 def reached(curve: list[dict], metric: str, axis: str) -> float:
