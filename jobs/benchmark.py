@@ -40,10 +40,10 @@ from jobs import tracking  # noqa: E402
 from jobs.model_ref import MODEL_HELP  # noqa: E402
 from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.config import DiffusionConfig, ModelConfig, baseline_of, preset  # noqa: E402
-from psunet.diffusion import NoiseSchedule  # noqa: E402
 from psunet.model import PSUNet, forward_flops  # noqa: E402
+from psunet.paint import box_region  # noqa: E402
 from psunet.progress import progress  # noqa: E402
-from psunet.settings import SamplerSettings  # noqa: E402
+from psunet.settings import SamplerSettings, parse_guidance  # noqa: E402
 
 PROMPT = "a small red circle on the left"  # sampling and serve requests
 TARGETS = {
@@ -89,31 +89,24 @@ def matmul_peak(device: torch.device, seconds: float = 2.0) -> float:
 
 
 class StepTimer:
-    """The training job's own step (psunet.training.train_step: loss, clipping, AdamW, EMA) with `cfg`, on one fixed
+    """The training job's own step (psunet.training.Trainer: loss, clipping, AdamW, EMA) with `cfg`, on one fixed
     synthetic batch of cfg.optim.batch_size (the data path is measured by `loader`)."""
 
-    def __init__(self, cfg, device: torch.device, wrap=None):
-        from psunet.ema import EMA
-        from psunet.training import make_optimizer, uses_bf16
+    def __init__(self, cfg, device: torch.device, parallel=None):
+        from psunet.training import Trainer
 
         torch.manual_seed(cfg.optim.seed)
-        self.cfg, self.device, self.use_bf16 = cfg, device, uses_bf16(cfg.optim, device)
-        model = PSUNet(cfg.model).to(device)
-        self.ema = EMA(model, cfg.optim.ema_decay)
-        self.optimizer = make_optimizer(model, cfg.optim)
-        self.schedule = NoiseSchedule(cfg.diffusion)
-        self.model = wrap(model) if wrap else model
+        self.trainer = Trainer(PSUNet(cfg.model), cfg.optim, cfg.diffusion, device, time_range=cfg.branch.time_range)
+        self.trainer.wrap(parallel)
+        self.steps = 0
         batch, c = cfg.optim.batch_size, cfg.model
         self.batch = {"latent": torch.randn(batch, *c.latent_shape, device=device),
                       "text": torch.randn(batch, c.text_len, c.word_dim, device=device)}
 
     def step(self, batch: dict | None = None) -> None:
         """One training step on `batch` (a loader's batch), by default on the fixed synthetic one."""
-        from psunet.training import train_step
-
-        train_step(self.model, self.model, self.optimizer, self.ema, self.schedule, self.cfg.diffusion,
-                   [self.batch if batch is None else batch], self.cfg.optim.lr, self.device,
-                   grad_clip=self.cfg.optim.grad_clip, use_bf16=self.use_bf16, time_range=self.cfg.branch.time_range)
+        self.trainer.step(self.steps, [self.batch if batch is None else batch])
+        self.steps += 1
 
     def seconds_per_step(self, steps: int, warmup: int = 3) -> float:
         for _ in range(warmup):
@@ -139,7 +132,7 @@ def bench_train(args) -> dict:
     cfg = timed_config(args)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timer = StepTimer(cfg, device, wrap=torch.compile if args.compile else None)
+    timer = StepTimer(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"compile": args.compile})}), device)
     seconds = timer.seconds_per_step(args.steps)
     forward = forward_flops(PSUNet(cfg.model))
     samples_per_s = args.batch_size / seconds
@@ -168,7 +161,7 @@ def _trainer_loop(config: dict) -> None:
     from jobs.config import TrainJobConfig
 
     timer = StepTimer(TrainJobConfig.model_validate(config["config"]), ray.train.torch.get_device(),
-                      wrap=ray.train.torch.prepare_model)
+                      parallel=ray.train.torch.prepare_model)
     seconds = timer.seconds_per_step(config["steps"])
     with tempfile.TemporaryDirectory() as folder:  # Train V2 keeps the metrics of reports with a checkpoint
         ray.train.report({"seconds_per_step": seconds}, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -387,33 +380,29 @@ PROGRESS_KEYS = ("wall_seconds", "val_loss", "val_gap_image", "val_gap_text", "t
 
 def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, evaluate=None,
               eval_at: set[int] = frozenset(), name: str = "") -> tuple[PSUNet, list[dict]]:
-    """Train `model` in this process with the training job's own step (psunet.training.train_step) and lr schedule,
+    """Train `model` in this process with the training job's own step (psunet.training.Trainer) and lr schedule,
     for `steps` steps (cfg.branch.time_range limits the times); returns (EMA model, evaluation curve).
 
     evaluate(ema_model, step) -> dict is called after each step in `eval_at`; each curve point also has the
     wall-clock seconds spent in training steps so far."""
     from psunet.data import make_loader
-    from psunet.ema import EMA
-    from psunet.training import lr_at, make_optimizer, train_step
+    from psunet.training import Trainer
 
     optim = cfg.optim.model_copy(update={"steps": steps, "warmup_steps": min(cfg.optim.warmup_steps, steps - 1)})
-    ema = EMA(model, cfg.optim.ema_decay)
-    optimizer = make_optimizer(model, optim)
-    schedule = NoiseSchedule(cfg.diffusion)
+    trainer = Trainer(model, optim, cfg.diffusion, device, time_range=cfg.branch.time_range)
     batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True, seed=seed,
                                rank=0, world_size=1))
     curve, training_seconds = [], 0.0
     bar = progress(range(steps), desc=f"train {name}" if name else "train", unit="steps")
     for step in bar:
         started = time.perf_counter()
-        train_step(model, model, optimizer, ema, schedule, cfg.diffusion, [next(batches)], lr_at(step, optim), device,
-                   grad_clip=optim.grad_clip, time_range=cfg.branch.time_range)
+        trainer.step(step, [next(batches)])
         training_seconds += time.perf_counter() - started
         if evaluate and step + 1 in eval_at:
-            curve.append({"step": step + 1, "wall_seconds": training_seconds, **evaluate(ema.model, step + 1)})
+            curve.append({"step": step + 1, "wall_seconds": training_seconds, **evaluate(trainer.ema.model, step + 1)})
             bar.write(f"convergence: {name} step {step + 1} " + " ".join(
                 f"{k}={v:.4g}" for k, v in curve[-1].items() if k in PROGRESS_KEYS), file=sys.stderr)
-    return ema.model, curve
+    return trainer.ema.model, curve
 
 
 def activation_mb(model: PSUNet, batch_size: int, device: torch.device) -> float:
@@ -753,8 +742,6 @@ def bench_paint(args) -> dict:
     """Paint-with-words on demo data: prompts with the position left blank ("a small red circle [?] the [?]"),
     a box for the colour word at one of four positions; the fraction of samples whose object of that colour
     the attribute reader finds at that position, per paint weight (0 = no bias), same seeds throughout."""
-    import numpy as np
-
     from dataprep import shapes
     from jobs.model_ref import load_pipeline
 
@@ -769,10 +756,7 @@ def bench_paint(args) -> dict:
         places.append(list(PAINT_REGIONS)[i % len(PAINT_REGIONS)])
     paint = []
     for place in places:
-        x0, y0, x1, y1 = (v * size // 32 for v in PAINT_REGIONS[place])
-        region = np.zeros((size, size), dtype=bool)
-        region[y0:y1, x0:x1] = True
-        paint.append([(2, region)])
+        paint.append([(2, box_region([v * size // 32 for v in PAINT_REGIONS[place]], size))])
     settings = SamplerSettings(steps=args.sample_steps, seed=args.seed)
     seeds = [args.seed + i for i in range(args.samples)]
     figures = {"model": args.model, "samples": args.samples, "steps": args.sample_steps,
@@ -1153,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
                         "convergence: held-out samples evaluated")
     parser.add_argument("--objectives", type=lambda text: text.split(","), default=["shared", "independent", "slices"],
                         help="objectives: the diffusion.timesteps settings compared")
-    parser.add_argument("--guidance-scales", type=lambda text: [float(v) for v in text.split(",")],
+    parser.add_argument("--guidance-scales", type=parse_guidance,
                         default=[1.0, 2.0, 3.0, 5.0, 7.0], help="objectives, convergence: the guidance sweep "
                         "(both modalities)")
     parser.add_argument("--paint-weights", type=lambda text: [float(v) for v in text.split(",")], default=[0, 1, 4],

@@ -43,6 +43,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from jobs.model_ref import MODEL_HELP, load_pipeline  # noqa: E402
 from jobs.quality import grid_png  # noqa: E402
 from jobs.sampler_options import add_sampler_options, sampler_settings  # noqa: E402
+from psunet.paint import box_region  # noqa: E402
 from psunet.progress import progress  # noqa: E402
 from psunet.settings import SamplerSettings  # noqa: E402
 
@@ -96,12 +97,10 @@ def read_paint(spec: str, size: int, resize: bool) -> tuple[int | str, np.ndarra
     word = int(word) if word.isdigit() else word
     box = region_spec.split(",")
     if len(box) == 4 and all(v.strip().isdigit() for v in box):
-        x0, y0, x1, y1 = (int(v) for v in box)
-        if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-            raise ValueError(f"--paint {spec!r}: box must lie inside the {size}x{size} image with x0 < x1, y0 < y1")
-        region = np.zeros((size, size), dtype=bool)
-        region[y0:y1, x0:x1] = True
-        return word, region
+        try:
+            return word, box_region([int(v) for v in box], size)
+        except ValueError as exc:
+            raise ValueError(f"--paint {spec!r}: {exc}") from None
     return word, read_image(region_spec, size, resize, mode="L") >= 128
 
 

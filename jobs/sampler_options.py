@@ -34,11 +34,6 @@ def sampler_settings(args) -> SamplerSettings:
                            **{name: scale for name, scale in scales.items() if scale is not None})
 
 
-def float_list(text: str) -> list[float]:
-    """"1,2.5,5" -> [1.0, 2.5, 5.0] (empty parts skipped)."""
-    return [float(part) for part in text.split(",") if part.strip()]
-
-
 def int_list(text: str) -> list[int]:
     """"10,25" -> [10, 25] (empty parts skipped)."""
     return [int(part) for part in text.split(",") if part.strip()]

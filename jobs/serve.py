@@ -45,6 +45,7 @@ from ray.serve.exceptions import RequestCancelledError
 from jobs.model_ref import MODEL_HELP
 from psunet.config import StrictModel
 from psunet.diffusion import SCHEDULERS
+from psunet.paint import box_region
 from psunet.settings import MAX_STEPS, SamplerSettings
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -885,12 +886,10 @@ class Ingress:
             if (region.box is None) == (region.mask is None):
                 raise RequestError(f"{where}: give a box or a mask (one of them)")
             if region.box is not None:
-                x0, y0, x1, y1 = region.box if len(region.box) == 4 else (None,) * 4
-                if x0 is None or not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-                    raise RequestError(f"{where}.box: must be [x0, y0, x1, y1] inside the {size}x{size} image "
-                                       f"with x0 < x1 and y0 < y1, got {region.box}")
-                area = np.zeros((size, size), dtype=bool)
-                area[y0:y1, x0:x1] = True
+                try:
+                    area = box_region(region.box, size)
+                except ValueError as exc:
+                    raise RequestError(f"{where}.box: {exc}") from None
             else:
                 picture = decode_image(region.mask, f"{where}.mask", self.args.max_image_side)
                 if picture.size != (size, size) and not resize:

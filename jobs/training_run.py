@@ -23,10 +23,10 @@ from psunet.checkpoint import load_state, restore_training, save_checkpoint
 from psunet.config import DiffusionConfig
 from psunet.data import load_manifest, make_loader
 from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss
-from psunet.ema import EMA, unwrap
+from psunet.ema import unwrap
 from psunet.model import PSUNet
 from psunet.model_folder import ASSETS, assets_for, bundle, load_model, locate, upgrade_weights
-from psunet.training import lr_at, make_optimizer, rank_split, train_step, uses_bf16
+from psunet.training import Trainer, rank_split
 
 RUN_TAG = "psunet.run"
 # Worker progress goes through logging: Ray Train shows it once per line (a print would be teed twice).
@@ -153,7 +153,6 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    use_bf16 = uses_bf16(cfg.optim, device)
 
     torch.manual_seed(cfg.optim.seed)
     model = PSUNet(cfg.model)
@@ -161,21 +160,18 @@ def train_loop(loop_config: dict) -> None:
         weights = initial_weights(cfg.branch.init_from)
         upgrade_weights(weights, model.state_dict())
         model.load_state_dict(weights)
-    optimizer = make_optimizer(model, cfg.optim)
-    model = model.to(device)
-    ema = EMA(model, cfg.optim.ema_decay)
+    trainer = Trainer(model, cfg.optim, cfg.diffusion, device, time_range=cfg.branch.time_range)
     step, samples_seen = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state, ema_state = restore_training(folder, model, optimizer)
-        ema.load_state_dict(ema_state, state["ema_updates"])
+            state, ema_state = restore_training(folder, trainer.model, trainer.optimizer)
+        trainer.ema.load_state_dict(ema_state, state["ema_updates"])
         step, samples_seen = state["step"], state["samples_seen"]
     tracker = StepLog(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     if rank == 0:
         tracker.started(step, world)
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1; weights broadcast from rank 0
-    net = torch.compile(model) if cfg.optim.compile else model
+    trainer.wrap(ray.train.torch.prepare_model)  # DDP when world > 1; weights broadcast from rank 0
 
     global_batch = cfg.optim.batch_size * cfg.run.max_workers
     micro = rank_split(global_batch, world, rank, cfg.optim.batch_size)
@@ -184,7 +180,6 @@ def train_loop(loop_config: dict) -> None:
     stream = SampleStream(iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True,
                                            seed=data_seed, num_workers=cfg.data.loader_workers,
                                            shuffle_buffer=cfg.data.shuffle_buffer)))
-    schedule = NoiseSchedule(cfg.diffusion)
     if rank == 0:
         log.info(f"train: rank 0 of {world} on {device}, starting at step {step}/{cfg.optim.steps}; global batch "
                  f"{global_batch} as {len(micro)} micro-batch(es) of {micro[0]} per worker")
@@ -195,11 +190,8 @@ def train_loop(loop_config: dict) -> None:
     loss_sum, loss_steps, notified = 0.0, 0, False
     upload = CheckpointUploadMode.ASYNC if cfg.run.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
     while step < cfg.optim.steps:
-        lr = lr_at(step, cfg.optim)
-        out, grad_norm = train_step(model, net, optimizer, ema, schedule, cfg.diffusion,
-                                    [stream.take(n) for n in micro], lr, device, grad_clip=cfg.optim.grad_clip,
-                                    use_bf16=use_bf16, global_batch=global_batch, world=world,
-                                    time_range=cfg.branch.time_range)
+        out, grad_norm, lr = trainer.step(step, [stream.take(n) for n in micro], global_batch=global_batch,
+                                          world=world)
         step += 1
         samples_seen += global_batch
         window_steps += 1
@@ -229,16 +221,16 @@ def train_loop(loop_config: dict) -> None:
             metrics.update(loss_mean=float(loss_sum) / loss_steps, val_loss=float("inf"))
             loss_sum, loss_steps = 0.0, 0
             if step == cfg.optim.steps and world > 1:
-                metrics["ddp_param_max_abs_diff"] = _param_spread(model)
-            state = {"step": step, "samples_seen": samples_seen, "ema_updates": ema.updates, "data_seed": data_seed,
+                metrics["ddp_param_max_abs_diff"] = _param_spread(trainer.model)
+            state = {"step": step, "samples_seen": samples_seen, "ema_updates": trainer.ema.updates, "data_seed": data_seed,
                      "world_size": world, "mlflow_run_id": loop_config["mlflow_run_id"]}
             started = time.perf_counter()
-            report_checkpoint(cfg, rank, {"step": step, **metrics}, model, ema, optimizer, state, loop_config, upload)
+            report_checkpoint(cfg, rank, {"step": step, **metrics}, trainer, state, loop_config, upload)
             if rank == 0:  # what a checkpoint costs the training loop: writing it, the barrier, a sync upload
                 tracker.log(step, {"checkpoint_stall_s": time.perf_counter() - started})
 
 
-def report_checkpoint(cfg: TrainJobConfig, rank: int, metrics: dict, model, ema, optimizer, state: dict,
+def report_checkpoint(cfg: TrainJobConfig, rank: int, metrics: dict, trainer: Trainer, state: dict,
                       loop_config: dict, upload) -> None:
     """Rank 0 writes the checkpoint; every rank reports (a barrier). The checkpoint is handed to validation,
     with sample grids at schedule.sample_every; async upload lets training go on while it is copied."""
@@ -249,7 +241,7 @@ def report_checkpoint(cfg: TrainJobConfig, rank: int, metrics: dict, model, ema,
     folder = tempfile.mkdtemp(prefix=f"psunet-checkpoint-{step:07d}-")
     checkpoint = None
     if rank == 0:
-        save_checkpoint(folder, unwrap(model), ema.state_dict(), optimizer, state,
+        save_checkpoint(folder, unwrap(trainer.model), trainer.ema.state_dict(), trainer.optimizer, state,
                         {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump(),
                          "job": loop_config["config"]})
         (Path(folder) / ASSETS).write_text(json.dumps(assets_for(cfg.data.train), indent=2))

@@ -16,8 +16,9 @@ and/or image->text accuracy, each direction at the trial's best guidance scale. 
 dimension setting fields a and b together (a grid of pairs, not their product). Running the same sweep name again
 continues an interrupted sweep (Tune's restore); --restart starts it over.
 `guidance`: no training, every (guidance scales, steps, scheduler) is a trial of the evaluation.
---guidance-scales gives each trial one scale for both modalities; --guidance-scales-image /
---guidance-scales-text replace it for their modality and make the sweep a grid of image x text scales.
+--guidance-scales gives each trial one scale for both modalities or an image:text pair (1,3,5:2);
+--guidance-scales-image / --guidance-scales-text replace it for their modality and make the sweep a grid of
+image x text scales.
 MLflow: one parent run per sweep, a nested child run per trial; the results table (CSV), a plot
 (PNG) and the best configuration as a training YAML go to the parent run and next to the sweep.
 """
@@ -44,7 +45,7 @@ from jobs import tracking  # noqa: E402
 from jobs.tracking import tracking_uri  # noqa: E402
 from psunet.config import StrictModel  # noqa: E402
 from psunet.progress import progress  # noqa: E402
-from psunet.settings import SamplerSettings  # noqa: E402
+from psunet.settings import SamplerSettings, parse_guidance  # noqa: E402
 
 EVAL_KEYS = {"eval.guidance_scale": "guidance_scale", "eval.steps": "steps"}  # searched SamplerSettings fields
 SWEEP_TAG = "psunet.sweep"
@@ -493,39 +494,44 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def guidance_axes(args) -> tuple[list[float], list[float] | None]:
-    """The image and the text guidance scales of the sweep; the text scales are None when each trial has one
-    scale for both modalities (--guidance-scales alone). --guidance-scales-image / --guidance-scales-text
-    replace --guidance-scales for their modality and make the sweep a grid of image x text scales."""
-    from jobs.sampler_options import float_list
-
-    both = float_list(args.guidance_scales)
+def guidance_pairs(args) -> list[tuple[float, float]]:
+    """The sweep's (image, text) guidance scales: --guidance-scales (one scale for both modalities, or image:text
+    pairs) or, with --guidance-scales-image / --guidance-scales-text, the grid of image x text scales, the
+    modality not given keeping --guidance-scales."""
+    both = [scale if isinstance(scale, tuple) else (scale, scale) for scale in parse_guidance(args.guidance_scales)]
     if args.guidance_scales_image is None and args.guidance_scales_text is None:
-        return both, None
-    image, text = (both if given is None else float_list(given)
-                   for given in (args.guidance_scales_image, args.guidance_scales_text))
-    return image, text
+        return both
+    axes = []
+    for index, modality in enumerate(("image", "text")):
+        given = getattr(args, f"guidance_scales_{modality}")
+        scales = [pair[index] for pair in both] if given is None else parse_guidance(given)
+        if any(isinstance(scale, tuple) for scale in scales):
+            raise ValueError(f"--guidance-scales-{modality} takes one scale per value, got {given!r}")
+        axes.append(list(dict.fromkeys(scales)))
+    return list(itertools.product(*axes))
+
+
+def trial_settings(config: dict) -> dict:
+    """A guidance trial's config as SamplerSettings fields."""
+    image, text = config["guidance"]
+    return {"guidance_scale_image": image, "guidance_scale_text": text, "steps": config["steps"],
+            "scheduler": config["scheduler"]}
 
 
 def guidance_space(args) -> tuple[dict, int]:
-    """Tune's grid for the guidance sweep and its number of trials; every setting is checked first.
-    A trial's config is SamplerSettings fields, both guidance scales among them."""
+    """Tune's grid for the guidance sweep and its number of trials; every setting is checked first."""
     from ray import tune
 
     from jobs.sampler_options import int_list
 
-    image, text = guidance_axes(args)
+    pairs = guidance_pairs(args)
     steps, schedulers = int_list(args.steps), [s for s in args.schedulers.split(",") if s]
-    if not image or text == [] or not steps or not schedulers:
+    if not pairs or not steps or not schedulers:
         raise ValueError("guidance search: the guidance scales, --steps and --schedulers each need a value")
-    pairs = [(scale, scale) for scale in image] if text is None else list(itertools.product(image, text))
-    for (scale_image, scale_text), count, scheduler in itertools.product(pairs, steps, schedulers):
-        SamplerSettings(guidance_scale_image=scale_image, guidance_scale_text=scale_text, steps=count,
-                        scheduler=scheduler)
-    space = {"guidance_scale_image": tune.grid_search(image),
-             "guidance_scale_text": tune.sample_from(lambda config: config["guidance_scale_image"]) if text is None
-             else tune.grid_search(text),
-             "steps": tune.grid_search(steps), "scheduler": tune.grid_search(schedulers)}
+    for pair, count, scheduler in itertools.product(pairs, steps, schedulers):
+        SamplerSettings(**trial_settings({"guidance": pair, "steps": count, "scheduler": scheduler}))
+    space = {"guidance": tune.grid_search(pairs), "steps": tune.grid_search(steps),
+             "scheduler": tune.grid_search(schedulers)}
     return space, len(pairs) * len(steps) * len(schedulers)
 
 
@@ -536,13 +542,14 @@ def guidance_trial(config: dict, pipe, data: str, samples: int, demo: bool, pare
 
     from jobs.quality import combine, evaluate_group
 
-    setting = SamplerSettings.model_validate(config)
+    fields = trial_settings(config)
+    setting = SamplerSettings.model_validate(fields)
     group = evaluate_group(pipe, data, 0, 1, samples, [setting], demo=demo, want_images=False, batch_size=64)
     metrics = combine([group], [setting], demo, None)[0]["metrics"]
     client = tracking.client(uri)
     run_id = tracking.create_run(client, experiment, storage,
                                  f"image{setting.guidance_scale_image:g}-text{setting.guidance_scale_text:g}-"
-                                 f"steps{setting.steps}-{setting.scheduler}", params=config, parent=parent_run_id)
+                                 f"steps{setting.steps}-{setting.scheduler}", params=fields, parent=parent_run_id)
     tracking.log_metrics(client, run_id, metrics)
     client.set_terminated(run_id)
     ray.tune.report(metrics)
@@ -577,7 +584,7 @@ def run_guidance_sweep(args) -> dict:
     metric = "t2i_all" if any((r.metrics or {}).get("t2i_all") is not None for r in grid) else "bleu4"
     import pandas as pd
 
-    table = pd.DataFrame([{**r.config, **{k: v for k, v in (r.metrics or {}).items()
+    table = pd.DataFrame([{**trial_settings(r.config), **{k: v for k, v in (r.metrics or {}).items()
                                           if k.startswith(("t2i_", "i2t_", "joint_", "bleu", "rouge"))}}
                           for r in grid if not r.error])
     table_path = folder / "results.csv"
@@ -591,7 +598,8 @@ def run_guidance_sweep(args) -> dict:
             client.log_artifact(parent, str(path))
     client.set_terminated(parent)
     return {"sweep": args.name, "trials": len(table), "metric": metric,
-            "best": {**{key: _plain(best[key]) for key in space}, metric: float(best[metric])},
+            "best": {**{key: _plain(best[key]) for key in trial_settings(grid[0].config)},
+                     metric: float(best[metric])},
             "results": str(table_path), "plot": str(plot) if plot else None, "mlflow_parent_run_id": parent}
 
 
@@ -607,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     guidance.add_argument("--model", required=True)
     guidance.add_argument("--data", required=True, help="held-out shard folder")
     guidance.add_argument("--name", default="guidance")
-    guidance.add_argument("--guidance-scales", default="1,2,3,5", help="one scale for both modalities per trial")
+    guidance.add_argument("--guidance-scales", default="1,2,3,5",
+                          help="per trial one scale for both modalities, or image:text (e.g. 1,3,5:2)")
     for modality in ("image", "text"):
         guidance.add_argument(f"--guidance-scales-{modality}",
                               help=f"{modality} scales in place of --guidance-scales: a grid of image x text scales")

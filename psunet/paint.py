@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +51,19 @@ class PaintWithWords:
     def strength(self, sigma: float, step: int, steps: int) -> float:
         """w log(1 + sigma) during the first `fraction` of the steps, 0 after."""
         return self.weight * math.log1p(sigma) if step < math.ceil(self.fraction * steps) else 0.0
+
+
+def box_region(box, size: int) -> np.ndarray:
+    """[x0, y0, x1, y1] in pixels (end exclusive) -> (size, size) bool region, True inside the box. A ValueError
+    says what a box outside the image or with x0 >= x1 or y0 >= y1 gets wrong."""
+    if len(box) != 4 or not all(isinstance(v, (int, np.integer)) for v in box):
+        raise ValueError(f"a box is 4 whole numbers x0, y0, x1, y1, got {list(box)}")
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+        raise ValueError(f"box {[x0, y0, x1, y1]} must lie inside the {size}x{size} image with x0 < x1 and y0 < y1")
+    region = np.zeros((size, size), dtype=bool)
+    region[y0:y1, x0:x1] = True
+    return region
 
 
 def token_region(region: torch.Tensor, side: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""The training step and what it needs, shared by everything that trains a PS-U-Net: the Ray Train workers
-(jobs/), the benchmarks' in-process training and the tests' tiny model.
+"""Training, shared by everything that trains a PS-U-Net: the Ray Train workers (jobs/), the benchmarks'
+in-process training and the tests' tiny models.
 
-The learning-rate schedule (linear warm-up, cosine decay), the optimizer (fused AdamW), the precision choice,
-one optimizer step over micro-batches (loss, clipped gradients, AdamW, EMA) and how a global batch is shared
-out over ranks and micro-batches. Pure PyTorch: configured by psunet.config's OptimConfig and DiffusionConfig.
+`Trainer` owns a run's model, EMA, optimizer and schedules and takes one optimizer step over micro-batches
+(loss, clipped gradients, AdamW, EMA); beside it the learning-rate schedule (linear warm-up, cosine decay), the
+optimizer (fused AdamW), the precision choice and how a global batch is shared out over ranks and
+micro-batches. Pure PyTorch: configured by psunet.config's OptimConfig and DiffusionConfig.
 """
 
 from __future__ import annotations
@@ -38,40 +39,67 @@ def uses_bf16(optim: OptimConfig, device: torch.device) -> bool:
     return optim.precision == "bf16" or (optim.precision == "auto" and device.type == "cuda")
 
 
-def train_step(model, net, optimizer, ema: EMA, schedule: NoiseSchedule, diffusion: DiffusionConfig,
-               batches: list[dict], lr: float, device: torch.device, *, grad_clip: float, use_bf16: bool = False,
-               global_batch: int | None = None, world: int = 1, time_range: tuple[int, int] | None = None):
-    """One optimizer step over micro-batches: loss (bf16 autocast if asked), gradients clipped to `grad_clip`,
-    the optimizer at `lr`, EMA.
+class Trainer:
+    """One training run's state and its step: the model, its EMA, the optimizer, the lr schedule (lr_at) and
+    the noise schedule, for `optim` and `diffusion` on `device`.
 
-    `net` is what runs the forward (the model, its DDP wrapper or a compiled one); `model` owns the
-    parameters. Each micro-batch's mean loss is weighted by its share of the global batch (all ranks'
-    samples of this step; default: this rank's), so the gradient is the mean over the global batch however
-    it is split over workers and micro-batches; DDP synchronises on the last micro-batch only. With a
-    time range, times are drawn from that interval only. Returns (loss output, grad norm); the loss
-    output's values are the sample-weighted means over this rank's micro-batches.
+        trainer = Trainer(PSUNet(cfg.model), cfg.optim, cfg.diffusion, device)
+        for step in range(cfg.optim.steps):
+            trainer.step(step, [next(batches)])
+        trainer.ema.model  # what samples
+
+    `model` owns the parameters; `wrap(fn)` puts a wrapper (DDP, torch.compile) around it for the forward.
+    With a time range, times are drawn from that interval only (an expert's branch).
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    sizes = [len(batch["latent"]) for batch in batches]
-    global_batch = global_batch or sum(sizes)
-    optimizer.zero_grad(set_to_none=True)
-    totals, kept = None, []
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        with (contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()), \
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = diffusion_loss(net, schedule, diffusion, batch["latent"].to(device), batch["text"].to(device),
-                                 time_range=time_range)
-            (out.loss * (sizes[i] * world / global_batch)).backward()
-        weight = sizes[i] / sum(sizes)
-        parts = [out.loss.detach() * weight, out.loss_image.detach() * weight, out.loss_text.detach() * weight]
-        totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
-        kept.append((out.kept_image, out.kept_text))
-    grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), grad_clip)
-    optimizer.step()
-    ema.update(model)
-    return LossOutput(*totals, *(torch.cat(masks) for masks in zip(*kept))), grad_norm
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, diffusion: DiffusionConfig,
+                 device: torch.device, *, time_range: tuple[int, int] | None = None):
+        self.optim, self.diffusion, self.device, self.time_range = optim, diffusion, device, time_range
+        self.model = model.to(device)
+        self.net = self.model
+        self.optimizer = make_optimizer(self.model, optim)
+        self.ema = EMA(self.model, optim.ema_decay)
+        self.schedule = NoiseSchedule(diffusion)
+        self.use_bf16 = uses_bf16(optim, device)
+
+    def wrap(self, parallel=None) -> None:
+        """`parallel(model)` (e.g. Ray Train's prepare_model: DDP) becomes the model; optim.compile compiles the
+        forward."""
+        if parallel is not None:
+            self.model = parallel(self.model)
+        self.net = torch.compile(self.model) if self.optim.compile else self.model
+
+    def step(self, step: int, batches: list[dict], *, global_batch: int | None = None, world: int = 1):
+        """Optimizer step number `step` (0-based; it sets the lr) over micro-batches: loss (bf16 autocast if
+        asked), gradients clipped to optim.grad_clip, AdamW, EMA.
+
+        Each micro-batch's mean loss is weighted by its share of the global batch (all ranks' samples of this
+        step; default: this rank's), so the gradient is the mean over the global batch however it is split over
+        workers and micro-batches; DDP synchronises on the last micro-batch only. Returns (loss output, grad
+        norm, lr); the loss output's values are the sample-weighted means over this rank's micro-batches.
+        """
+        lr = lr_at(step, self.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sizes = [len(batch["latent"]) for batch in batches]
+        global_batch = global_batch or sum(sizes)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals, kept = None, []
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with (contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()), \
+                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                out = diffusion_loss(self.net, self.schedule, self.diffusion, batch["latent"].to(self.device),
+                                     batch["text"].to(self.device), time_range=self.time_range)
+                (out.loss * (sizes[i] * world / global_batch)).backward()
+            weight = sizes[i] / sum(sizes)
+            parts = [out.loss.detach() * weight, out.loss_image.detach() * weight, out.loss_text.detach() * weight]
+            totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
+            kept.append((out.kept_image, out.kept_text))
+        grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(self.model).parameters(), self.optim.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model)
+        return LossOutput(*totals, *(torch.cat(masks) for masks in zip(*kept))), grad_norm, lr
 
 
 def rank_split(global_batch: int, world: int, rank: int, micro_batch: int) -> list[int]:

@@ -68,25 +68,19 @@ def tiny_model(demo_set, tmp_path_factory):
     from jobs.config import load_config
     from psunet.checkpoint import save_checkpoint
     from psunet.data import make_loader
-    from psunet.diffusion import NoiseSchedule
-    from psunet.ema import EMA
     from psunet.model import PSUNet
     from psunet.model_folder import ASSETS, assets_for, bundle
-    from psunet.training import lr_at, make_optimizer, train_step
+    from psunet.training import Trainer
 
     cfg = load_config("configs/tiny.yaml", [f"data.train={demo_set}/train", f"data.val={demo_set}/val"]).resolved()
     optim = cfg.optim.model_copy(update={"steps": 60, "batch_size": 16, "lr": 2e-3})
-    model = PSUNet(cfg.model)
-    ema = EMA(model, optim.ema_decay)
-    optimizer = make_optimizer(model, optim)
-    schedule = NoiseSchedule(cfg.diffusion)
+    trainer = Trainer(PSUNet(cfg.model), optim, cfg.diffusion, torch.device("cpu"))
     batches = iter(make_loader(cfg.data.train, optim.batch_size, cfg.model, training=True, seed=0, rank=0,
                                world_size=1))
     for step in range(optim.steps):
-        train_step(model, model, optimizer, ema, schedule, cfg.diffusion, [next(batches)], lr_at(step, optim),
-                   torch.device("cpu"), grad_clip=optim.grad_clip)
+        trainer.step(step, [next(batches)])
     root = tmp_path_factory.mktemp("model")
-    checkpoint = save_checkpoint(root / "checkpoint", model, ema.state_dict(), optimizer, {"step": optim.steps},
-                                 {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump()})
+    checkpoint = save_checkpoint(root / "checkpoint", trainer.model, trainer.ema.state_dict(), trainer.optimizer,
+                                 {"step": optim.steps}, {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump()})
     (checkpoint / ASSETS).write_text(json.dumps(assets_for(cfg.data.train)))
     return bundle(checkpoint, root / "model")

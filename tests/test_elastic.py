@@ -8,10 +8,9 @@ import torch
 import psunet.training
 from jobs.config import load_config, worker_range
 from jobs.training_run import SampleStream, task_resources
-from psunet.diffusion import LossOutput, NoiseSchedule
-from psunet.ema import EMA
+from psunet.diffusion import LossOutput
 from psunet.model import PSUNet
-from psunet.training import rank_split, train_step
+from psunet.training import Trainer, rank_split
 
 TINY = "configs/tiny.yaml"
 
@@ -85,11 +84,10 @@ def test_accumulated_micro_batches_give_the_update_of_one_batch(monkeypatch):
     results = []
     for batches in ([batch], split):
         torch.manual_seed(0)
-        model = PSUNet(c)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        out, _ = train_step(model, model, optimizer, EMA(model, 0.9), NoiseSchedule(cfg.diffusion), cfg.diffusion,
-                            batches, 0.1, torch.device("cpu"), grad_clip=cfg.optim.grad_clip, global_batch=8)
-        results.append((out.loss.item(), torch.cat([p.detach().flatten() for p in model.parameters()])))
+        trainer = Trainer(PSUNet(c), cfg.optim, cfg.diffusion, torch.device("cpu"))
+        trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)  # AdamW would blur the comparison
+        out, _, _ = trainer.step(cfg.optim.warmup_steps, batches, global_batch=8)
+        results.append((out.loss.item(), torch.cat([p.detach().flatten() for p in trainer.model.parameters()])))
     torch.manual_seed(0)
     start = torch.cat([p.detach().flatten() for p in PSUNet(c).parameters()])
     assert not torch.allclose(results[0][1], start)

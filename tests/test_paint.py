@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from psunet.config import DiffusionConfig, preset
 from psunet.model import Attention, PaintBias, PSUNet, paint_logit_bias
-from psunet.paint import TEXT_OFFSET, PaintWithWords, paint_mask, token_region
+from psunet.paint import TEXT_OFFSET, PaintWithWords, box_region, paint_mask, token_region
 from psunet.sampling import InfillRun, joint_infill, step_together
 
 CONFIG = preset("tiny")  # 16 text tokens, 4x4 = 16 image tokens: shared sequence of 34
@@ -136,3 +136,13 @@ def test_bad_paint_is_refused(paint, message):
     with pytest.raises(ValueError, match="paint") as error:
         joint_infill(PSUNet(CONFIG).eval(), CONFIG, DiffusionConfig(), 1, steps=2, paint=paint)
     assert message in str(error.value)
+
+
+def test_a_box_becomes_a_region_and_a_bad_box_is_refused_with_the_reason():
+    region = box_region([2, 1, 5, 3], 8)
+    assert region.shape == (8, 8) and region.dtype == bool and region.sum() == 6
+    assert region[1:3, 2:5].all() and not region[0].any() and not region[:, 5:].any()
+    for box, reason in (([0, 0, 9, 4], "must lie inside the 8x8 image"), ([3, 0, 3, 4], "x0 < x1"),
+                        ([0, 0, 4], "4 whole numbers"), ([0, 0, 4, 2.5], "4 whole numbers")):
+        with pytest.raises(ValueError, match=reason):
+            box_region(box, 8)

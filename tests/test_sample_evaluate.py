@@ -214,7 +214,7 @@ BAD = [
     (["--prompt", "a", "--prompt", "b", "--image", "{image}", "--image", "{image}", "--image", "{image}"], "--prompt"),
     (["--prompt", "a red circle", "--paint", "blue=0,0,16,16"], "prompt 0 has no word 'blue'"),
     (["--prompt", "a red circle", "--paint", "3=0,0,16,16"], "word index 3 is outside the caption"),
-    (["--prompt", "a red circle", "--paint", "red=0,0,64,16"], "box must lie inside the 32x32 image"),
+    (["--prompt", "a red circle", "--paint", "red=0,0,64,16"], "'red=0,0,64,16': box [0, 0, 64, 16] must lie inside"),
     (["--prompt", "a red circle", "--paint", "red={big}"], "the model needs"),
     (["--prompt", "a red circle", "--paint", "red"], "WORD=x0,y0,x1,y1"),
     (["--prompt", "a red circle", "--paint", "red=0,0,16,16", "--paint-weight", "-2"], "paint weight"),

@@ -246,7 +246,7 @@ BAD_REQUESTS = [
     ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 9, "box": [0, 0, 16, 16]}]}, 422,
      "word index 9 is outside the caption"),
     ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2, "box": [0, 0, 40, 16]}]}, 422,
-     "paint.0.box: must be [x0, y0, x1, y1] inside the 32x32 image"),
+     "paint.0.box: box [0, 0, 40, 16] must lie inside the 32x32 image"),
     ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2, "box": [0, 0, 16]}]}, 422, "paint.0.box"),
     ("/v1/text-to-image", {"prompt": PROMPT, "paint": [{"word": 2, "mask": _png(_picture(16))}]}, 422,
      "paint.0.mask: 16x16, but this model takes 32x32"),

@@ -1,6 +1,7 @@
 """jobs/tune.py on a real local Ray instance: refusals before any trial, an ASHA sweep of real training runs
 (interrupted and continued) with nested MLflow runs and a best-config YAML that trains, and a guidance search."""
 
+import argparse
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from jobs.config import load_config
-from jobs.tune import SweepConfig, load_sweep, main as tune_main, parameter_count, trial_config
+from jobs.tune import SweepConfig, guidance_pairs, load_sweep, main as tune_main, parameter_count, trial_config
 
 pytestmark = pytest.mark.ray
 
@@ -249,3 +250,18 @@ def test_guidance_search_refuses_an_invalid_scale_before_loading_the_model(tmp_p
     err = capsys.readouterr().err
     assert "guidance_scale_text" in err and "input_value=-3.0" in err and "guidance_scale_image" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("scales, image, text, pairs", [
+    ("1,5:2", None, None, [(1.0, 1.0), (5.0, 2.0)]),
+    ("2", "1,4", None, [(1.0, 2.0), (4.0, 2.0)]),
+    ("1,3", "2", "1,5", [(2.0, 1.0), (2.0, 5.0)]),
+])
+def test_guidance_scales_take_image_text_pairs_as_evaluate_does(scales, image, text, pairs):
+    args = argparse.Namespace(guidance_scales=scales, guidance_scales_image=image, guidance_scales_text=text)
+    assert guidance_pairs(args) == pairs
+
+
+def test_a_per_modality_guidance_sweep_refuses_pairs():
+    with pytest.raises(ValueError, match="--guidance-scales-image takes one scale per value"):
+        guidance_pairs(argparse.Namespace(guidance_scales="1", guidance_scales_image="3:1", guidance_scales_text=None))
