@@ -22,11 +22,15 @@ chromium:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
 		echo "make: could not install chromium; the browser test will fail and say so" >&2
 
-test: venv chromium
-	RAY_AUTH_MODE=token $(BIN)/python -m pytest -q
+# two test processes (pytest-xdist), a test file to each in turn, the longest first (tests/conftest.py: FIRST)
+PYTEST := RAY_AUTH_MODE=token $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
+test: venv chromium
+	$(PYTEST)
+
+# the tests that start no Ray
 test-fast: venv
-	RAY_AUTH_MODE=token $(BIN)/python -m pytest -q -m "not ray"
+	$(PYTEST) -m "not ray"
 
 # demo data + shards, a local two-node Ray cluster with MLflow, `ray job submit` training, samples
 demo: venv

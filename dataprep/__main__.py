@@ -1,6 +1,7 @@
 """Command line: `python -m dataprep demo ...` (built-in demo set end to end) and `encode ...` (real data).
 
-Runs on an implicit local Ray instance, or on a cluster when RAY_ADDRESS is set / under `ray job submit`.
+Runs on an implicit local Ray instance, or on a cluster when RAY_ADDRESS is set / under `ray job submit`;
+`--encoder-actors 0` encodes in this process without Ray (small sets).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dataprep.shapes import SCENES
 
@@ -25,12 +27,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="share of source images held out in val/, every caption of an image on the same side "
                              "(a stable hash of the image); 0: no validation samples")
     parser.add_argument("--batch-size", type=int, default=64, help="autoencoder batch size")
-    parser.add_argument("--encoder-actors", type=int, default=1, help="autoencoder actors in the Ray Data pool")
+    parser.add_argument("--encoder-actors", type=int, default=1,
+                        help="autoencoder actors in the Ray Data pool; 0: encode in this process, without Ray")
     parser.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="encode on GPUs")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: its sub-commands, their options and help."""
     parser = argparse.ArgumentParser(prog="dataprep", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -54,15 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vae.add_argument("--vae", help="autoencoder: hub id (e.g. stabilityai/sd-vae-ft-mse) or local folder")
     vae.add_argument("--train-vae-steps", type=int, help="train a small autoencoder on the source's images")
     encode.add_argument("--vae-train-images", type=int, default=4096, help="images used to train a small VAE")
-    return parser.parse_args(argv)
+    return parser
 
 
-def _use_gpu(choice: str) -> bool:
+def _use_gpu(choice: str, in_process: bool) -> bool:
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = torch.cuda.device_count() if in_process else ray.cluster_resources().get("GPU", 0)
     if choice == "yes" and not gpus:
-        raise SystemExit("dataprep: --gpu yes but the Ray cluster has no GPUs")
+        raise SystemExit(f"dataprep: --gpu yes but {'this machine' if in_process else 'the Ray cluster'} has no GPUs")
     return choice == "yes" or (choice == "auto" and gpus > 0)
 
 
@@ -87,7 +91,7 @@ def _source_images(spec: str, resolution: int, limit: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as exc:
@@ -107,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ray.init(ignore_reinit_error=True)
+    if args.encoder_actors:
+        ray.init(ignore_reinit_error=True)
     skipped: list[dict] = []
 
     if args.command == "demo":
@@ -142,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=str(out), resolution=args.resolution, text_len=args.text_len, autoencoder=autoencoder,
         word_vectors=str(out / "words.bin"), word_vectors_sha256=digest, samples_per_shard=args.samples_per_shard,
         val_fraction=args.val_fraction, batch_size=args.batch_size, encoder_actors=args.encoder_actors,
-        use_gpu=_use_gpu(args.gpu),
+        use_gpu=_use_gpu(args.gpu, in_process=not args.encoder_actors),
     )
     manifests = build_shards(units, settings, scaling_factor, skipped=skipped, autoencoder_is_local=is_local)
     summary = {split: {"samples": m.samples, "shards": len(m.shards)} for split, m in manifests.items()}

@@ -10,12 +10,14 @@ used (corrupt image, empty or over-long caption, only unknown words, too-small i
 row with a `skip` reason: it is counted and listed in the manifest, never silently dropped.
 
 Train and val are split by source image (`is_validation` of the row's `image_key`), so every
-caption of one image lands on the same side.
+caption of one image lands on the same side. With `encoder_actors=0` the same functions run one after the
+other in this process, without Ray (small sets, a laptop, the tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -48,7 +50,7 @@ class EncodeSettings:
     samples_per_shard: int = 1000
     val_fraction: float = 0.05
     batch_size: int = 64
-    encoder_actors: int = 1
+    encoder_actors: int = 1  # 0: encode in this process, without Ray
     use_gpu: bool = False
 
     def __post_init__(self):
@@ -56,6 +58,8 @@ class EncodeSettings:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.encoder_actors < 0:
+            raise ValueError(f"encoder_actors must be >= 0 (0: in this process), got {self.encoder_actors}")
 
 
 def demo_units(samples: int, seed: int, resolution: int, max_objects: int = 2, scene: str = "objects",
@@ -182,9 +186,36 @@ def is_validation(image_key: str, fraction: float) -> bool:
     return zlib.crc32(image_key.encode()) % 10_000 < fraction * 10_000
 
 
+def encoded_batches(units: list[dict], settings: EncodeSettings) -> Iterator[dict[str, np.ndarray]]:
+    """The units' rows, encoded (Encoder's output) in batches of settings.batch_size: by a Ray Data pipeline, or
+    in this process when settings.encoder_actors is 0 (small sets; no Ray started)."""
+    encoder_args = dict(autoencoder=settings.autoencoder, word_vectors=settings.word_vectors,
+                        word_vectors_sha256=settings.word_vectors_sha256, text_len=settings.text_len,
+                        use_gpu=settings.use_gpu)
+    if settings.encoder_actors == 0:
+        encoder = Encoder(**encoder_args)
+        rows = (row for unit in units for row in load_rows(unit, settings.resolution))
+        while chunk := list(itertools.islice(rows, settings.batch_size)):
+            yield encoder({key: np.array([row[key] for row in chunk]) for key in chunk[0]})
+        return
+    dataset = (
+        ray.data.from_items(units, override_num_blocks=len(units))
+        .flat_map(load_rows, fn_kwargs={"resolution": settings.resolution})
+        .map_batches(
+            Encoder,
+            fn_constructor_kwargs=encoder_args,
+            batch_size=settings.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=settings.encoder_actors),
+            num_gpus=1 if settings.use_gpu else 0,
+        )
+    )
+    yield from dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy")
+
+
 def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: float,
                  skipped: list[dict] | None = None, autoencoder_is_local: bool = True, log=print) -> dict[str, Manifest]:
-    """Run the Ray Data pipeline and write `train/` and `val/` shard sets with their manifests.
+    """Encode the units (encoded_batches) and write `train/` and `val/` shard sets with their manifests.
 
     Raises ValueError when every record is skipped, or when a side would be empty: val (with
     val_fraction > 0; val_fraction 0 means no validation samples) or train.
@@ -193,20 +224,6 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
         raise ValueError("nothing to encode: the source has no records")
     out = Path(settings.out_dir)
     started = time.perf_counter()
-    dataset = (
-        ray.data.from_items(units, override_num_blocks=len(units))
-        .flat_map(load_rows, fn_kwargs={"resolution": settings.resolution})
-        .map_batches(
-            Encoder,
-            fn_constructor_kwargs=dict(autoencoder=settings.autoencoder, word_vectors=settings.word_vectors,
-                                       word_vectors_sha256=settings.word_vectors_sha256,
-                                       text_len=settings.text_len, use_gpu=settings.use_gpu),
-            batch_size=settings.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=settings.encoder_actors),
-            num_gpus=1 if settings.use_gpu else 0,
-        )
-    )
     images = {"train": set(), "val": set()}  # source image keys per side
     writers, counts = {}, {"train": 0, "val": 0}
     skipped = list(skipped or [])
@@ -221,7 +238,7 @@ def build_shards(units: list[dict], settings: EncodeSettings, scaling_factor: fl
     sizes = [unit_size(unit) for unit in units]
     bar = progress(total=None if None in sizes else sum(sizes), desc="encode", unit="samples")
     try:
-        for batch in dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
+        for batch in encoded_batches(units, settings):
             for i, key in enumerate(batch["key"]):
                 key = str(key)
                 if batch["skip"][i]:

@@ -198,7 +198,8 @@ def print_table(report: dict) -> None:
         print(f"evaluate: best {task}: " + ", ".join(f"{k} {v:.3g}" for k, v in best.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: its options and their help."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
@@ -219,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="psunet-evaluate")
     parser.add_argument("--storage-path", default="runs", help="where the default MLflow store lives")
     parser.add_argument("--no-mlflow", action="store_true", help="write only the JSON file and the plot")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
         report = run(args)

@@ -167,7 +167,8 @@ def write_results(out: Path, result, job: dict, settings: SamplerSettings, meta:
     os.replace(partial, out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: its options and their help."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
@@ -190,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--max-batch", type=int, default=256, help="most samples in one call")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ references")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
         job = plan(args)

@@ -116,14 +116,19 @@ def register(cfg: TrainJobConfig, run_id: str) -> str | None:
     return uri
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: its options and their help."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("--init-from", help="start from this trained model or checkpoint folder")
     parser.add_argument("--experts", type=int, help="with --init-from: K experts over a binary split of the times")
     parser.add_argument("--intervals", help="with --init-from: the experts' intervals, e.g. 0:300,300:1000")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.steps=500")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         overrides = args.overrides + ([f"branch.init_from={args.init_from}"] if args.init_from else [])
         cfg = load_config(args.config, overrides)

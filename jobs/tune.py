@@ -603,7 +603,8 @@ def run_guidance_sweep(args) -> dict:
             "results": str(table_path), "plot": str(plot) if plot else None, "mlflow_parent_run_id": parent}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: its options and their help."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
@@ -626,7 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     guidance.add_argument("--storage-path", default="runs")
     guidance.add_argument("--experiment", default="psunet-tune")
     guidance.add_argument("--tracking-uri")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
         summary = run_train_sweep(load_sweep(args.sweep), args.restart) if args.command == "train" \

@@ -1,6 +1,9 @@
 """psunet: Partially Shared U-Net diffusion over text + image, with joint-infilling sampling.
 
-Pure PyTorch + diffusers/gensim/webdataset; orchestration (Ray, MLflow) lives in jobs/ and dataprep/.
+PyTorch with diffusers (noise schedules, samplers, the autoencoder), gensim (word vectors) and webdataset
+(shards); no Ray and no MLflow: orchestration lives in jobs/ and dataprep/. `import psunet` imports torch,
+pydantic, torchdiffeq and diffusers (psunet.settings imports psunet.diffusion, whose schedulers are diffusers');
+PSUNetPipeline and PSUNetPipelineOutput are imported when first asked for, and with them gensim and webdataset.
 
     from psunet import PSUNetPipeline
     pipe = PSUNetPipeline.from_pretrained("runs/demo/model")
@@ -16,7 +19,7 @@ __all__ = ["DiffusionConfig", "ModelConfig", "PSUNet", "PSUNetPipeline", "PSUNet
 
 
 def __getattr__(name: str):
-    # the pipeline pulls in diffusers and gensim: imported when asked for, not with every psunet module
+    # the pipeline pulls in gensim and webdataset: imported when asked for, not with every psunet module
     if name in ("PSUNetPipeline", "PSUNetPipelineOutput"):
         from psunet import pipeline
 

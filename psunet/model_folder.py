@@ -22,6 +22,7 @@ layout still load; `python -m psunet.model_folder OLD NEW` rewrites either in th
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -259,14 +260,17 @@ def resolve(reference: str | Path, **options) -> Path:
                             f"({', '.join(source.name for source in sources)})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     """python -m psunet.model_folder SOURCE OUT: a training checkpoint or an older model folder as a model folder."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m psunet.model_folder", description=main.__doc__.split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="python -m psunet.model_folder",
+                                     description=build_parser.__doc__.split(": ", 1)[1])
     parser.add_argument("source", help="a training checkpoint, or a model folder (any layout psunet has written)")
     parser.add_argument("out", help="the model folder to write (replaced if it exists)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = bundle(args.source, args.out)
     except (FileNotFoundError, ValueError) as error:

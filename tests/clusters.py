@@ -1,9 +1,12 @@
-"""Helpers for the tests that start a real local Ray cluster with cluster/local.sh and submit jobs to it."""
+"""Helpers for the tests that start a real local Ray cluster with cluster/local.sh and submit jobs to it, and for
+the S3-compatible server its checkpoints go to."""
 
 import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,3 +71,31 @@ def summary_of(job_output: str) -> dict:
     lines = [line for line in job_output.splitlines() if line.startswith("train: done ")]
     assert len(lines) == 1, job_output[-3000:]
     return json.loads(lines[0].removeprefix("train: done "))
+
+
+@contextmanager
+def object_store(port: str, log_folder: Path):
+    """A real S3-compatible server (moto) on 127.0.0.1 with a bucket `psunet`: storage that is not the workers'
+    disk. Yields the environment variables that point AWS clients (pyarrow's S3 filesystem) at it."""
+    import pyarrow.fs
+
+    log = (log_folder / "moto.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", port],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the S3 server did not start"
+                time.sleep(0.3)
+        pyarrow.fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="test",
+                                secret_key="test", allow_bucket_creation=True).create_dir("psunet")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -9,11 +9,11 @@ import torch
 
 from dataprep.vae import small_vae, train_vae
 from psunet.autoencoder import Autoencoder
+from conftest import VAE_STEPS as STEPS
 
 PALETTE = np.array([(230, 30, 30), (30, 200, 30), (40, 40, 230), (230, 230, 30), (30, 220, 220)], np.uint8)
-# Measured ~0.010 after the 200 steps below, against ~0.038 for predicting the mean image.
+# Measured ~0.013 after conftest's 200 steps, against ~0.038 for predicting the mean image.
 MAX_ROUND_TRIP_MSE = 0.02
-STEPS = 200
 
 
 def shapes(n: int, seed: int, size: int = 32) -> np.ndarray:
@@ -34,11 +34,11 @@ def shapes(n: int, seed: int, size: int = 32) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("vae"))
-    log = []
-    result = train_vae(shapes(512, seed=0), out_dir, steps=STEPS, batch_size=16, log=log.append)
-    return result, Autoencoder.load(out_dir), log
+def trained(demo_vae):
+    """The session's small VAE (conftest: VAE_STEPS steps on demo images): (train_vae's result, the autoencoder
+    loaded from its folder, its log lines)."""
+    result, log, folder = demo_vae
+    return result, Autoencoder.load(str(folder)), log
 
 
 def test_trained_vae_round_trips_through_the_loaded_autoencoder(trained):

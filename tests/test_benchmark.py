@@ -1,18 +1,21 @@
 """jobs/benchmark.py: every subcommand runs on the tiny preset and prints one JSON object with every field present
-and positive. No timing thresholds: the figures themselves live in BENCHMARKS.md."""
+and positive; each has its own options and checks them. No timing thresholds: the figures themselves live in
+BENCHMARKS.md."""
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 
+import mlflow
 import pytest
 import torch
 
-
-pytestmark = pytest.mark.ray
+from jobs.bench.system import run_parts, timed_part, train_resume_check
+from jobs.benchmark import main, parse
 
 FIELDS = {
     "train": ["samples_per_s", "step_ms", "forward_flops_per_sample", "train_flops_per_sample", "achieved_flops",
@@ -51,38 +54,47 @@ FIELDS = {
 
 
 def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
-    small = ["--preset", "tiny", "--batch-size", "4", "--steps", "2"]
+    """Each case at the smallest sizes that still give every field: one step where a step is timed, one sampler
+    step, two held-out samples, two seeds and two guidance scales where spread and best scale are checked."""
+    small = ["--preset", "tiny", "--batch-size", "2", "--steps", "1"]
+    data = [f"data.train={demo_set}/train", f"data.val={demo_set}/val"]
     return {
         "train": small,
         "overhead": small + ["--rounds", "1"],
         "loader": small + ["--data", f"{demo_set}/train"],
-        "sampling": ["--preset", "tiny", "--model", str(tiny_model), "--sample-steps", "2"],
-        "convergence": ["--config", "configs/tiny.yaml", "--steps", "4", "--eval-every", "2", "--accuracy-every", "4",
-                        "--seeds", "2", "--samples", "4", "--guidance-scales", "1,3", "--sample-steps", "2",
-                        "--timing-steps", "1", "--out-dir", str(tmp_path), f"data.train={demo_set}/train",
-                        f"data.val={demo_set}/val"],
-        "serve": ["--model", str(tiny_model), "--sample-steps", "2", "--requests", "2", "--load-requests", "16",
+        "sampling": ["--preset", "tiny", "--model", str(tiny_model), "--sample-steps", "1"],
+        "convergence": ["--config", "configs/tiny.yaml", "--steps", "2", "--eval-every", "1", "--accuracy-every", "2",
+                        "--seeds", "2", "--samples", "2", "--guidance-scales", "1,3", "--sample-steps", "1",
+                        "--timing-steps", "1", "--out-dir", str(tmp_path), *data],
+        "serve": ["--model", str(tiny_model), "--sample-steps", "1", "--requests", "1", "--load-requests", "3",
                   "--precision", "bf16"],
-        "convergence-ode": ["--against", "ode", "--config", "configs/tiny.yaml", "--steps", "2", "--eval-every", "2",
-                            "--samples", "4", "--sample-steps", "2", "--timing-steps", "1", "--out-dir", str(tmp_path), f"data.train={demo_set}/train", f"data.val={demo_set}/val",
-                            "model.shared_depth=5", "model.ode_solver=euler"],
-        "convergence-experts": ["--against", "experts", "--config", "configs/tiny.yaml", "--steps", "3",
-                                "--branch-at", "1", "--samples", "4", "--sample-steps", "2", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
-        "paint": ["--model", str(tiny_model), "--sample-steps", "2", "--samples", "4", "--paint-weights", "0,4"],
-        "checkpoints": ["--config", "configs/tiny.yaml", "--steps", "4", "--checkpoint-every", "2",
-                        f"data.train={demo_set}/train", f"data.val={demo_set}/val", "optim.warmup_steps=1",
-                        "schedule.log_every=1", "schedule.samples=2", "schedule.sample_steps=2"],
-        "objectives": ["--config", "configs/tiny.yaml", "--steps", "2", "--samples", "8", "--sample-steps", "2",
-                       "--guidance-scales", "1,3", f"data.train={demo_set}/train", f"data.val={demo_set}/val"],
+        "convergence-ode": ["--against", "ode", "--config", "configs/tiny.yaml", "--steps", "1", "--eval-every", "1",
+                            "--samples", "2", "--guidance-scales", "1", "--sample-steps", "1", "--timing-steps", "1",
+                            "--out-dir", str(tmp_path), *data, "model.shared_depth=5", "model.ode_solver=euler"],
+        "convergence-experts": ["--against", "experts", "--config", "configs/tiny.yaml", "--steps", "2",
+                                "--branch-at", "1", "--samples", "2", "--guidance-scales", "1", "--sample-steps", "1",
+                                *data],
+        "paint": ["--model", str(tiny_model), "--sample-steps", "1", "--samples", "2", "--paint-weights", "0,4"],
+        "checkpoints": ["--config", "configs/tiny.yaml", "--steps", "2", "--checkpoint-every", "1", *data,
+                        "optim.warmup_steps=1", "schedule.log_every=1", "schedule.samples=1",
+                        "schedule.sample_steps=1"],
+        "objectives": ["--config", "configs/tiny.yaml", "--steps", "1", "--samples", "4", "--sample-steps", "1",
+                       "--guidance-scales", "1,3", *data],
     }[command]
 
 
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One MLflow store for every case (each run found by its id): its tables are created once."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("case", FIELDS)
-def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_model, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_model, tmp_path, mlflow_uri):
     arguments = _arguments(case, demo_set, tiny_model, tmp_path)
     command = case.split("-")[0]
-    done = subprocess.run([sys.executable, "jobs/benchmark.py", command, *arguments, "--tracking-uri", uri],
+    done = subprocess.run([sys.executable, "jobs/benchmark.py", command, *arguments, "--tracking-uri", mlflow_uri],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"})
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
@@ -112,7 +124,7 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
         assert (tmp_path / "convergence_ode.png").stat().st_size > 0
     if figures.get("against") == "experts":
         assert figures["one_model_intervals"] == [[0, 1000]] and figures["experts2_intervals"] == [[0, 500], [500, 1000]]
-        assert figures["experts2_training_steps"] == 1 + 2 * 2 and figures["one_model_training_steps"] == 1 + 2
+        assert figures["experts2_training_steps"] == 1 + 2 * 1 and figures["one_model_training_steps"] == 1 + 1
     if command == "objectives":
         for objective in ("shared", "independent", "slices"):
             best = figures[objective]["best"]
@@ -122,16 +134,14 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
     if figures.get("against") == "baseline":
         _check_backbones(figures, tmp_path)
 
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(figures["mlflow_run_id"])
     assert run.data.tags["psunet.benchmark"] == command
     first = FIELDS[case][0]
     assert run.data.metrics[first] == pytest.approx(figures[first])
     if figures.get("against") == "baseline":  # every curve point at its step
         history = client.get_metric_history(run.info.run_id, "psunet_seed1_val_loss")
-        assert [m.step for m in history] == [2, 4]
+        assert [m.step for m in history] == [1, 2]
         assert history[-1].value == pytest.approx(figures["curves"]["psunet"][1][-1]["val_loss"])
 
 
@@ -148,9 +158,10 @@ def _check_backbones(figures: dict, tmp_path) -> None:
     for model, seeds in figures["curves"].items():
         assert len(seeds) == 2
         for points in seeds:
-            assert [p["step"] for p in points] == [2, 4]
+            assert [p["step"] for p in points] == [1, 2]
             assert "t2i_accuracy" not in points[0] and points[1]["t2i_guidance"] in (1.0, 3.0)
-            assert points[1]["train_flops"] == 4 * figures[f"batch_size_{model}"] * figures[f"train_flops_per_sample_{model}"]
+            assert points[1]["train_flops"] == (2 * figures[f"batch_size_{model}"]
+                                                * figures[f"train_flops_per_sample_{model}"])
     loss = figures["summary"]["val_loss"]
     for model in figures["models"]:
         final = [seed[-1]["val_loss"] for seed in figures["curves"][model]]
@@ -159,10 +170,9 @@ def _check_backbones(figures: dict, tmp_path) -> None:
     assert (tmp_path / "convergence_baseline.png").stat().st_size > 0
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the gpu benchmark measures")
 def test_gpu_without_cuda_says_no_gpu_and_succeeds(tmp_path, capsys):
-    from jobs.benchmark import main
-
     assert main(["gpu", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -171,9 +181,8 @@ def test_gpu_without_cuda_says_no_gpu_and_succeeds(tmp_path, capsys):
     assert not (tmp_path / "mlflow.db").exists()  # nothing measured, nothing logged
 
 
+@pytest.mark.ray
 def test_gpu_plan_checks_its_inputs():
-    from jobs.benchmark import run_parts, timed_part, train_resume_check
-
     with pytest.raises(ValueError, match="first_steps < then_steps"):
         train_resume_check(30, 20)
     with pytest.raises(ValueError, match="weight > 0"):
@@ -183,9 +192,8 @@ def test_gpu_plan_checks_its_inputs():
     assert timed_part(dict, (), 0) == {"error": "not started: no time left", "seconds": 0.0}
 
 
+@pytest.mark.ray
 def test_gpu_plan_records_a_failing_or_overrunning_part_and_goes_on():
-    from jobs.benchmark import run_parts
-
     started = time.perf_counter()
     figures = run_parts([("fails", 4, math.sqrt, (-1.0,)), ("overruns", 1, time.sleep, (600,)),
                          ("works", 4, dict, ({"x": 1},))], 45)
@@ -195,3 +203,96 @@ def test_gpu_plan_records_a_failing_or_overrunning_part_and_goes_on():
     assert figures["works_x"] == 1 and "works_error" not in figures
     assert time.perf_counter() - started < 45 + 15  # a killed part gets no grace time
 
+
+
+# Each command's own options (besides --help and --tracking-uri); the commands that take config overrides.
+OPTIONS = {
+    "train": ["--preset", "--batch-size", "--steps", "--config", "--device", "--compile"],
+    "overhead": ["--preset", "--batch-size", "--steps", "--config", "--device", "--rounds"],
+    "loader": ["--preset", "--batch-size", "--steps", "--config", "--device", "--data"],
+    "sampling": ["--preset", "--model", "--sample-steps", "--precision", "--compile", "--device"],
+    "convergence": ["--config", "--against", "--models", "--steps", "--seeds", "--seed", "--eval-every",
+                    "--accuracy-every", "--no-accuracy", "--samples", "--guidance-scales", "--sample-steps",
+                    "--timing-steps", "--experts", "--branch-at", "--out-dir", "--device"],
+    "objectives": ["--config", "--objectives", "--steps", "--seed", "--samples", "--guidance-scales", "--sample-steps",
+                   "--device"],
+    "time-to-quality": ["--config", "--recipes", "--only", "--steps", "--eval-at", "--seeds", "--seed", "--samples",
+                        "--guidance-scales", "--sample-steps", "--out-dir", "--device"],
+    "paint": ["--model", "--samples", "--paint-weights", "--paint-fraction", "--sample-steps", "--seed", "--device"],
+    "serve": ["--model", "--sample-steps", "--requests", "--load-requests", "--serve-cpus", "--precision"],
+    "checkpoints": ["--config", "--steps", "--checkpoint-every", "--workers", "--storage-path"],
+    "gpu": ["--config", "--batch-size", "--steps", "--sample-steps"],
+}
+OVERRIDES = {"convergence", "objectives", "time-to-quality", "checkpoints"}
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 0
+    return capsys.readouterr().out
+
+
+def _options(page: str) -> dict[str, str]:
+    """An argparse help page's options: name -> help text (one line)."""
+    options = {}
+    for entry in re.split(r"\n(?=  -)", page.split("\noptions:\n", 1)[1]):
+        name, help = re.fullmatch(r"\s*(?:-\w, )?(--[\w-]+)(?: \S+)?\s+(.*)", entry, re.DOTALL).groups()
+        options[name] = " ".join(help.split())
+    return options
+
+
+def test_the_top_level_help_lists_every_command_and_the_examples(capsys):
+    page = _help(["--help"], capsys)
+    for command in OPTIONS:
+        assert f"\n    {command} " in page or f"\n    {command}\n" in page, command
+    assert "python jobs/benchmark.py convergence --against experts --experts 2" in page
+    assert "python jobs/benchmark.py <command> --help" in page
+
+
+@pytest.mark.parametrize("command", OPTIONS)
+def test_each_command_lists_its_own_options_and_no_others(command, capsys):
+    page = _help([command, "--help"], capsys)
+    options = _options(page)
+    assert set(options) == {"--help", "--tracking-uri", *OPTIONS[command]}
+    others = {option for name, listed in OPTIONS.items() if name != command for option in listed}
+    assert not (others - set(OPTIONS[command])) & set(options)
+    assert ("section.field=value" in page) == (command in OVERRIDES)
+    if command == "convergence":
+        assert "--against" in options and "--requests" not in options
+    if command == "serve":
+        assert "--requests" in options and "--against" not in options
+
+
+def test_steps_and_samples_say_what_they_count_in_each_command(capsys):
+    pages = {command: _options(_help([command, "--help"], capsys)) for command in OPTIONS}
+    for option in ("--steps", "--samples"):
+        helps = [options[option] for options in pages.values() if option in options]
+        assert len(helps) >= 4 and len(set(helps)) == len(helps), (option, helps)
+    assert "default: 20" in pages["convergence"]["--steps"] and "default: 128" in pages["paint"]["--samples"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["loader"], "loader needs --data <shard folder>"),
+    (["serve"], "serve needs --model"),
+    (["paint", "--samples", "2"], "paint needs --model"),
+    (["convergence", "--steps", "0"], "argument --steps: must be >= 1"),
+    (["overhead", "--rounds", "0"], "argument --rounds: must be >= 1"),
+    (["checkpoints", "--checkpoint-every", "0"], "argument --checkpoint-every: must be >= 1"),
+    (["convergence", "--against", "experts", "--steps", "3", "--branch-at", "3"],
+     "--branch-at must be in (0, --steps=3), got 3"),
+    (["serve", "--model", "m", "--against", "ode"], "unrecognized arguments: --against ode"),
+    (["convergence", "--requests", "2"], "unrecognized arguments: --requests"),  # 2: an override
+    (["nothing"], "invalid choice: 'nothing'"),
+])
+def test_each_command_checks_its_own_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_convergence_defaults_follow_its_other_options_and_overrides_go_anywhere():
+    args = parse(["convergence", "--steps", "9", "model.width=8", "--eval-every", "3", "data.train=x"])
+    assert (args.accuracy_every, args.branch_at, args.overrides) == (3, 6, ["model.width=8", "data.train=x"])
+    args = parse(["convergence", "--steps", "9", "--accuracy-every", "4", "--branch-at", "2"])
+    assert (args.accuracy_every, args.branch_at, args.overrides) == (4, 2, [])

@@ -1,13 +1,14 @@
-"""The cost columns of `benchmark.py convergence` come from the models themselves, and the reach/spread
-arithmetic that turns curves into "who gets there first" is right. No timing: values and shapes only."""
+"""The cost columns of `benchmark.py convergence` (jobs/bench/convergence.py) come from the models themselves, and
+the reach/spread arithmetic that turns curves into "who gets there first" is right. No timing: values and shapes
+only."""
 
 import math
 
 import pytest
 import torch
 
-from jobs.benchmark import (axes_at, backbone_configs, equal_flops_baseline, first_reach, reach_table, spread,
-                            training_memory_mb)
+from jobs.bench.common import first_reach, spread
+from jobs.bench.convergence import axes_at, backbone_configs, equal_flops_baseline, reach_table, training_memory_mb
 from jobs.config import load_config
 from psunet.config import baseline_of, preset
 from psunet.model import PSUNet, forward_flops

@@ -1,8 +1,7 @@
-"""dataprep end to end on a real local Ray instance: demo set -> word2vec + small VAE -> Ray Data -> shards.
-
-Also real-data sources (img2dataset tar, COCO layout) with corrupt and empty inputs that must be
-skipped, counted and listed while the rest lands.
-"""
+"""dataprep end to end: demo set -> word2vec + small VAE -> encoding -> shards (the session's demo set, encoded in
+this process), and real-data sources (img2dataset tar, COCO layout) with corrupt and empty inputs that must be
+skipped, counted and listed while the rest lands, encoded on a real local Ray instance (Ray Data) and in this process
+with the same result."""
 
 import io
 import json
@@ -20,9 +19,6 @@ from psunet.autoencoder import Autoencoder
 from psunet.data import ShardStream, load_manifest
 from psunet.text import TextCodec, load_vectors
 from conftest import DEMO_SAMPLES as SAMPLES, DEMO_SHARD_SIZE
-
-pytestmark = pytest.mark.ray
-
 
 def read_plain(folder):
     """Read a shard set back with plain webdataset, no project code."""
@@ -106,14 +102,17 @@ def jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_with_demo_assets(source: str, demo_set, out, val_fraction: float = 0) -> int:
-    """`dataprep encode` of a real-data source with the demo set's autoencoder and word vectors; its exit code."""
+def encode_with_demo_assets(source: str, demo_set, out, val_fraction: float = 0, encoder_actors: int = 0) -> int:
+    """`dataprep encode` of a real-data source with the demo set's autoencoder and word vectors (in this process, or
+    with that many Ray Data encoder actors); its exit code."""
     return dataprep_main(["encode", "--source", source, "--out", str(out), "--resolution", "32",
                           "--vae", str(demo_set / "vae"), "--word-vectors", str(demo_set / "words.bin"),
-                          "--word-dim", "16", "--val-fraction", str(val_fraction)])
+                          "--word-dim", "16", "--val-fraction", str(val_fraction),
+                          "--encoder-actors", str(encoder_actors)])
 
 
-def test_real_sources_skip_and_report_bad_records(demo_set, tmp_path):
+@pytest.mark.ray
+def test_real_sources_skip_and_report_bad_records_with_ray_data_as_in_process(demo_set, tmp_path):
     good = [shapes.sample_at(i, seed=5) for i in range(6)]
     tar_path = tmp_path / "part-000.tar"
     with tarfile.open(tar_path, "w") as tar:
@@ -127,7 +126,7 @@ def test_real_sources_skip_and_report_bad_records(demo_set, tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "shards"
-    assert encode_with_demo_assets(f"wds:{tar_path}", demo_set, out) == 0
+    assert encode_with_demo_assets(f"wds:{tar_path}", demo_set, out, encoder_actors=1) == 0
     manifest = load_manifest(out / "train")
     assert manifest.samples == 4
     reasons = {entry["key"]: entry["reason"] for entry in manifest.skipped}
@@ -137,6 +136,15 @@ def test_real_sources_skip_and_report_bad_records(demo_set, tmp_path):
     assert any("only unknown words" in r for r in reasons.values())
     _, samples = read_plain(out / "train")
     assert sorted(s["caption"] for s in samples) == sorted(s.caption for s in good[:4])
+
+    # the same source encoded in this process: the same skips, the same samples
+    assert encode_with_demo_assets(f"wds:{tar_path}", demo_set, tmp_path / "local") == 0
+    assert load_manifest(tmp_path / "local" / "train").skipped == manifest.skipped
+    local = {s["key"]: s for s in read_plain(tmp_path / "local" / "train")[1]}
+    assert sorted(local) == sorted(s["key"] for s in samples)
+    for sample in samples:
+        np.testing.assert_allclose(local[sample["key"]]["latent"], sample["latent"], atol=2e-3)
+        np.testing.assert_array_equal(local[sample["key"]]["text"], sample["text"])
 
 
 def test_coco_layout_with_missing_and_corrupt_images(demo_set, tmp_path):
@@ -218,9 +226,9 @@ def test_a_split_that_leaves_a_side_empty_is_an_error(demo_set, tmp_path, capsys
     assert not (tmp_path / "shards" / "val" / "manifest.json").exists()
 
 
-def test_missing_input_fails_at_once_with_a_clear_message(tmp_path, capsys, ray_local):
+def test_missing_input_fails_at_once_with_a_clear_message(tmp_path, capsys):
     code = dataprep_main(["encode", "--source", f"coco:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "o"),
-                          "--vae", str(tmp_path), "--word-dim", "16"])
+                          "--vae", str(tmp_path), "--word-dim", "16", "--encoder-actors", "0"])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
 

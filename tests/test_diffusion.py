@@ -219,14 +219,14 @@ def test_tiny_model_overfits_one_batch():
     config = DiffusionConfig(p_drop_text=0.0, p_drop_image=0.0)
     schedule = NoiseSchedule(config)
     image, text = batch(model_config, 8)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def fixed_noise_loss():
         return diffusion_loss(model, schedule, config, image, text, torch.Generator().manual_seed(0)).loss
 
     with torch.no_grad():
         initial = fixed_noise_loss().item()
-    for _ in range(300):
+    for _ in range(100):  # falls ~170x
         optimizer.zero_grad()
         loss = fixed_noise_loss()
         loss.backward()

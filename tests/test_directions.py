@@ -45,8 +45,8 @@ def test_a_model_trained_with_the_default_objective_follows_its_conditioning_in_
     model = PSUNet(CONFIG)
     schedule = NoiseSchedule(DIFFUSION)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(1000):
-        image, text = toy_batch(torch.randint(0, 2, (64,), generator=generator), words, generator)
+    for _ in range(200):  # 100 steps give 98-100 % both ways over seeds 0-2; 200 for margin
+        image, text = toy_batch(torch.randint(0, 2, (32,), generator=generator), words, generator)
         loss = diffusion_loss(model, schedule, DIFFUSION, image, text, generator).loss
         optimizer.zero_grad()
         loss.backward()

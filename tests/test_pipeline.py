@@ -87,7 +87,9 @@ def test_pil_images_and_masks_are_what_arrays_say(pipe):
     out = pipe(prompt=PROMPTS[0], image=[Image.fromarray(images[0])],
                mask_image=Image.fromarray(mask[0].astype(np.uint8) * 255), num_inference_steps=2,
                generator=torch.Generator().manual_seed(5), output_type="np")
-    np.testing.assert_array_equal(np.rint(out.images * 255).astype(np.uint8), expected)
+    # the same sample; float noise of another thread count may move a pixel across a rounding boundary
+    difference = np.abs(np.rint(out.images * 255).astype(int) - expected.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     assert (expected[0, :, :16] == images[0, :, :16]).all()  # the known half comes back as given
 
 

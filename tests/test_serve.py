@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -162,8 +163,9 @@ def test_image_to_text_generate_and_infill(service, tiny_model):
         "steps": 3}).json()
     image = _image(filled["images"][0])
     assert np.array_equal(image[:, 16:], picture[:, 16:])  # known pixels come back exactly
-    words = filled["captions"][0].split()
-    assert words[0] == "a" and words[2:5] == ["circle", "on", "the"] and words[1] in vocabulary
+    # the known words stay where they were; a blank the tiny model fills with the end token reads as no word
+    caption = filled["captions"][0]
+    assert re.fullmatch(r"a (\w+ )?circle on the( \w+)*", caption) and set(caption.split()) <= vocabulary, caption
     resized = requests.post(f"{service}/v1/infill", json={"image": _png(_picture(64)), "resize": True, "steps": 2})
     assert resized.status_code == 200 and _image(resized.json()["images"][0]).shape == (32, 32, 3)
 

@@ -1,17 +1,18 @@
-"""jobs/time_to_quality.py (python jobs/benchmark.py time-to-quality): recipes x seeds trained and evaluated once each,
-the steps to each threshold, the table."""
+"""jobs/bench/time_to_quality.py (python jobs/benchmark.py time-to-quality): recipes x seeds trained and evaluated
+once each, the steps to each threshold, the table."""
 
 import json
 import math
 
 import pytest
 
+from jobs.bench.time_to_quality import CURVES, THRESHOLDS, markdown_table, reached, summarise
+from jobs.benchmark import main
+
+
 @pytest.mark.ray
 def test_time_to_quality_trains_each_recipe_and_seed_once_and_reports_every_threshold(demo_set, tmp_path, capsys):
     """Two recipes x two seeds on the tiny preset, in this process; a rerun trains nothing."""
-    from jobs.benchmark import main
-    from jobs.time_to_quality import CURVES, THRESHOLDS
-
     recipes = tmp_path / "recipes.yaml"
     recipes.write_text("eps: [diffusion.prediction=epsilon, diffusion.snr_floor=null]\n"
                        "v: [diffusion.prediction=v, diffusion.snr_floor=1]\nunused: [optim.lr=1]\n")
@@ -46,8 +47,6 @@ def test_time_to_quality_trains_each_recipe_and_seed_once_and_reports_every_thre
 
 
 def test_time_to_quality_steps_to_a_threshold_are_interpolated_and_never_is_counted():
-    from jobs.time_to_quality import THRESHOLDS, markdown_table, reached, summarise
-
     def curve(colours, fids):
         return [{"step": step, "wall_seconds": step / 10, "t2i_colour": colour, "fid": fid,
                  **{metric: 0.5 for metric in ("t2i_shape", "t2i_all", "i2t_colour", "i2t_shape", "i2t_position",

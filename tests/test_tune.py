@@ -3,7 +3,6 @@
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,14 +15,35 @@ import pytest
 import yaml
 
 from jobs.config import load_config
+from clusters import local_cluster
 from jobs.tune import SweepConfig, guidance_pairs, load_sweep, main as tune_main, parameter_count, trial_config
 
 pytestmark = pytest.mark.ray
 
 
 ROOT = Path(__file__).resolve().parent.parent
-# Not the defaults nor tests/test_cluster_local.py's ports, so neither is disturbed.
-PORTS = {"RAY_PORT": "6393", "RAY_DASHBOARD_PORT": "8277", "RAY_CLIENT_PORT": "20093", "MLFLOW_PORT": "5013"}
+
+
+def sweep_file(tmp_path, demo_set, *overrides: str, **fields) -> str:
+    """A sweep YAML over the tiny config on the demo shards, with these overrides too (lr 3e-3 vs 1e-7 unless
+    `fields` say otherwise); its path."""
+    tree = {"name": "sweep", "train_config": "configs/tiny.yaml",
+            "overrides": [f"data.train={demo_set}/train", f"data.val={demo_set}/val", "run.num_workers=1",
+                          "schedule.sample_every=1000", "schedule.demo_metrics=false", *overrides],
+            "search": {"optim.lr": {"grid": [3.0e-3, 1.0e-7]}}, "storage_path": str(tmp_path / "runs"),
+            "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def child_runs(client, parent_id: str) -> list:
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+# Not the defaults nor tests/test_cluster.py's ports, so neither is disturbed.
+SWEEP_PORTS = {"RAY_PORT": "6393", "RAY_DASHBOARD_PORT": "8277", "RAY_CLIENT_PORT": "20093", "MLFLOW_PORT": "5013"}
 
 
 @pytest.fixture(scope="module")
@@ -31,40 +51,94 @@ def sweep_cluster(tmp_path_factory):
     """A one-node cluster started by cluster/local.sh (2 CPUs): the environment of a driver that uses it.
 
     Sweeps with ASHA need the cluster's processes to know their own address: a stopped trial's Ray Train
-    run is cleaned up through Ray's state API, which picks the wrong cluster when several run here.
+    run is cleaned up through Ray's state API, which picks the wrong instance when several run here.
     """
-    state = tmp_path_factory.mktemp("sweep-cluster")
-    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env = {**base, **PORTS, "PSUNET_CLUSTER_DIR": str(state)}
-    script = str(ROOT / "cluster" / "local.sh")
-    try:
-        started = subprocess.run([script, "start", "--workers", "0", "--cpus-per-node", "2"], env=env,
-                                 capture_output=True, text=True, timeout=240)
-        assert started.returncode == 0, started.stdout + started.stderr
-        exports = subprocess.run([script, "env"], env=env, capture_output=True, text=True, timeout=30).stdout
-        yield {**env, **dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())}
-    finally:
-        subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+    with local_cluster(tmp_path_factory.mktemp("sweep-cluster"), SWEEP_PORTS, "--workers", "0",
+                       "--cpus-per-node", "2") as cluster:
+        yield cluster["env"]
 
 
-def _run_tune(args: list[str], env: dict | None = None) -> dict:
-    """jobs/tune.py as users run it: its own process (a local Ray instance, or the cluster `env` names);
-    all it wrote (standard output, then standard error) and the summary it prints."""
+def run_tune(args: list[str], env: dict) -> dict:
+    """jobs/tune.py as users run it: its own process, on the cluster `env` names; all it wrote (standard output,
+    then standard error) and the summary it prints."""
     done = subprocess.run([sys.executable, "jobs/tune.py", *args], capture_output=True, text=True, timeout=600,
-                          env=env or {**os.environ, "RAY_AUTH_MODE": "token"})
+                          env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr, json.loads(done.stdout.split("tune: done ", 1)[1].splitlines()[0])
 
 
-def _sweep(tmp_path, demo_set, **fields) -> str:
-    tree = {"name": "sweep", "train_config": "configs/tiny.yaml",
-            "overrides": [f"data.train={demo_set}/train", f"data.val={demo_set}/val", "run.num_workers=1",
-                          "schedule.sample_every=1000", "schedule.demo_metrics=false"],
-            "search": {"optim.lr": {"grid": [3.0e-3, 1.0e-7]}}, "storage_path": str(tmp_path / "runs"),
-            "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **fields}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
+def interrupt_when_third_trial_starts(args: list[str], trials: Path, env: dict) -> subprocess.CompletedProcess:
+    """Start the sweep, press Ctrl+C (SIGINT) once the third trial's training run has a folder."""
+    sweep = subprocess.Popen([sys.executable, "jobs/tune.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and sweep.poll() is None:
+        if trials.is_dir() and len(list(trials.iterdir())) >= 3:
+            sweep.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+    out, err = sweep.communicate(timeout=300)
+    return subprocess.CompletedProcess(sweep.args, sweep.returncode, out, err)
+
+
+def test_asha_sweep_of_training_runs_is_interrupted_continued_and_writes_a_best_config_that_trains(
+        tmp_path, demo_set, sweep_cluster):
+    # only lr 3e-3 learns anything in 20 steps: ASHA (grace 10) stops lr 1e-7 at step 10; the sweep is interrupted
+    # during the third trial and continued (a restored ASHA starts its rungs afresh, so that trial runs to the end)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = sweep_file(tmp_path, demo_set, search={"optim.lr": {"grid": [3.0e-3, 1.0e-7, 3.0e-7]}},
+                  scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2}, max_concurrent_trials=1)
+    interrupted = interrupt_when_third_trial_starts(["train", "--sweep", path],
+                                                      tmp_path / "runs" / "sweep" / "trials", sweep_cluster)
+    assert interrupted.returncode == 130, interrupted.stdout[-3000:] + interrupted.stderr[-3000:]
+    assert "run the same command again to continue" in interrupted.stderr
+    assert not (tmp_path / "runs" / "sweep" / "best.yaml").exists()
+
+    output, summary = run_tune(["train", "--sweep", path], sweep_cluster)
+    assert "continuing sweep" in output
+    assert summary["trials"] == 3 and summary["errors"] == 0 and summary["stopped_early"] >= 1
+    assert summary["best"] == {"optim.lr": 3.0e-3}
+    table = pd.read_csv(summary["results"])
+    assert sorted(table["optim.lr"]) == [1.0e-7, 3.0e-7, 3.0e-3]
+    assert table.loc[table["optim.lr"] == 3.0e-3, "step"].item() == 20
+    assert (table.loc[table["stopped_early"], "step"] == 10).all()
+    assert table.loc[table["optim.lr"] == 3.0e-3, "val_loss"].item() < table["val_loss"].max()
+
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    children = child_runs(client, parent.info.run_id)
+    assert len(children) == 3  # the trial interrupted mid-run kept its child run when it was continued
+    assert table.loc[table["optim.lr"] == 1.0e-7, "stopped_early"].item()
+    assert sorted(float(c.data.params["optim.lr"]) for c in children) == [1.0e-7, 3.0e-7, 3.0e-3]
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert {"results.csv", "best.yaml", "results.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    best = load_config(summary["best_yaml"])
+    assert best.optim.lr == 3.0e-3
+    trained = subprocess.run(
+        [sys.executable, "jobs/train.py", "--config", summary["best_yaml"], "optim.steps=6",
+         "schedule.checkpoint_every=3", f"run.storage_path={tmp_path / 'best'}", "run.name=best",
+         f"run.mlflow_tracking_uri=sqlite:///{tmp_path / 'best.db'}"],
+        capture_output=True, text=True, timeout=300, env=sweep_cluster)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert json.loads(trained.stdout.split("train: done ", 1)[1].splitlines()[0])["step"] == 6
+
+    # the same sweep again continues the finished experiment (Tune restore): no new trials, no new child runs
+    output, again = run_tune(["train", "--sweep", path], sweep_cluster)
+    assert "continuing sweep" in output
+    assert again["trials"] == 3 and again["best"] == summary["best"]
+    assert len(child_runs(client, parent.info.run_id)) == 3
+
+
+def _tune_here(args: list[str], capsys) -> tuple[str, dict]:
+    """jobs/tune.py's main in this process, on the session's Ray instance: what it wrote and its summary."""
+    assert tune_main(args) == 0
+    out, err = capsys.readouterr()
+    return out + err, _summary(out)
+
+
+def _summary(out: str) -> dict:
+    return json.loads(out.split("tune: done ", 1)[1].splitlines()[0])
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -86,7 +160,7 @@ def _sweep(tmp_path, demo_set, **fields) -> str:
     ({"search": {"model.n_text+model.shared_depth": {"grid": [[1, 1]]}}, "hold_parameters": True}, "derived"),
 ])
 def test_a_sweep_that_cannot_work_is_refused_before_any_trial(tmp_path, demo_set, ray_local, capsys, fields, message):
-    path = _sweep(tmp_path, demo_set, **fields)
+    path = sweep_file(tmp_path, demo_set, **fields)
     if "overrides" in fields:  # keep the data paths
         tree = yaml.safe_load(open(path))
         tree["overrides"] = [f"data.train={demo_set}/train", f"data.val={demo_set}/val"] + fields["overrides"]
@@ -122,11 +196,13 @@ def test_a_joint_dimension_sets_its_fields_together_at_constant_parameters():
     assert depths[(0, 0)] == 13 and depths[(2, 4)] == 1
 
 
-def test_a_split_sweep_with_both_directions_as_objective(tmp_path, demo_set):
-    path = _sweep(tmp_path, demo_set, search={"model.n_text+model.n_image": {"grid": [[0, 0], [1, 1]]}},
-                  hold_parameters=True, objective="accuracy",
-                  evaluation={"guidance_scales": [1.0, 3.0], "steps": 2, "samples": 4})
-    output, summary = _run_tune(["train", "--sweep", path])
+def test_a_split_sweep_with_both_directions_as_objective(tmp_path, demo_set, ray_local, capsys):
+    # both trials at once on the session's 2 CPUs, one checkpoint each
+    path = sweep_file(tmp_path, demo_set, "run.cpus_per_worker=0.5", "schedule.checkpoint_every=20",
+                      search={"model.n_text+model.n_image": {"grid": [[0, 0], [1, 1]]}},
+                      hold_parameters=True, objective="accuracy",
+                      evaluation={"guidance_scales": [1.0, 3.0], "steps": 2, "samples": 4})
+    output, summary = _tune_here(["train", "--sweep", path], capsys)
     assert summary["trials"] == 2 and summary["errors"] == 0
     assert "sweep: 2/2 trials (100%)" in output  # not a terminal: a progress line when the last trial ends
     assert summary["best"]["model.n_text+model.n_image"] in ([0, 0], [1, 1])
@@ -140,80 +216,12 @@ def test_a_split_sweep_with_both_directions_as_objective(tmp_path, demo_set):
     assert Path(summary["plot"]).stat().st_size > 0
 
 
-def _children(client, parent_id: str) -> list:
-    experiment = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-
-
-def _interrupt_when_third_trial_starts(args: list[str], trials: Path, env: dict) -> subprocess.CompletedProcess:
-    """Start the sweep, press Ctrl+C (SIGINT) once the third trial's training run has a folder."""
-    sweep = subprocess.Popen([sys.executable, "jobs/tune.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and sweep.poll() is None:
-        if trials.is_dir() and len(list(trials.iterdir())) >= 3:
-            sweep.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.5)
-    out, err = sweep.communicate(timeout=300)
-    return subprocess.CompletedProcess(sweep.args, sweep.returncode, out, err)
-
-
-def test_asha_sweep_of_training_runs_is_interrupted_continued_and_writes_a_best_config_that_trains(
-        tmp_path, demo_set, sweep_cluster):
-    # only lr 3e-3 learns anything in 20 steps: ASHA (grace 10) stops lr 1e-7 at step 10; the sweep is interrupted
-    # during the third trial and continued (a restored ASHA starts its rungs afresh, so that trial runs to the end)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = _sweep(tmp_path, demo_set, search={"optim.lr": {"grid": [3.0e-3, 1.0e-7, 3.0e-7]}},
-                  scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2}, max_concurrent_trials=1)
-    interrupted = _interrupt_when_third_trial_starts(["train", "--sweep", path],
-                                                      tmp_path / "runs" / "sweep" / "trials", sweep_cluster)
-    assert interrupted.returncode == 130, interrupted.stdout[-3000:] + interrupted.stderr[-3000:]
-    assert "run the same command again to continue" in interrupted.stderr
-    assert not (tmp_path / "runs" / "sweep" / "best.yaml").exists()
-
-    output, summary = _run_tune(["train", "--sweep", path], sweep_cluster)
-    assert "continuing sweep" in output
-    assert summary["trials"] == 3 and summary["errors"] == 0 and summary["stopped_early"] >= 1
-    assert summary["best"] == {"optim.lr": 3.0e-3}
-    table = pd.read_csv(summary["results"])
-    assert sorted(table["optim.lr"]) == [1.0e-7, 3.0e-7, 3.0e-3]
-    assert table.loc[table["optim.lr"] == 3.0e-3, "step"].item() == 20
-    assert (table.loc[table["stopped_early"], "step"] == 10).all()
-    assert table.loc[table["optim.lr"] == 3.0e-3, "val_loss"].item() < table["val_loss"].max()
-
-    client = mlflow.MlflowClient(uri)
-    parent = client.get_run(summary["mlflow_parent_run_id"])
-    children = _children(client, parent.info.run_id)
-    assert len(children) == 3  # the trial interrupted mid-run kept its child run when it was continued
-    assert table.loc[table["optim.lr"] == 1.0e-7, "stopped_early"].item()
-    assert sorted(float(c.data.params["optim.lr"]) for c in children) == [1.0e-7, 3.0e-7, 3.0e-3]
-    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
-    assert {"results.csv", "best.yaml", "results.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-
-    best = load_config(summary["best_yaml"])
-    assert best.optim.lr == 3.0e-3
-    trained = subprocess.run(
-        [sys.executable, "jobs/train.py", "--config", summary["best_yaml"], "optim.steps=6",
-         "schedule.checkpoint_every=3", f"run.storage_path={tmp_path / 'best'}", "run.name=best",
-         f"run.mlflow_tracking_uri=sqlite:///{tmp_path / 'best.db'}"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"})
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert json.loads(trained.stdout.split("train: done ", 1)[1].splitlines()[0])["step"] == 6
-
-    # the same sweep again continues the finished experiment (Tune restore): no new trials, no new child runs
-    output, again = _run_tune(["train", "--sweep", path], sweep_cluster)
-    assert "continuing sweep" in output
-    assert again["trials"] == 3 and again["best"] == summary["best"]
-    assert len(_children(client, parent.info.run_id)) == 3
-
-
-def test_guidance_search_needs_no_training(tiny_model, demo_set, tmp_path):
+def test_guidance_search_needs_no_training(tiny_model, demo_set, tmp_path, ray_local, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["guidance", "--model", str(tiny_model), "--data", f"{demo_set}/val", "--guidance-scales", "1,3",
             "--steps", "2", "--schedulers", "dpmsolver++,ddim", "--samples", "8", "--storage-path",
             str(tmp_path), "--tracking-uri", uri]
-    _, summary = _run_tune(args)
+    _, summary = _tune_here(args, capsys)
     table = pd.read_csv(summary["results"])
     assert len(table) == 4 and summary["metric"] == "t2i_all"
     # --guidance-scales alone: one scale for both modalities in every trial
@@ -222,24 +230,25 @@ def test_guidance_search_needs_no_training(tiny_model, demo_set, tmp_path):
         (1.0, "dpmsolver++"), (3.0, "dpmsolver++"), (1.0, "ddim"), (3.0, "ddim")}
     assert table["t2i_all"].between(0, 1).all() and table["i2t_colour"].between(0, 1).all()
     assert set(summary["best"]) == {"guidance_scale_image", "guidance_scale_text", "steps", "scheduler", "t2i_all"}
-    children = _children(mlflow.MlflowClient(uri), summary["mlflow_parent_run_id"])
+    children = child_runs(mlflow.MlflowClient(uri), summary["mlflow_parent_run_id"])
     assert len(children) == 4
     assert all("t2i_all" in child.data.metrics for child in children)
 
 
-def test_guidance_search_per_modality_is_a_grid_of_image_and_text_scales(tiny_model, demo_set, tmp_path):
+def test_guidance_search_per_modality_is_a_grid_of_image_and_text_scales(tiny_model, demo_set, tmp_path, ray_local,
+                                                                        capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["guidance", "--model", str(tiny_model), "--data", f"{demo_set}/val", "--guidance-scales", "2",
             "--guidance-scales-image", "1,4", "--steps", "2", "--schedulers", "ddim", "--samples", "4",
             "--storage-path", str(tmp_path), "--tracking-uri", uri]
-    _, summary = _run_tune(args)
+    _, summary = _tune_here(args, capsys)
     table = pd.read_csv(summary["results"])
     # the image scales swept, the text keeps --guidance-scales
     assert sorted(zip(table["guidance_scale_image"], table["guidance_scale_text"])) == [(1.0, 2.0), (4.0, 2.0)]
     assert (summary["best"]["guidance_scale_image"], summary["best"]["guidance_scale_text"]) in {(1.0, 2.0),
                                                                                                   (4.0, 2.0)}
     params = sorted((float(c.data.params["guidance_scale_image"]), float(c.data.params["guidance_scale_text"]))
-                    for c in _children(mlflow.MlflowClient(uri), summary["mlflow_parent_run_id"]))
+                    for c in child_runs(mlflow.MlflowClient(uri), summary["mlflow_parent_run_id"]))
     assert params == [(1.0, 2.0), (4.0, 2.0)]
 
 

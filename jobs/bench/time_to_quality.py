@@ -22,10 +22,14 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from dataprep.shapes import ATTRIBUTES
+from jobs.bench.common import (add_command, add_config, add_device, add_guidance_scales, add_sample_steps, add_seed,
+                               cached_curve, count, device_of, first_reach, name_list, pyplot, save_figure, spread,
+                               train_for)
 from jobs.config import load_config
 from jobs.quality import demo_sweep
 from jobs.training_run import Validator
@@ -88,8 +92,6 @@ class Evaluation:
 
 def recipe_run(cfg, name: str, seed: int, args, device: torch.device) -> list[dict]:
     """One recipe trained from `seed`, evaluated at every --eval-at step; cached as JSON in --out-dir."""
-    from jobs.benchmark import cached_curve, train_for
-
     def train() -> list[dict]:
         evaluation = Evaluation(cfg, args.samples, args.guidance_scales, args.sample_steps, device)
         torch.manual_seed(seed)
@@ -104,16 +106,12 @@ def recipe_run(cfg, name: str, seed: int, args, device: torch.device) -> list[di
 
 def reached(curve: list[dict], metric: str, axis: str) -> float:
     """Where (on `axis`: step or wall_seconds) a curve first reaches the metric's threshold; inf if never."""
-    from jobs.benchmark import first_reach
-
     target, higher = THRESHOLDS[metric]
     return first_reach([(point[axis], point[metric]) for point in curve], target, higher)
 
 
 def over_seeds(values: list[float]) -> dict:
     """The per-seed values with their mean, spread and range (inf: never reached)."""
-    from jobs.benchmark import spread
-
     return {"values": values, **spread(values)}
 
 
@@ -155,12 +153,7 @@ def markdown_table(summary: dict) -> str:
 def plot(curves: dict[str, list[list[dict]]], path: Path) -> Path:
     """One panel per metric against steps: each recipe's mean over seeds, its min-max band shaded, the threshold
     dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     columns = 4
     rows = -(-len(CURVES) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
@@ -178,17 +171,11 @@ def plot(curves: dict[str, list[list[dict]]], path: Path) -> Path:
     for panel in list(axes.flat)[len(CURVES):]:
         panel.axis("off")
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=90)
 
 
 def time_to_quality(args) -> dict:
     """The study: every recipe x every seed, evaluated at --eval-at; the summary, the table and the curves."""
-    from jobs.benchmark import device_of
-
     device = device_of(args.device)
     if any(step < 1 or step > args.steps for step in args.eval_at):
         raise ValueError(f"--eval-at: every step must be in 1..--steps ({args.steps}), got {args.eval_at}")
@@ -213,3 +200,29 @@ def time_to_quality(args) -> dict:
         figures.update({f"{name}_final_{metric}": value["mean"] for metric, value in entry["final"].items()})
     figures["plot"] = str(plot(curves, Path(args.out_dir) / "time_to_quality.png"))
     return figures
+
+
+def steps_list(text: str) -> list[int]:
+    """'250,500' -> [250, 500]"""
+    return [int(value) for value in text.split(",")]
+
+
+def add_commands(subparsers) -> None:
+    parser = add_command(subparsers, "time-to-quality", time_to_quality, doc=__doc__)
+    add_config(parser, "training config every recipe starts from (data.val: the held-out samples)",
+               overrides="changes to --config for every recipe (e.g. optim.batch_size=64)")
+    parser.add_argument("--recipes", default="configs/studies/objective.yaml",
+                        help="a YAML file of recipes (name: [section.field=value, ...])")
+    parser.add_argument("--only", type=name_list, help="these recipes only, comma-separated")
+    parser.add_argument("--steps", type=count, default=20, help="training steps of each recipe and seed")
+    parser.add_argument("--eval-at", type=steps_list, default=[250, 500, 750, 1000],
+                        help="the steps at which each run is evaluated, comma-separated, each in 1..--steps (the "
+                        "last step always)")
+    parser.add_argument("--seeds", type=count, default=1, help="seeds --seed, --seed+1, ...; figures give mean and "
+                        "spread over them")
+    add_seed(parser, "the first seed (of the model and the data order)")
+    parser.add_argument("--samples", type=count, default=128, help="held-out samples evaluated at each --eval-at step")
+    add_guidance_scales(parser, "the evaluation's guidance scales")
+    add_sample_steps(parser, "sampler steps of the evaluation")
+    parser.add_argument("--out-dir", default="runs/benchmark", help="where the curves PNG and the cached runs go")
+    add_device(parser)
