@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from jobs.config import load_config
-from clusters import local_cluster
+from clusters import local_cluster, summary_of
 from jobs.tune import SweepConfig, guidance_pairs, load_sweep, main as tune_main, parameter_count, trial_config
 
 pytestmark = pytest.mark.ray
@@ -64,7 +64,7 @@ def run_tune(args: list[str], env: dict) -> dict:
     done = subprocess.run([sys.executable, "jobs/tune.py", *args], capture_output=True, text=True, timeout=600,
                           env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr, json.loads(done.stdout.split("tune: done ", 1)[1].splitlines()[0])
+    return done.stdout + done.stderr, _summary(done.stdout)
 
 
 def interrupt_when_third_trial_starts(args: list[str], trials: Path, env: dict) -> subprocess.CompletedProcess:
@@ -121,7 +121,7 @@ def test_asha_sweep_of_training_runs_is_interrupted_continued_and_writes_a_best_
          f"run.mlflow_tracking_uri=sqlite:///{tmp_path / 'best.db'}"],
         capture_output=True, text=True, timeout=300, env=sweep_cluster)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert json.loads(trained.stdout.split("train: done ", 1)[1].splitlines()[0])["step"] == 6
+    assert summary_of(trained.stdout)["step"] == 6
 
     # the same sweep again continues the finished experiment (Tune restore): no new trials, no new child runs
     output, again = run_tune(["train", "--sweep", path], sweep_cluster)
