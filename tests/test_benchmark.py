@@ -6,15 +6,14 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
 import torch
 
-from jobs.bench.system import run_parts, timed_part, train_resume_check
+from jobs.bench.parts import run_parts, timed_part
+from jobs.bench.system import train_resume_check
 from jobs.benchmark import main, parse
 
 FIELDS = {
@@ -89,15 +88,16 @@ def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-@pytest.mark.ray
 @pytest.mark.parametrize("case", FIELDS)
-def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_model, tmp_path, mlflow_uri):
+def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_model, tmp_path, mlflow_uri, ray_local,
+                                                         capsys):
+    # in this process, on the session's Ray instance: tests/test_entry_points.py runs jobs/benchmark.py as a script
     arguments = _arguments(case, demo_set, tiny_model, tmp_path)
     command = case.split("-")[0]
-    done = subprocess.run([sys.executable, "jobs/benchmark.py", command, *arguments, "--tracking-uri", mlflow_uri],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    code = main([command, *arguments, "--tracking-uri", mlflow_uri])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    figures = json.loads(out.strip().splitlines()[-1])
     assert figures["benchmark"] == command
     for field in FIELDS[case]:
         assert field in figures, field
@@ -181,7 +181,6 @@ def test_gpu_without_cuda_says_no_gpu_and_succeeds(tmp_path, capsys):
     assert not (tmp_path / "mlflow.db").exists()  # nothing measured, nothing logged
 
 
-@pytest.mark.ray
 def test_gpu_plan_checks_its_inputs():
     with pytest.raises(ValueError, match="first_steps < then_steps"):
         train_resume_check(30, 20)
@@ -192,7 +191,6 @@ def test_gpu_plan_checks_its_inputs():
     assert timed_part(dict, (), 0) == {"error": "not started: no time left", "seconds": 0.0}
 
 
-@pytest.mark.ray
 def test_gpu_plan_records_a_failing_or_overrunning_part_and_goes_on():
     started = time.perf_counter()
     figures = run_parts([("fails", 4, math.sqrt, (-1.0,)), ("overruns", 1, time.sleep, (600,)),

@@ -3,10 +3,11 @@
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ import yaml
 
 from jobs.config import load_config
 from clusters import local_cluster, summary_of
+from jobs.train import main as train_main
 from jobs.tune import SweepConfig, guidance_pairs, load_sweep, main as tune_main, parameter_count, trial_config
 
 pytestmark = pytest.mark.ray
@@ -67,31 +69,33 @@ def run_tune(args: list[str], env: dict) -> dict:
     return done.stdout + done.stderr, _summary(done.stdout)
 
 
-def interrupt_when_third_trial_starts(args: list[str], trials: Path, env: dict) -> subprocess.CompletedProcess:
-    """Start the sweep, press Ctrl+C (SIGINT) once the third trial's training run has a folder."""
-    sweep = subprocess.Popen([sys.executable, "jobs/tune.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and sweep.poll() is None:
-        if trials.is_dir() and len(list(trials.iterdir())) >= 3:
+def interrupt_when_third_trial_starts(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Start the sweep, press Ctrl+C (SIGINT) as Tune says the third trial started; what it wrote (standard output
+    and standard error together)."""
+    sweep = subprocess.Popen([sys.executable, "jobs/tune.py", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+    timer = threading.Timer(400, sweep.kill)  # a sweep that never gets there fails the test, not the suite
+    timer.start()
+    lines = []
+    for line in sweep.stdout:
+        lines.append(line)
+        if re.match(r"Trial \S+_00002 started", line):
             sweep.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.5)
-    out, err = sweep.communicate(timeout=300)
-    return subprocess.CompletedProcess(sweep.args, sweep.returncode, out, err)
+    sweep.wait(timeout=300)
+    timer.cancel()
+    return subprocess.CompletedProcess(sweep.args, sweep.returncode, "".join(lines))
 
 
 def test_asha_sweep_of_training_runs_is_interrupted_continued_and_writes_a_best_config_that_trains(
-        tmp_path, demo_set, sweep_cluster):
+        tmp_path, demo_set, sweep_cluster, ray_local, capsys):
     # only lr 3e-3 learns anything in 20 steps: ASHA (grace 10) stops lr 1e-7 at step 10; the sweep is interrupted
     # during the third trial and continued (a restored ASHA starts its rungs afresh, so that trial runs to the end)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = sweep_file(tmp_path, demo_set, search={"optim.lr": {"grid": [3.0e-3, 1.0e-7, 3.0e-7]}},
                   scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2}, max_concurrent_trials=1)
-    interrupted = interrupt_when_third_trial_starts(["train", "--sweep", path],
-                                                      tmp_path / "runs" / "sweep" / "trials", sweep_cluster)
-    assert interrupted.returncode == 130, interrupted.stdout[-3000:] + interrupted.stderr[-3000:]
-    assert "run the same command again to continue" in interrupted.stderr
+    interrupted = interrupt_when_third_trial_starts(["train", "--sweep", path], sweep_cluster)
+    assert interrupted.returncode == 130, interrupted.stdout[-6000:]
+    assert "run the same command again to continue" in interrupted.stdout
     assert not (tmp_path / "runs" / "sweep" / "best.yaml").exists()
 
     output, summary = run_tune(["train", "--sweep", path], sweep_cluster)
@@ -115,13 +119,11 @@ def test_asha_sweep_of_training_runs_is_interrupted_continued_and_writes_a_best_
 
     best = load_config(summary["best_yaml"])
     assert best.optim.lr == 3.0e-3
-    trained = subprocess.run(
-        [sys.executable, "jobs/train.py", "--config", summary["best_yaml"], "optim.steps=6",
-         "schedule.checkpoint_every=3", f"run.storage_path={tmp_path / 'best'}", "run.name=best",
-         f"run.mlflow_tracking_uri=sqlite:///{tmp_path / 'best.db'}"],
-        capture_output=True, text=True, timeout=300, env=sweep_cluster)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert summary_of(trained.stdout)["step"] == 6
+    capsys.readouterr()
+    assert train_main(["--config", summary["best_yaml"], "optim.steps=6", "schedule.checkpoint_every=3",
+                       f"run.storage_path={tmp_path / 'best'}", "run.name=best",
+                       f"run.mlflow_tracking_uri=sqlite:///{tmp_path / 'best.db'}"]) == 0
+    assert summary_of(capsys.readouterr().out)["step"] == 6  # trained in this process, on the session's Ray
 
     # the same sweep again continues the finished experiment (Tune restore): no new trials, no new child runs
     output, again = run_tune(["train", "--sweep", path], sweep_cluster)

@@ -7,4 +7,5 @@
     quality.py          objectives, paint
     time_to_quality.py  time-to-quality
     system.py           serve, checkpoints, gpu
+    parts.py            the gpu plan's timed parts, each in a fresh process
 """
