@@ -100,6 +100,12 @@ POSITION_PHRASES = {
     "center": ("in the",),
 }
 MAX_CAPTION_WORDS = 15
+# How a caption says it: an object alone or one of two joined with "and" (OBJECT_TEMPLATES), an object alone
+# also with ALONE_TEMPLATES; a relation between two objects (RELATION_TEMPLATES: `relation` is a's position).
+OBJECT_TEMPLATES = ("a {what} {where}", "{what} {where}", "{where} a {what}")
+ALONE_TEMPLATES = ("there is a {what} {where}",)
+RELATION_TEMPLATES = ("a {a} {relation} a {b}", "{a} {relation} {b}", "there is a {a} {relation} a {b}",
+                      "{relation} a {b} is a {a}")
 
 # Reader settings. Fill = object area / bounding-box area.
 SHAPE_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
@@ -189,10 +195,8 @@ def _what(obj: ObjectSpec, rng: np.random.Generator) -> str:
 def _phrase(obj: ObjectSpec, rng: np.random.Generator, alone: bool) -> str:
     where = f"{_pick(POSITION_PHRASES[obj.position], rng)} {_word(obj.position, rng)}"
     what = _what(obj, rng)
-    templates = [f"a {what} {where}", f"{what} {where}", f"{where} a {what}"]
-    if alone:  # keeps two-object captions within MAX_CAPTION_WORDS
-        templates.append(f"there is a {what} {where}")
-    return _pick(templates, rng)
+    # "there is" only alone: keeps two-object captions within MAX_CAPTION_WORDS
+    return _pick(OBJECT_TEMPLATES + ALONE_TEMPLATES if alone else OBJECT_TEMPLATES, rng).format(what=what, where=where)
 
 
 def make_caption(objects: Sequence[ObjectSpec], rng: np.random.Generator) -> str:
@@ -205,9 +209,32 @@ def make_relation_caption(subject: ObjectSpec, other: ObjectSpec, rng: np.random
     left of a big blue square", or led by the relation: "to the left of a big blue box is a tiny red disc")."""
     relation = _pick(RELATION_PHRASES[subject.position], rng)
     a, b = _what(subject, rng), _what(other, rng)
-    templates = [f"a {a} {relation} a {b}", f"{a} {relation} {b}", f"there is a {a} {relation} a {b}",
-                 f"{relation} a {b} is a {a}"]
-    return _pick(templates, rng)
+    return _pick(RELATION_TEMPLATES, rng).format(a=a, b=b, relation=relation)
+
+
+def _any(options) -> str:
+    """A regular expression for any one of these word sequences (letters, spaces and {fields} only)."""
+    return "(?:" + "|".join(options) + ")"
+
+
+def _grammar() -> re.Pattern:
+    """The captions make_caption and make_relation_caption can write, as one regular expression over words."""
+    words = {name: _any(word for value in values for word in SYNONYMS.get(value, (value,)))
+             for name, values in (("size", SIZES), ("colour", COLOURS), ("shape", SHAPES))}
+    what = f"{words['size']} {words['colour']} {words['shape']}"
+    where = _any(f"{phrase} {word}" for position, phrases in POSITION_PHRASES.items() for phrase in phrases
+                 for word in SYNONYMS.get(position, (position,)))
+    relation = _any(phrase for phrases in RELATION_PHRASES.values() for phrase in phrases)
+    phrase = _any(OBJECT_TEMPLATES).format(what=what, where=where)
+    captions = (_any(OBJECT_TEMPLATES + ALONE_TEMPLATES).format(what=what, where=where),
+                f"{phrase} and {phrase}", _any(RELATION_TEMPLATES).format(a=what, b=what, relation=relation))
+    return re.compile(_any(captions))
+
+
+def is_well_formed(caption: str) -> bool:
+    """Whether a caption is a sentence of the data set's grammar: one the generator could have written (any
+    synonyms, any template), for either scene; the words lowercased and single-spaced first."""
+    return _GRAMMAR.fullmatch(" ".join(caption.lower().split())) is not None
 
 
 def _sample_objects(rng: np.random.Generator, max_objects: int) -> tuple[ObjectSpec, ...]:
@@ -510,3 +537,6 @@ def score_image(image: np.ndarray, caption: str) -> dict[str, float]:
 def score_caption(generated: str, truth: str) -> dict[str, float]:
     """`score` of the objects a generated caption names against those of the true caption."""
     return score(parse_caption(generated), parse_caption(truth))
+
+
+_GRAMMAR = _grammar()

@@ -35,11 +35,17 @@ def text_to_image_accuracy(pipe: PSUNetPipeline, prompts: list[str], settings: S
     return mean_scores(scores), images
 
 
+def score_caption(generated: str, truth: str) -> dict[str, float]:
+    """A generated caption against the true one, attribute by attribute, and whether it is a sentence of the data
+    set's grammar (well_formed)."""
+    return {**shapes.score_caption(generated, truth), "well_formed": float(shapes.is_well_formed(generated))}
+
+
 def image_to_text_accuracy(pipe: PSUNetPipeline, latents, true_captions: list[str], settings: SamplerSettings
                            ) -> tuple[dict[str, float], list[str]]:
-    """Captions for known image latents, scored against the true captions."""
+    """Captions for known image latents, scored against the true captions (score_caption)."""
     captions = pipe.captions_for_latents(latents, settings)
-    scores = [shapes.score_caption(generated, truth) for generated, truth in zip(captions, true_captions)]
+    scores = [score_caption(generated, truth) for generated, truth in zip(captions, true_captions)]
     return mean_scores(scores), captions
 
 
@@ -194,7 +200,7 @@ def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, lim
         result = {"captions": captions, "t2i_images": t2i_images if want_images else None}
         if demo:
             result["t2i"] = [shapes.score_image(image, r) for image, r in zip(t2i_images, references)]
-            result["i2t"] = [shapes.score_caption(c, r) for c, r in zip(captions, references)]
+            result["i2t"] = [score_caption(c, r) for c, r in zip(captions, references)]
             result["infill"] = [{"colour": float(shapes.score_caption(c, r)["colour"])}
                                 for c, r in zip(filled, references)]
             result["joint"] = [shapes.score_image(image, caption) for image, caption in zip(*joint_pairs[unguided])]
@@ -251,8 +257,9 @@ def best_guidance(rows: list[dict]) -> dict:
             return float(np.mean([row["metrics"][f"{task}_{key}"] for key in shapes.ATTRIBUTES]))
 
         top = max(rows, key=mean_accuracy)
+        keys = (*shapes.ATTRIBUTES, "all", *(("well_formed",) if task == "i2t" else ()))
         best[task] = {scale: top[scale], "mean_accuracy": mean_accuracy(top),
-                      **{key: top["metrics"][f"{task}_{key}"] for key in (*shapes.ATTRIBUTES, "all")}}
+                      **{key: top["metrics"][f"{task}_{key}"] for key in keys}}
     return best
 
 

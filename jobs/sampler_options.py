@@ -23,6 +23,8 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     for name, kind in (("steps", int), ("scheduler", str), ("spacing", str), ("seed", int)):
         parser.add_argument(f"--{name}", type=kind, default=fields[name].default,
                             help=f"{fields[name].description or name} (default: %(default)s)")
+    parser.add_argument("--clamp-text", action=argparse.BooleanOptionalAction, default=fields["clamp_text"].default,
+                        help=f"{fields['clamp_text'].description} (default: %(default)s)")
 
 
 def sampler_settings(args) -> SamplerSettings:
@@ -31,7 +33,7 @@ def sampler_settings(args) -> SamplerSettings:
     scales = {"guidance_scale": args.guidance_scale, "guidance_scale_image": args.guidance_scale_image,
               "guidance_scale_text": args.guidance_scale_text}
     return SamplerSettings(steps=args.steps, scheduler=args.scheduler, spacing=args.spacing, seed=args.seed,
-                           **{name: scale for name, scale in scales.items() if scale is not None})
+                           clamp_text=args.clamp_text, **{name: scale for name, scale in scales.items() if scale is not None})
 
 
 def int_list(text: str) -> list[int]:

@@ -111,6 +111,7 @@ class Options(BaseModel):
                                                            "unless given one by one")
     guidance_scale_image: float | None = Field(None, description=SETTINGS["guidance_scale_image"].description)
     guidance_scale_text: float | None = Field(None, description=SETTINGS["guidance_scale_text"].description)
+    clamp_text: bool | None = Field(None, description=SETTINGS["clamp_text"].description)
     stream: bool = Field(False, description="answer with Server-Sent Events: start, progress per step, previews, "
                                             "then the result (the same JSON as without stream)")
     preview_every: int = Field(0, ge=0, description="with stream: a preview (the current estimate, decoded) every "
@@ -212,8 +213,8 @@ class Job:
     def group(self) -> tuple:
         painting = (self.paint_weight, self.paint_fraction) if self.paint is not None else None
         run = self.settings
-        return (run.steps, run.scheduler, run.spacing, self.prompts is not None, self.images is not None,
-                self.masks is not None, painting)
+        return (run.steps, run.scheduler, run.spacing, run.clamp_text, self.prompts is not None,
+                self.images is not None, self.masks is not None, painting)
 
 
 def decode_image(data: str, field: str, max_side: int) -> Image.Image:
@@ -759,7 +760,7 @@ class Ingress:
         run = job.settings
         image_scale, text_scale = run.guidance
         answer = {"captions": output["captions"], "seeds": job.seeds,
-                  **run.model_dump(include={"steps", "scheduler", "spacing", *GUIDANCE}),
+                  **run.model_dump(include={"steps", "scheduler", "spacing", "clamp_text", *GUIDANCE}),
                   "guidance_scale": image_scale if image_scale == text_scale else None,  # null when they differ
                   "network_evaluations_per_sample": output["network_evaluations"]}
         if "images" in keep:

@@ -91,6 +91,12 @@ class NoiseSchedule:
         signal, sigma = self._coefficients(timesteps, clean)
         return signal * noise - sigma * clean
 
+    def output_of(self, target: Target, clean: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor
+                  ) -> torch.Tensor:
+        """The output a head with `target` gives when it implies clean data `clean` at this noisy input."""
+        signal, sigma = self._coefficients(timesteps, noisy)
+        return self.target_of(target, clean, (noisy - signal * clean) / sigma, timesteps)
+
     def epsilon_of(self, target: Target, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor
                    ) -> torch.Tensor:
         """A head's output as the noise prediction it implies, given its noisy input."""

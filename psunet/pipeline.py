@@ -182,7 +182,8 @@ class PSUNetPipeline:
         """The sampler's run with these settings; `seeds` / `guidance_scales` (one per sample) override theirs;
         `known` holds the known parts, paint and generators (InfillRun's arguments)."""
         return InfillRun(self.model_config, self.diffusion_config, batch_size, settings=settings or self.settings,
-                         seeds=seeds, guidance_scales=guidance_scales, device=self.device, **known)
+                         seeds=seeds, guidance_scales=guidance_scales, device=self.device,
+                         vocabulary=self.codec.table, **known)
 
     def step(self, runs: list[InfillRun]) -> None:
         """One forward of the denoiser for several runs, each at its own step (see sampling.step_together)."""

@@ -12,6 +12,10 @@ generation and partial infilling are the same call with different masks.
 
 Each modality has its own guidance scale (SamplerSettings.guidance_scale_image / _text).
 
+With SamplerSettings.clamp_text (Diffusion-LM's clamping trick) each step's clean-text estimate of the unknown
+words is snapped to the nearest vocabulary vector, and the text is stepped with the output that implies it: the
+text stays on words throughout, so the words settle together rather than drifting apart.
+
 A model trained with timestep slices or independent times (DiffusionConfig.timesteps) has learned a
 modality given clean, so a fully known modality is given to it clean at time 0 instead of re-noised
 (and as pure noise at the last time in the unconditional pass): still 2 evaluations per step. A partly
@@ -34,6 +38,7 @@ from psunet.diffusion import NoiseSchedule, make_scheduler
 from psunet.model import PaintBias
 from psunet.paint import PaintWithWords, paint_mask
 from psunet.settings import SamplerSettings
+from psunet.text import nearest_ids
 
 Guidance = float | tuple[float, float]  # one scale for both modalities, or (image, text)
 
@@ -117,7 +122,7 @@ class InfillRun:
                  settings: SamplerSettings | None = None, seeds: Sequence[int] | None = None,
                  guidance_scales: Sequence[Guidance] | None = None, device: torch.device | str = "cpu",
                  paint: PaintWithWords | None = None, generators: Sequence[torch.Generator] | None = None,
-                 **options):
+                 vocabulary: torch.Tensor | None = None, **options):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         c, b = model_config, batch_size
@@ -138,6 +143,10 @@ class InfillRun:
             paint.check(c, b)
         self.text_given, self.text_known = text_known, text_known * diffusion_config.text_scale
 
+        if settings.clamp_text and vocabulary is None:
+            raise ValueError("clamp_text needs the vocabulary's word vectors (vocabulary=, as the pipeline gives)")
+        # the words as the model sees them (scaled like the text it denoises), when clamping
+        self.vocabulary = vocabulary.to(device).float() * diffusion_config.text_scale if settings.clamp_text else None
         self.generators = _generators(seeds, generators, settings.seed, b, device)
         self.schedule = NoiseSchedule(diffusion_config)
         self.image_target, self.text_target = diffusion_config.target("image"), diffusion_config.target("text")
@@ -256,10 +265,16 @@ class InfillRun:
         text_in = torch.where(self._per_row(self.clean_text, self.text), self.text, self._text_in)
         self.estimate_image = self.schedule.clean_of(stepped_as(self.image_target), out_image, image_in, t)
         self.estimate_text = self.schedule.clean_of(stepped_as(self.text_target), out_text, text_in, t)
+        if self.vocabulary is not None:
+            words = self.vocabulary[nearest_ids(self.estimate_text, self.vocabulary)]
+            self.estimate_text = self.text_mask * self.estimate_text + (1 - self.text_mask) * words
+            out_text = self.schedule.output_of(stepped_as(self.text_target), self.estimate_text, text_in, t)
         self.image = self.image_scheduler.step(out_image, t, image_in, generator=generator).prev_sample
         self.text = self.text_scheduler.step(out_text, t, text_in, generator=generator).prev_sample
         self.network_evaluations += self.passes
         self.index += 1
+        if self.vocabulary is not None and self.done:  # end on the words (a last step to t=0 keeps a little noise)
+            self.text = self.estimate_text
 
     def _pasted(self, image: torch.Tensor, text: torch.Tensor) -> SampleOutput:
         """Sampled (image, scaled text) with the known parts pasted back exactly."""
@@ -353,6 +368,7 @@ def joint_infill(
     device: torch.device | str = "cpu",
     paint: PaintWithWords | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    vocabulary: torch.Tensor | None = None,
     **options,
 ) -> SampleOutput:
     """Sample both modalities given any known parts.
@@ -364,9 +380,10 @@ def joint_infill(
     seeds / guidance_scales: one per sample in place of the settings' single value (a scale is one number for
     both modalities or an (image, text) pair); with a seed per sample each sample's noise comes from its own
     generator, so it does not depend on its batch mates. generators: torch.Generators in place of seeds (one, or
-    one per sample), as diffusers pipelines take them; they advance as the run draws noise.
+    one per sample), as diffusers pipelines take them; they advance as the run draws noise. vocabulary: (V, E)
+    the word vectors, in the data's scale, that settings.clamp_text snaps the text to (required with it).
     paint: paint-with-words regions for caption words (psunet.paint); the bias goes on the conditional pass.
     """
     return run_to_end(model, InfillRun(model_config, diffusion_config, batch_size, image_known, image_mask,
                                        text_known, text_mask, settings, seeds, guidance_scales, device, paint,
-                                       generators, **options))
+                                       generators, vocabulary, **options))

@@ -33,6 +33,8 @@ class SamplerSettings(StrictModel):
                                         description="classifier-free guidance of the generated image")
     guidance_scale_text: float = Field(3.0, ge=0, allow_inf_nan=False,
                                        description="classifier-free guidance of the generated text")
+    clamp_text: bool = Field(False, description="snap each step's clean-text estimate to the nearest vocabulary "
+                             "word (Diffusion-LM's clamping), so the sampled text stays on words")
     seed: int = 0
 
     @model_validator(mode="before")
@@ -80,7 +82,8 @@ class SamplerSettings(StrictModel):
     def describe(self) -> str:
         scale = f"{self.guidance_scale_image:g}" if self.guidance_scale_image == self.guidance_scale_text else \
             f"image {self.guidance_scale_image:g} / text {self.guidance_scale_text:g}"
-        return f"{self.steps} {self.scheduler} steps ({self.spacing}), guidance {scale}, seed {self.seed}"
+        clamped = ", text clamped to words" if self.clamp_text else ""
+        return f"{self.steps} {self.scheduler} steps ({self.spacing}), guidance {scale}{clamped}, seed {self.seed}"
 
 
 def parse_guidance(text: str) -> list[float | tuple[float, float]]:

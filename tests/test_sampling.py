@@ -344,3 +344,29 @@ def test_the_estimate_is_the_clean_prediction_and_ends_at_the_result(model):
         step_together(model, [run])
         errors.append(float((run.estimate().image_latents - run.result().image_latents).abs().mean()))
     assert errors[-1] < errors[0] / 20  # DDIM's last step lands next to its x0 prediction (alpha_bar_0 < 1)
+
+
+VOCABULARY = torch.nn.functional.normalize(torch.randn(12, MODEL_CONFIG.word_dim, generator=torch.Generator().manual_seed(3)),
+                                           dim=-1) * MODEL_CONFIG.word_dim ** 0.5
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim", "ddpm"])
+@pytest.mark.parametrize("scenario", ["image_to_text", "unconditional", "partial_both"])
+def test_clamped_text_ends_on_vocabulary_words_and_keeps_the_known_words(model, scheduler, scenario):
+    image, text = known_data()
+    known = SCENARIOS[scenario](image, text)
+    out = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, **known, steps=6, scheduler=scheduler, clamp_text=True,
+                       vocabulary=VOCABULARY)
+    free = torch.ones(2, MODEL_CONFIG.text_len, dtype=torch.bool) if "text_mask" not in known else \
+        known["text_mask"] == 0
+    distance = torch.cdist(out.text_vectors[free], VOCABULARY).min(-1).values
+    assert distance.max() < 1e-2  # every sampled word is one of the vocabulary's vectors (norm 4, float error)
+    if "text_mask" in known:
+        torch.testing.assert_close(out.text_vectors[~free], text[~free])
+    unclamped = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, **known, steps=6, scheduler=scheduler)
+    assert torch.cdist(unclamped.text_vectors[free], VOCABULARY).min(-1).values.min() > 0.1
+
+
+def test_clamping_without_a_vocabulary_is_refused(model):
+    with pytest.raises(ValueError, match="clamp_text needs the vocabulary"):
+        InfillRun(MODEL_CONFIG, DIFFUSION, 1, clamp_text=True)

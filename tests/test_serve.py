@@ -119,7 +119,8 @@ def test_health_model_page_and_openapi(service, tiny_model):
     assert info["model_config"]["text_len"] == 16 and info["limits"]["max_samples"] == 4
     assert info["precision"] == "fp32" and info["threads"] == 1  # num_cpus 1: one torch thread
     assert info["defaults"] == {"steps": 25, "scheduler": "dpmsolver++", "spacing": "trailing",
-                                "guidance_scale_image": 3.0, "guidance_scale_text": 2.0, "seed": 0}
+                                "guidance_scale_image": 3.0, "guidance_scale_text": 2.0, "clamp_text": False,
+                                "seed": 0}
     paths = requests.get(f"{service}/openapi.json").json()["paths"]
     assert {"/v1/text-to-image", "/v1/image-to-text", "/v1/generate", "/v1/infill", "/healthz", "/v1/model"} <= set(paths)
     page = requests.get(f"{service}/")
@@ -151,6 +152,10 @@ def test_image_to_text_generate_and_infill(service, tiny_model):
                                                                  "num_samples": 2}).json()
     assert len(answer["captions"]) == 2 and "images" not in answer
     assert all(set(caption.split()) <= vocabulary for caption in answer["captions"])
+    assert answer["clamp_text"] is False
+    clamped = requests.post(f"{service}/v1/image-to-text", json={"image": _png(picture), "steps": 3,
+                                                                  "clamp_text": True}).json()
+    assert clamped["clamp_text"] is True and set(clamped["captions"][0].split()) <= vocabulary
 
     generated = requests.post(f"{service}/v1/generate", json={"num_samples": 3, "steps": 2}).json()
     assert len(generated["images"]) == 3 and len(generated["captions"]) == 3
@@ -284,6 +289,7 @@ def test_a_refused_scale_names_the_request_field_it_came_from(service):
     assert shared["fields"] == ["guidance_scale"] and shared["error"].count("guidance_scale") == 1
     assert refusal({"guidance_scale": -1, "guidance_scale_image": 2})["fields"] == ["guidance_scale"]  # the text's
     assert refusal({"steps": 0, "spacing": "x"})["fields"] == ["steps", "spacing"]
+    assert refusal({"clamp_text": "yes"})["fields"] == ["clamp_text"]
 
 
 def test_guidance_per_modality_is_echoed_and_steers_its_own_modality(service):

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from dataprep import shapes
 from dataprep.shapes import (
     ATTRIBUTES,
     CHANCE,
@@ -323,3 +324,19 @@ def test_dataprep_builds_relation_shards_with_16x16_latents(ray_local, tmp_path)
     assert tuple(item["latent"].shape) == (4, 16, 16)
     index = int(item["key"].rsplit("-", 1)[1])
     assert item["caption"] == sample_at(index, seed=0, size=64, scene="relations").caption
+
+
+@pytest.mark.parametrize("scene", shapes.SCENES)
+def test_every_generated_caption_is_well_formed_and_scrambled_ones_are_not(scene):
+    captions = [sample.caption for sample in shapes.generate(400, seed=5, scene=scene)]
+    assert all(shapes.is_well_formed(caption) for caption in captions)
+    rng = np.random.default_rng(0)
+    scrambled = [" ".join(rng.permutation(caption.split())) for caption in captions]
+    assert sum(map(shapes.is_well_formed, [s for c, s in zip(captions, scrambled) if c != s])) <= 0.05 * len(captions)
+
+
+@pytest.mark.parametrize("caption", ["little the green a at green triangle", "a small red circle on the top",
+                                     "a small red on the left", "above a blue box is a red disc",
+                                     "a small red circle on the left and", "there is a small red circle left of"])
+def test_captions_outside_the_grammar_are_not_well_formed(caption):
+    assert not shapes.is_well_formed(caption)

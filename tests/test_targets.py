@@ -51,6 +51,17 @@ def test_each_target_converts_back_to_the_true_noise_and_clean_data(target, zero
         torch.testing.assert_close(output, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_output_that_implies_given_clean_data_is_the_true_target(target):
+    config = DiffusionConfig(prediction="v", text_target=target)
+    schedule = NoiseSchedule(config)
+    clean, noise, times = known_input(config)
+    noisy = schedule.add_noise(clean, noise, times)
+    output = schedule.output_of(target, clean, noisy, times)
+    torch.testing.assert_close(output, schedule.target_of(target, clean, noise, times), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(schedule.clean_of(target, output, noisy, times), clean, atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("weight", WEIGHTS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_weight_means_the_same_on_the_clean_data_whatever_the_target(target, weight):
