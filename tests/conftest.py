@@ -16,6 +16,9 @@ os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 # parallel workers beside Ray's, and torch processes that each spin two threads on two cores slow each other
 # down far more than twice.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every Ray Train run starts an actor that watches for preempted (spot) nodes: a fresh process of its own, which
+# nothing here can use (the cluster tests stop nodes themselves). Inherited by the clusters the tests start.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
