@@ -33,7 +33,8 @@ def sampler_settings(args) -> SamplerSettings:
     scales = {"guidance_scale": args.guidance_scale, "guidance_scale_image": args.guidance_scale_image,
               "guidance_scale_text": args.guidance_scale_text}
     return SamplerSettings(steps=args.steps, scheduler=args.scheduler, spacing=args.spacing, seed=args.seed,
-                           clamp_text=args.clamp_text, **{name: scale for name, scale in scales.items() if scale is not None})
+                           clamp_text=args.clamp_text,
+                           **{name: scale for name, scale in scales.items() if scale is not None})
 
 
 def int_list(text: str) -> list[int]:

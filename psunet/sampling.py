@@ -145,8 +145,10 @@ class InfillRun:
 
         if settings.clamp_text and vocabulary is None:
             raise ValueError("clamp_text needs the vocabulary's word vectors (vocabulary=, as the pipeline gives)")
-        # the words as the model sees them (scaled like the text it denoises), when clamping
+        # the words as the model sees them (scaled like the text it denoises), and as directions, when clamping
         self.vocabulary = vocabulary.to(device).float() * diffusion_config.text_scale if settings.clamp_text else None
+        self.unit_vocabulary = None if self.vocabulary is None else torch.nn.functional.normalize(self.vocabulary,
+                                                                                                   dim=-1)
         self.generators = _generators(seeds, generators, settings.seed, b, device)
         self.schedule = NoiseSchedule(diffusion_config)
         self.image_target, self.text_target = diffusion_config.target("image"), diffusion_config.target("text")
@@ -266,7 +268,7 @@ class InfillRun:
         self.estimate_image = self.schedule.clean_of(stepped_as(self.image_target), out_image, image_in, t)
         self.estimate_text = self.schedule.clean_of(stepped_as(self.text_target), out_text, text_in, t)
         if self.vocabulary is not None:
-            words = self.vocabulary[nearest_ids(self.estimate_text, self.vocabulary)]
+            words = self.vocabulary[nearest_ids(self.estimate_text, self.unit_vocabulary)]
             self.estimate_text = self.text_mask * self.estimate_text + (1 - self.text_mask) * words
             out_text = self.schedule.output_of(stepped_as(self.text_target), self.estimate_text, text_in, t)
         self.image = self.image_scheduler.step(out_image, t, image_in, generator=generator).prev_sample

@@ -77,11 +77,11 @@ class EncodedText:
     unknown: list[list[str]]  # out-of-vocabulary words per caption
 
 
-def nearest_ids(vectors: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(..., E) vectors -> (...) indices of the nearest rows of `table` (V, E) by cosine similarity: how every
-    text vector is read as a word."""
+def nearest_ids(vectors: torch.Tensor, unit_table: torch.Tensor) -> torch.Tensor:
+    """(..., E) vectors -> (...) indices of the nearest rows of `unit_table` (V, E, each row of norm 1) by cosine
+    similarity: how every text vector is read as a word."""
     unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
-    return (unit @ torch.nn.functional.normalize(table.to(unit.device).float(), dim=-1).T).argmax(-1)
+    return (unit @ unit_table.to(unit.device).T).argmax(-1)
 
 
 class TextCodec:
@@ -93,7 +93,8 @@ class TextCodec:
         self.dim = vectors.vector_size
         self.vocab: list[str] = list(self.keyed_vectors.index_to_key)
         unit = self.keyed_vectors.vectors / np.linalg.norm(self.keyed_vectors.vectors, axis=1, keepdims=True)
-        self.table = torch.from_numpy(unit.astype(np.float32)) * self.dim**0.5  # (V, E)
+        self.unit_table = torch.from_numpy(unit.astype(np.float32))  # (V, E)
+        self.table = self.unit_table * self.dim**0.5
         self.end_id = self.keyed_vectors.key_to_index[END]
         self.unk_id = self.keyed_vectors.key_to_index[UNK]
 
@@ -137,7 +138,7 @@ class TextCodec:
 
     def nearest_ids(self, vectors: torch.Tensor) -> torch.Tensor:
         """(B, L, E) -> (B, L) ids of the nearest vocabulary vectors by cosine similarity."""
-        return nearest_ids(vectors, self.table)
+        return nearest_ids(vectors, self.unit_table)
 
     def decode(self, vectors: torch.Tensor) -> list[str]:
         """Nearest-neighbour words, cut at the first end token."""

@@ -346,8 +346,8 @@ def test_the_estimate_is_the_clean_prediction_and_ends_at_the_result(model):
     assert errors[-1] < errors[0] / 20  # DDIM's last step lands next to its x0 prediction (alpha_bar_0 < 1)
 
 
-VOCABULARY = torch.nn.functional.normalize(torch.randn(12, MODEL_CONFIG.word_dim, generator=torch.Generator().manual_seed(3)),
-                                           dim=-1) * MODEL_CONFIG.word_dim ** 0.5
+WORDS = torch.randn(12, MODEL_CONFIG.word_dim, generator=torch.Generator().manual_seed(3))
+VOCABULARY = torch.nn.functional.normalize(WORDS, dim=-1) * MODEL_CONFIG.word_dim**0.5  # as TextCodec.table
 
 
 @pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim", "ddpm"])
