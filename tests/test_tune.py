@@ -3,11 +3,11 @@
 
 import argparse
 import json
-import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -69,20 +69,24 @@ def run_tune(args: list[str], env: dict) -> dict:
     return done.stdout + done.stderr, _summary(done.stdout)
 
 
-def interrupt_when_third_trial_starts(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    """Start the sweep, press Ctrl+C (SIGINT) as Tune says the third trial started; what it wrote (standard output
-    and standard error together)."""
+def interrupt_when_third_trial_starts(args: list[str], trials: Path, env: dict) -> subprocess.CompletedProcess:
+    """Start the sweep, press Ctrl+C (SIGINT) once the third trial's training run has a folder; what it wrote
+    (standard output and standard error together)."""
     sweep = subprocess.Popen([sys.executable, "jobs/tune.py", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=env)
-    timer = threading.Timer(400, sweep.kill)  # a sweep that never gets there fails the test, not the suite
-    timer.start()
     lines = []
-    for line in sweep.stdout:
-        lines.append(line)
-        if re.match(r"Trial \S+_00002 started", line):
+    reader = threading.Thread(target=lambda: lines.extend(sweep.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 400  # a sweep that never gets there fails the test, not the suite
+    while time.monotonic() < deadline and sweep.poll() is None:
+        if trials.is_dir() and len(list(trials.iterdir())) >= 3:
             sweep.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+    else:
+        sweep.kill()
     sweep.wait(timeout=300)
-    timer.cancel()
+    reader.join(timeout=30)
     return subprocess.CompletedProcess(sweep.args, sweep.returncode, "".join(lines))
 
 
@@ -93,7 +97,8 @@ def test_asha_sweep_of_training_runs_is_interrupted_continued_and_writes_a_best_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = sweep_file(tmp_path, demo_set, search={"optim.lr": {"grid": [3.0e-3, 1.0e-7, 3.0e-7]}},
                   scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2}, max_concurrent_trials=1)
-    interrupted = interrupt_when_third_trial_starts(["train", "--sweep", path], sweep_cluster)
+    interrupted = interrupt_when_third_trial_starts(["train", "--sweep", path],
+                                                  tmp_path / "runs" / "sweep" / "trials", sweep_cluster)
     assert interrupted.returncode == 130, interrupted.stdout[-6000:]
     assert "run the same command again to continue" in interrupted.stdout
     assert not (tmp_path / "runs" / "sweep" / "best.yaml").exists()
