@@ -111,22 +111,30 @@ class DiffusionConfig(StrictModel):
         "recognisable at higher noise levels (a per-modality SNR shift); the text is then not pure noise at the "
         "last training time, while sampling starts it from N(0, I)"
     )
-    prediction: Literal["epsilon", "v"] = Field(
+    prediction: Literal["epsilon", "v", "flow"] = Field(
         "v", description="what both heads predict: epsilon (the noise) or v = sqrt(a) eps - sqrt(1 - a) x0 "
-        "(Salimans & Ho; at high noise it is the clean data); model folders saved before this field existed are "
-        "epsilon models")
-    text_target: Literal["epsilon", "v", "sample"] | None = Field(
+        "(Salimans & Ho; at high noise it is the clean data) on the DDPM process, or flow: rectified flow, "
+        "x_t = (1 - s) x0 + s eps with s = t / num_train_timesteps, the heads predicting the velocity eps - x0 "
+        "(SD3, SiT); model folders saved before this field existed are epsilon models")
+    text_target: Literal["epsilon", "v", "sample", "flow"] | None = Field(
         None, description="what the text head predicts, when not `prediction`: epsilon, v, or sample (the clean "
-        "word vectors, as Diffusion-LM does for embedded words)")
+        "word vectors, as Diffusion-LM does for embedded words); a flow model's text head predicts flow or sample")
+    time_mean: float = Field(0.0, allow_inf_nan=False, description="flow: training times are drawn "
+                             "logit-normal (SD3), s = sigmoid(N(time_mean, time_std)); a higher mean trains noisier")
+    time_std: float = Field(1.0, gt=0, allow_inf_nan=False, description="flow: the spread of the logit-normal times")
+    text_shift: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="flow: the text's noise level at the image's s is "
+        "shift s / (1 + (shift - 1) s) (SD3's resolution shift, per modality): > 1 makes the text noisier than the "
+        "image at the same time, in training and in sampling, so the text trains where it must read the image")
     min_snr_gamma: float | None = Field(
         5.0, gt=0, description="loss weight: the cap of the clean-data weight (min-SNR-gamma, Hang et al. 2023); "
         "None = no cap")
     snr_floor: float | None = Field(
         1.0, gt=0, description="loss weight: the floor of the clean-data weight at high noise (the weight is "
         "clamp(base, snr_floor, min_snr_gamma)); None = no floor")
-    weight_base: Literal["snr", "snr+1"] = Field(
+    weight_base: Literal["snr", "snr+1", "flow"] = Field(
         "snr", description="loss weight before cap and floor, on the clean-data error: snr (what an epsilon loss "
-        "gives) or snr+1 (what a v loss gives)")
+        "gives), snr+1 (what a v loss gives) or flow ((1 + sqrt(snr))^2 = 1 / s^2, what a plain velocity loss gives)")
     zero_terminal_snr: bool = Field(
         False, description="rescale the betas so the last time is pure noise (Lin et al. 2024; diffusers' "
         "rescale_betas_zero_snr); needs targets that are not epsilon")
@@ -149,8 +157,20 @@ class DiffusionConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _terminal_target(self) -> "DiffusionConfig":
-        if self.zero_terminal_snr and "epsilon" in (self.prediction, self.target("text")):
+    def _targets_of_the_process(self) -> "DiffusionConfig":
+        text = self.target("text")
+        if self.flow:
+            if text not in ("flow", "sample"):
+                raise ValueError(f"text_target: a flow model's text head predicts flow or sample, got {text!r}")
+            if self.zero_terminal_snr:
+                raise ValueError("zero_terminal_snr: a flow model already ends at pure noise; leave it false")
+            return self
+        if text == "flow":
+            raise ValueError("text_target: flow needs prediction: flow (the rectified-flow process)")
+        if self.text_shift != 1.0:
+            raise ValueError("text_shift: shifts the flow process only (prediction: flow); the DDPM process "
+                             "shifts the text with text_scale")
+        if self.zero_terminal_snr and "epsilon" in (self.prediction, text):
             raise ValueError("zero_terminal_snr: the last time has no signal, so a noise prediction cannot give "
                              "the clean data there; use prediction: v (and a text_target other than epsilon)")
         return self
@@ -161,9 +181,14 @@ class DiffusionConfig(StrictModel):
         `snr_floor` existed had no floor."""
         return cls.model_validate({"prediction": "epsilon", "snr_floor": None, **data})
 
-    def target(self, modality: Literal["image", "text"]) -> Literal["epsilon", "v", "sample"]:
+    def target(self, modality: Literal["image", "text"]) -> Literal["epsilon", "v", "sample", "flow"]:
         """What the head of `modality` predicts."""
         return self.text_target or self.prediction if modality == "text" else self.prediction
+
+    @property
+    def flow(self) -> bool:
+        """Whether the process is rectified flow (else DDPM's)."""
+        return self.prediction == "flow"
 
     @property
     def conditions_clean(self) -> bool:

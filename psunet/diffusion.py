@@ -12,11 +12,17 @@ sample is, with probability p_drop, replaced by pure Gaussian noise (labelled th
 sampler labels it, unless times are shared); a dropped or clean modality has no loss term. Word
 vectors are scaled by `text_scale` before noising. The noise schedule and add_noise come from diffusers.
 
-What a head predicts (`DiffusionConfig.target`: epsilon, v or the clean sample) and how its error is weighted are
-separate choices. NoiseSchedule converts between the targets, the one place the loss, the conditional gaps and
+The process is DDPM's (the data scaled by sqrt(a_t), the noise by sqrt(1 - a_t)) or, with `prediction: flow`,
+rectified flow (SD3, SiT): x_t = (1 - s) x0 + s eps at s = t / num_train_timesteps, the heads predicting the
+velocity eps - x0, the training times drawn logit-normal, and the text optionally noisier than the image at the
+same time (`text_shift`, SD3's shift per modality).
+
+What a head predicts (`DiffusionConfig.target`: epsilon, v, the clean sample or the flow velocity) and how its
+error is weighted are separate choices. NoiseSchedule converts between the targets, the one place the loss, the conditional gaps and
 the sampler do it. Every weight is stated on the clean-data error ||x0_hat - x0||^2: an epsilon error is SNR times
 it, a v error (SNR + 1) times it, so a recipe's weight means the same whatever its target. The weight is
-clamp(base, snr_floor, min_snr_gamma) with base SNR (a plain epsilon loss) or SNR + 1 (a plain v loss): the cap
+clamp(base, snr_floor, min_snr_gamma) with base SNR (a plain epsilon loss) or SNR + 1 (a plain v loss): (1 + sqrt(SNR))^2 is what a
+plain velocity loss gives. The cap
 is min-SNR-gamma, the floor keeps the high-noise times, where one modality has to read the other, from counting
 for almost nothing.
 """
@@ -27,28 +33,46 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from psunet.config import DiffusionConfig
 from psunet.model import PSUNet
 
-SCHEDULERS = {
+DDPM_SCHEDULERS = {
     "dpmsolver++": lambda kw: DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2),
     "ddim": lambda kw: DDIMScheduler(**kw, set_alpha_to_one=False, clip_sample=False),
     "ddpm": lambda kw: DDPMScheduler(**kw, clip_sample=False),
 }
+# flow models: (number of training times, shift) -> scheduler
+FLOW_SCHEDULERS = {
+    "dpmsolver++": lambda times, shift: DPMSolverMultistepScheduler(
+        num_train_timesteps=times, use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction",
+        algorithm_type="dpmsolver++", solver_order=2),
+    "euler": lambda times, shift: FlowMatchEulerDiscreteScheduler(num_train_timesteps=times, shift=shift),
+}
+SCHEDULERS = tuple(dict.fromkeys([*DDPM_SCHEDULERS, *FLOW_SCHEDULERS]))
 
 
-Target = Literal["epsilon", "v", "sample"]
+Target = Literal["epsilon", "v", "sample", "flow"]
 SCHEDULER_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}  # a sample prediction steps as epsilon
 
 
-def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing", prediction: str = "epsilon"):
+def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing", prediction: str = "epsilon",
+                   shift: float = 1.0):
     """A fresh diffusers scheduler, by name, over the training noise schedule; `spacing` is its timestep_spacing,
-    `prediction` the target it is stepped with (epsilon or v)."""
+    `prediction` the target it is stepped with (epsilon or v). A flow model's scheduler steps the velocity over
+    noise levels shifted by `shift` (its own spacing)."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler: unknown name {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name](dict(
+    if config.flow:
+        if name not in FLOW_SCHEDULERS:
+            raise ValueError(f"scheduler: {name!r} cannot sample a flow model (diffusion.prediction: flow); choose "
+                             f"one of {', '.join(FLOW_SCHEDULERS)}")
+        return FLOW_SCHEDULERS[name](config.num_train_timesteps, shift)
+    if name not in DDPM_SCHEDULERS:
+        raise ValueError(f"scheduler: {name!r} samples flow models only; this model's diffusion.prediction is "
+                         f"{config.prediction}: choose one of {', '.join(DDPM_SCHEDULERS)}")
+    return DDPM_SCHEDULERS[name](dict(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
         beta_start=config.beta_start,
@@ -59,27 +83,54 @@ def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing"
     ))
 
 
+def shifted(level: torch.Tensor, shift: float) -> torch.Tensor:
+    """A noise level s in [0, 1] shifted as SD3 shifts by resolution: shift s / (1 + (shift - 1) s)."""
+    return shift * level / (1 + (shift - 1) * level)
+
+
 class NoiseSchedule:
-    """The forward process q(x_t | x_0) of a diffusers DDPMScheduler, on the data's device, and the conversions
-    between what a head predicts (epsilon, v, the clean sample) and the noise or the clean data."""
+    """The forward process q(x_t | x_0), on the data's device: a diffusers DDPMScheduler's, or rectified flow's
+    (`DiffusionConfig.flow`); the times the loss draws; and the conversions between what a head predicts
+    (epsilon, v, the clean sample, the flow velocity) and the noise or the clean data."""
 
     def __init__(self, config: DiffusionConfig):
         self.config = config
-        self.scheduler = make_scheduler("ddpm", config)
-        self.alphas_cumprod = self.scheduler.alphas_cumprod
+        self.alphas_cumprod = None if config.flow else make_scheduler("ddpm", config).alphas_cumprod
 
     @property
     def num_timesteps(self) -> int:
         return self.config.num_train_timesteps
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.add_noise(x0, noise, timesteps.long())
-
     def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sqrt(a), sqrt(1 - a)) at `timesteps` (one, or one per sample), broadcastable to `like`."""
-        alpha_bar = self.alphas_cumprod.to(like.device)[timesteps.long()]
-        alpha_bar = alpha_bar.view(-1, *[1] * (like.dim() - 1)) if alpha_bar.dim() else alpha_bar
-        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        """(signal, noise) coefficients at `timesteps` (one, or one per sample), broadcastable to `like`: DDPM's
+        (sqrt(a), sqrt(1 - a)), flow's (1 - s, s)."""
+        if self.config.flow:
+            level = (timesteps.to(like.device).float() / self.num_timesteps).clamp(0, 1)
+            signal, noise = 1 - level, level
+        else:
+            alpha_bar = self.alphas_cumprod.to(like.device)[timesteps.long()]
+            signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if signal.dim():
+            signal, noise = (c.view(-1, *[1] * (like.dim() - 1)) for c in (signal, noise))
+        return signal, noise
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        signal, sigma = self._coefficients(timesteps, x0)
+        return (signal * x0 + sigma * noise).to(x0.dtype)
+
+    def draw_times(self, batch: int, start: int, end: int, device, generator=None) -> torch.Tensor:
+        """Training times in [start, end): uniform whole times (DDPM), or logit-normal noise levels (flow) mapped
+        onto the interval."""
+        if not self.config.flow:
+            return torch.randint(start, end, (batch,), device=device, generator=generator)
+        normal = torch.randn(batch, device=device, generator=generator)
+        return start + (end - start) * torch.sigmoid(self.config.time_mean + self.config.time_std * normal)
+
+    def text_time(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The text's time at the image's `timesteps`: shifted by `text_shift` (flow), else the same."""
+        if self.config.text_shift == 1.0:
+            return timesteps
+        return self.num_timesteps * shifted(timesteps.float() / self.num_timesteps, self.config.text_shift)
 
     def target_of(self, target: Target, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
                   ) -> torch.Tensor:
@@ -88,6 +139,8 @@ class NoiseSchedule:
             return noise
         if target == "sample":
             return clean
+        if target == "flow":
+            return noise - clean
         signal, sigma = self._coefficients(timesteps, clean)
         return signal * noise - sigma * clean
 
@@ -95,7 +148,8 @@ class NoiseSchedule:
                   ) -> torch.Tensor:
         """The output a head with `target` gives when it implies clean data `clean` at this noisy input."""
         signal, sigma = self._coefficients(timesteps, noisy)
-        return self.target_of(target, clean, (noisy - signal * clean) / sigma, timesteps)
+        # a flow model's clean input (s = 0) implies no noise: any finite output will do there
+        return self.target_of(target, clean, (noisy - signal * clean) / sigma.clamp(min=1e-6), timesteps)
 
     def epsilon_of(self, target: Target, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor
                    ) -> torch.Tensor:
@@ -106,6 +160,8 @@ class NoiseSchedule:
         signal, sigma = self._coefficients(timesteps, noisy)
         if target == "v":
             return signal * output + sigma * noisy
+        if target == "flow":  # eps = x0 + velocity, x0 = noisy - s * velocity
+            return noisy + signal * output
         return (noisy - signal * output) / sigma
 
     def clean_of(self, target: Target, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor
@@ -117,17 +173,22 @@ class NoiseSchedule:
         signal, sigma = self._coefficients(timesteps, noisy)
         if target == "v":
             return signal * noisy - sigma * output
+        if target == "flow":
+            return noisy - sigma * output
         return (noisy - sigma * output) / signal
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.config.flow:
+            signal, sigma = self._coefficients(timesteps, timesteps)
+            return signal ** 2 / sigma.clamp(min=1e-6) ** 2
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
         return alpha_bar / (1 - alpha_bar)
 
 
 def clean_data_weight(config: DiffusionConfig, snr: torch.Tensor) -> torch.Tensor:
     """The loss weight on the clean-data error at signal-to-noise ratio `snr`: clamp(base, snr_floor,
-    min_snr_gamma), base SNR or SNR + 1."""
-    base = snr + 1 if config.weight_base == "snr+1" else snr
+    min_snr_gamma), base SNR, SNR + 1 or (1 + sqrt(SNR))^2."""
+    base = {"snr": snr, "snr+1": snr + 1, "flow": (1 + snr.sqrt()) ** 2}[config.weight_base]
     if config.snr_floor is None and config.min_snr_gamma is None:
         return base
     return torch.clamp(base, min=config.snr_floor, max=config.min_snr_gamma)
@@ -135,8 +196,10 @@ def clean_data_weight(config: DiffusionConfig, snr: torch.Tensor) -> torch.Tenso
 
 def loss_weight(config: DiffusionConfig, target: Target, snr: torch.Tensor) -> torch.Tensor:
     """The weight of a head's squared error in its own target's terms, so that the clean-data error gets
-    `clean_data_weight`: an epsilon error is SNR times the clean-data error, a v error SNR + 1 times."""
-    per_clean_error = {"epsilon": snr, "v": snr + 1, "sample": torch.ones_like(snr)}[target]
+    `clean_data_weight`: an epsilon error is SNR times the clean-data error, a v error SNR + 1 times, a flow
+    velocity error 1 / s^2 = (1 + sqrt(SNR))^2 times."""
+    per_clean_error = {"epsilon": snr, "v": snr + 1, "sample": torch.ones_like(snr), "flow": (1 + snr.sqrt()) ** 2
+                       }[target]
     return clean_data_weight(config, snr) / per_clean_error
 
 
@@ -153,24 +216,27 @@ def _masked_mean(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (per_sample * keep).sum() / keep.sum().clamp(min=1)
 
 
-def draw_slices(config: DiffusionConfig, batch: int, start: int, end: int, device, generator=None
+def draw_slices(schedule: NoiseSchedule, batch: int, start: int, end: int, device, generator=None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per sample (t_image, t_text, image clean, text clean) for the configured timesteps; times in [start, end)."""
+    """Per sample (t_image, t_text, image clean, text clean) for the configured timesteps; times in [start, end)
+    before the text's shift."""
+    config = schedule.config
+
     def draw_times() -> torch.Tensor:
-        return torch.randint(start, end, (batch,), device=device, generator=generator)
+        return schedule.draw_times(batch, start, end, device, generator)
 
     t_image = draw_times()
     no = torch.zeros(batch, dtype=torch.bool, device=device)
     if config.timesteps == "shared":
-        return t_image, t_image, no, no
+        return t_image, schedule.text_time(t_image), no, no
     t_other = draw_times()
     if config.timesteps == "independent":
-        return t_image, t_other, no, no
+        return t_image, schedule.text_time(t_other), no, no
     w = config.slice_weights
     probabilities = torch.tensor([w.joint, w.text_to_image, w.image_to_text, w.independent], device=device)
     kind = torch.multinomial(probabilities / w.total(), batch, replacement=True, generator=generator)
     clean_text, clean_image = kind == 1, kind == 2
-    t_text = torch.where(kind == 3, t_other, t_image)
+    t_text = schedule.text_time(torch.where(kind == 3, t_other, t_image))
     zero = torch.zeros_like(t_image)
     return torch.where(clean_image, zero, t_image), torch.where(clean_text, zero, t_text), clean_image, clean_text
 
@@ -186,7 +252,7 @@ def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConf
     batch, device = image_latents.shape[0], image_latents.device
     text_vectors = text_vectors * config.text_scale
     start, end = time_range or (0, schedule.num_timesteps)
-    t_image, t_text, clean_image, clean_text = draw_slices(config, batch, start, end, device, generator)
+    t_image, t_text, clean_image, clean_text = draw_slices(schedule, batch, start, end, device, generator)
     noise_image = torch.randn(image_latents.shape, device=device, generator=generator)
     noise_text = torch.randn(text_vectors.shape, device=device, generator=generator)
     keep_image = torch.rand(batch, device=device, generator=generator) >= config.p_drop_image
@@ -205,7 +271,7 @@ def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConf
         last = torch.full_like(t_image, schedule.num_timesteps - 1)
         times = torch.stack([torch.where(keep_image, t_image, last), torch.where(keep_text, t_text, last)])
     else:
-        times = t_image
+        times = torch.stack([t_image, t_text])
 
     out = model(noisy_image, noisy_text, times)
     image_target, text_target = config.target("image"), config.target("text")
@@ -239,15 +305,17 @@ def conditional_gaps(model, schedule: NoiseSchedule, config: DiffusionConfig, im
     batch, device = image_latents.shape[0], image_latents.device
     text_vectors = text_vectors * config.text_scale
     t = torch.randint(0, schedule.num_timesteps, (batch,), device=device, generator=generator)
+    t_text = schedule.text_time(t)
     noise_image = torch.randn(image_latents.shape, device=device, generator=generator)
     noise_text = torch.randn(text_vectors.shape, device=device, generator=generator)
     noisy_image = schedule.add_noise(image_latents, noise_image, t)
-    noisy_text = schedule.add_noise(text_vectors, noise_text, t)
+    noisy_text = schedule.add_noise(text_vectors, noise_text, t_text)
     dropped_image = torch.randn(image_latents.shape, device=device, generator=generator)
     dropped_text = torch.randn(text_vectors.shape, device=device, generator=generator)
     clean = config.conditions_clean
-    given_time = torch.zeros_like(t) if clean else t
-    dropped_time = torch.full_like(t, schedule.num_timesteps - 1) if clean else t
+    last = torch.full_like(t, schedule.num_timesteps - 1)
+    given_image, given_text = (torch.zeros_like(t), torch.zeros_like(t)) if clean else (t, t_text)
+    dropped_image_time, dropped_text_time = (last, last) if clean else (t, t_text)
 
     def error(out_field: str, target: torch.Tensor, image, text, times) -> float:
         out = model(image, text, times)
@@ -258,9 +326,9 @@ def conditional_gaps(model, schedule: NoiseSchedule, config: DiffusionConfig, im
         return (eps - target).pow(2).mean().item()
 
     image_given = error("eps_image", noise_image, noisy_image, text_vectors if clean else noisy_text,
-                        torch.stack([t, given_time]))
-    image_alone = error("eps_image", noise_image, noisy_image, dropped_text, torch.stack([t, dropped_time]))
+                        torch.stack([t, given_text]))
+    image_alone = error("eps_image", noise_image, noisy_image, dropped_text, torch.stack([t, dropped_text_time]))
     text_given = error("eps_text", noise_text, image_latents if clean else noisy_image, noisy_text,
-                       torch.stack([given_time, t]))
-    text_alone = error("eps_text", noise_text, dropped_image, noisy_text, torch.stack([dropped_time, t]))
+                       torch.stack([given_image, t_text]))
+    text_alone = error("eps_text", noise_text, dropped_image, noisy_text, torch.stack([dropped_image_time, t_text]))
     return {"gap_image": image_alone - image_given, "gap_text": text_alone - text_given}

@@ -5,8 +5,10 @@ At each step with time t:
   1. the known part is re-noised to t with fresh noise: x_in = m * noised(x0_known) + (1 - m) * x_t;
   2. conditional input x_in and unconditional input m * (pure noise) + (1 - m) * x_t go through the
      network in ONE batched forward (2 evaluations per step, however many modalities are known);
-  3. out = out_unc + w * (out_cond - out_unc) on the heads' outputs (epsilon or v, DiffusionConfig.prediction);
-     a diffusers scheduler configured for that target steps x_t.
+  3. out = out_unc + w * (out_cond - out_unc) on the heads' outputs (epsilon, v or the flow velocity,
+     DiffusionConfig.prediction); a diffusers scheduler configured for that target steps x_t.
+Each modality has its own scheduler: a flow model's text steps through noise levels shifted by `text_shift`
+(as it was trained), so at each step the two modalities may be at different times.
 At the end the known part is pasted back exactly. Text->image, image->text, unconditional joint
 generation and partial infilling are the same call with different masks.
 
@@ -93,10 +95,12 @@ def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Ten
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-def stepped_as(target: str) -> str:
+def stepped_as(target: str, flow: bool = False) -> str:
     """The target a head's output is stepped with: its own, except a clean-sample prediction, stepped as the
-    noise it implies."""
-    return "epsilon" if target == "sample" else target
+    noise it implies (as the velocity it implies, in a flow model)."""
+    if target != "sample":
+        return target
+    return "flow" if flow else "epsilon"
 
 
 def run_settings(settings: SamplerSettings | None, options: dict) -> SamplerSettings:
@@ -152,15 +156,17 @@ class InfillRun:
         self.generators = _generators(seeds, generators, settings.seed, b, device)
         self.schedule = NoiseSchedule(diffusion_config)
         self.image_target, self.text_target = diffusion_config.target("image"), diffusion_config.target("text")
+        self.image_stepped = stepped_as(self.image_target, diffusion_config.flow)
+        self.text_stepped = stepped_as(self.text_target, diffusion_config.flow)
         self.image_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing,
-                                              stepped_as(self.image_target))
+                                              self.image_stepped)
         self.text_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing,
-                                             stepped_as(self.text_target))
+                                             self.text_stepped, diffusion_config.text_shift)
         self.image_scheduler.set_timesteps(settings.steps, device=device)
         self.text_scheduler.set_timesteps(settings.steps, device=device)
 
-        self.image = self._noise(self.image_shape) * self.image_scheduler.init_noise_sigma
-        self.text = self._noise(self.text_known.shape) * self.text_scheduler.init_noise_sigma
+        self.image = self._noise(self.image_shape) * getattr(self.image_scheduler, "init_noise_sigma", 1.0)
+        self.text = self._noise(self.text_known.shape) * getattr(self.text_scheduler, "init_noise_sigma", 1.0)
         anything_known = bool(self.image_mask.any() or self.text_mask.any())
         self.guided = anything_known and any(scale != 1.0 for pair in scales for scale in pair)
         weight = torch.tensor(scales, device=device, dtype=torch.float32)
@@ -224,24 +230,29 @@ class InfillRun:
         strengths[:self.batch_size] = strength
         return PaintBias(mask=self.painted, strength=strengths)
 
+    def _times(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's (image time, text time)."""
+        return self.image_scheduler.timesteps[self.index], self.text_scheduler.timesteps[self.index]
+
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PaintBias | None]:
         """(image, text, times (2, rows), paint bias or None): this step's model inputs, `rows` of them."""
         if self.done:
             raise RuntimeError("this run has done all its steps")
-        t = self.image_scheduler.timesteps[self.index]
-        times = t.expand(self.batch_size)
+        t_image, t_text = self._times()
         self._image_in = self._conditional_input(self.image_known, self.image_mask, self.image, self.clean_image,
-                                                 times)
-        self._text_in = self._conditional_input(self.text_known, self.text_mask, self.text, self.clean_text, times)
-        times_cond = self._pair(torch.where(self.clean_image, 0, t), torch.where(self.clean_text, 0, t))
+                                                 t_image.expand(self.batch_size))
+        self._text_in = self._conditional_input(self.text_known, self.text_mask, self.text, self.clean_text,
+                                                t_text.expand(self.batch_size))
+        times_cond = self._pair(torch.where(self.clean_image, 0, t_image), torch.where(self.clean_text, 0, t_text))
         last_time = self.diffusion_config.num_train_timesteps - 1
         image_unc = self.image_mask * self._noise(self.image_shape) + (1 - self.image_mask) * self.image
         text_unc = self.text_mask * self._noise(self.text.shape) + (1 - self.text_mask) * self.text
-        paint = self._paint_bias(t)
+        paint = self._paint_bias(t_image)
         if not self.guided:  # the unconditional noise is drawn all the same, so a sample's noise stream
             self._text_rows = self._text_in, times_cond[1]  # does not depend on its batch mates
             return self._image_in, self._text_in, times_cond, paint
-        times_unc = self._pair(torch.where(self.clean_image, last_time, t), torch.where(self.clean_text, last_time, t))
+        times_unc = self._pair(torch.where(self.clean_image, last_time, t_image),
+                               torch.where(self.clean_text, last_time, t_text))
         text, times = torch.cat([self._text_in, text_unc]), torch.cat([times_cond, times_unc], dim=1)
         self._text_rows = text, times[1]
         return torch.cat([self._image_in, image_unc]), text, times, paint
@@ -249,30 +260,31 @@ class InfillRun:
     def advance(self, out_image: torch.Tensor, out_text: torch.Tensor) -> None:
         """Step the schedulers with the model's outputs for this run's rows of `inputs()`.
 
-        Guidance combines the outputs in the target the scheduler steps with (epsilon or v: both are affine in
-        the noise at a given input, so the guided sample is the same); a clean-sample text head is stepped as
-        the noise it implies."""
+        Guidance combines the outputs in the target the scheduler steps with (epsilon, v or the velocity: each is
+        affine in the noise at a given input, so the guided sample is the same); a clean-sample text head is
+        stepped as the noise (or velocity) it implies."""
         out_image = out_image.float()
         out_text = out_text.float()
         if self.text_target == "sample":
-            out_text = self.schedule.epsilon_of("sample", out_text, *self._text_rows)
+            text_rows, text_times = self._text_rows
+            out_text = self.schedule.output_of(self.text_stepped, out_text, text_rows, text_times)
         if self.guided:
             cond_image, unc_image = out_image.chunk(2)
             cond_text, unc_text = out_text.chunk(2)
             out_image = unc_image + self.weight_image * (cond_image - unc_image)
             out_text = unc_text + self.weight_text * (cond_text - unc_text)
-        t = self.image_scheduler.timesteps[self.index]
+        t_image, t_text = self._times()
         generator = self.generators[0] if len(self.generators) == 1 else self.generators
         image_in = torch.where(self._per_row(self.clean_image, self.image), self.image, self._image_in)
         text_in = torch.where(self._per_row(self.clean_text, self.text), self.text, self._text_in)
-        self.estimate_image = self.schedule.clean_of(stepped_as(self.image_target), out_image, image_in, t)
-        self.estimate_text = self.schedule.clean_of(stepped_as(self.text_target), out_text, text_in, t)
+        self.estimate_image = self.schedule.clean_of(self.image_stepped, out_image, image_in, t_image)
+        self.estimate_text = self.schedule.clean_of(self.text_stepped, out_text, text_in, t_text)
         if self.vocabulary is not None:
             words = self.vocabulary[nearest_ids(self.estimate_text, self.unit_vocabulary)]
             self.estimate_text = self.text_mask * self.estimate_text + (1 - self.text_mask) * words
-            out_text = self.schedule.output_of(stepped_as(self.text_target), self.estimate_text, text_in, t)
-        self.image = self.image_scheduler.step(out_image, t, image_in, generator=generator).prev_sample
-        self.text = self.text_scheduler.step(out_text, t, text_in, generator=generator).prev_sample
+            out_text = self.schedule.output_of(self.text_stepped, self.estimate_text, text_in, t_text)
+        self.image = self.image_scheduler.step(out_image, t_image, image_in, generator=generator).prev_sample
+        self.text = self.text_scheduler.step(out_text, t_text, text_in, generator=generator).prev_sample
         self.network_evaluations += self.passes
         self.index += 1
         if self.vocabulary is not None and self.done:  # end on the words (a last step to t=0 keeps a little noise)

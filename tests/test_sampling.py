@@ -14,6 +14,15 @@ from psunet.settings import SamplerSettings
 
 MODEL_CONFIG = preset("tiny")
 DIFFUSION = DiffusionConfig()
+FLOW = DiffusionConfig(prediction="flow", text_shift=2.0)  # rectified flow, the text noisier than the image
+
+
+def sampler(name: str) -> tuple[DiffusionConfig, str]:
+    """(diffusion config, scheduler) of a test's scheduler name: flow-<scheduler> samples a flow model."""
+    return (FLOW, name.removeprefix("flow-")) if name.startswith("flow-") else (DIFFUSION, name)
+
+
+SCHEDULERS = ["dpmsolver++", "ddim", "ddpm", "flow-euler", "flow-dpmsolver++"]
 
 
 class RecordingModel(torch.nn.Module):
@@ -58,11 +67,12 @@ SCENARIOS = {
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim", "ddpm"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_known_parts_are_kept_exactly(model, scenario, scheduler):
     image, text = known_data()
     kwargs = SCENARIOS[scenario](image, text)
-    out = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, steps=4, scheduler=scheduler, **kwargs)
+    diffusion, scheduler = sampler(scheduler)
+    out = joint_infill(model, MODEL_CONFIG, diffusion, 2, steps=4, scheduler=scheduler, **kwargs)
     assert out.image_latents.shape == image.shape and out.text_vectors.shape == text.shape
     assert torch.isfinite(out.image_latents).all() and torch.isfinite(out.text_vectors).all()
     side, length = MODEL_CONFIG.latent_size, MODEL_CONFIG.text_len
@@ -238,15 +248,16 @@ def test_a_renoised_known_part_has_the_current_steps_mean_and_variance():
         run.advance(zeros.eps_image, zeros.eps_text)
 
 
-@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim"])
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim", "flow-euler", "flow-dpmsolver++"])
 def test_runs_at_different_steps_share_forwards_and_give_what_they_give_alone(model, scheduler):
     image, text = known_data(3)
+    diffusion, scheduler = sampler(scheduler)
     first = dict(text_known=text[:2], steps=4, seeds=[1, 2], guidance_scales=[3.0, (5.0, 2.0)], scheduler=scheduler)
     second = dict(image_known=image[2:], steps=6, seed=7, scheduler=scheduler)  # image->text, another length
     third = dict(steps=3, seed=9, scheduler=scheduler)  # unconditional: one pass, no guidance
-    alone = [joint_infill(model, MODEL_CONFIG, DIFFUSION, n, **kw) for n, kw in ((2, first), (1, second), (1, third))]
+    alone = [joint_infill(model, MODEL_CONFIG, diffusion, n, **kw) for n, kw in ((2, first), (1, second), (1, third))]
     recording = RecordingModel(model)
-    runs = [InfillRun(MODEL_CONFIG, DIFFUSION, n, **kw) for n, kw in ((2, first), (1, second), (1, third))]
+    runs = [InfillRun(MODEL_CONFIG, diffusion, n, **kw) for n, kw in ((2, first), (1, second), (1, third))]
     step_together(recording, runs[:1])  # the first run is one step ahead when the others join
     while any(not run.done for run in runs):
         step_together(recording, [run for run in runs if not run.done])
@@ -295,12 +306,13 @@ def test_a_clean_text_prediction_drives_the_sampler_to_those_vectors():
     assert (out.text_vectors - clean).abs().max() < 0.15
 
 
-@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim", "ddpm"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_dropping_samples_mid_run_leaves_the_others_as_they_are_alone(model, scheduler):
     image, text = known_data(3)
+    diffusion, scheduler = sampler(scheduler)
     kwargs = dict(text_known=text, steps=5, seeds=[1, 2, 3], guidance_scales=[3.0, 1.0, (5.0, 2.0)],
                   scheduler=scheduler)
-    run = InfillRun(MODEL_CONFIG, DIFFUSION, 3, **kwargs)
+    run = InfillRun(MODEL_CONFIG, diffusion, 3, **kwargs)
     step_together(model, [run])
     step_together(model, [run])
     run.keep([0, 2])  # the second sample's request is gone
@@ -309,13 +321,13 @@ def test_dropping_samples_mid_run_leaves_the_others_as_they_are_alone(model, sch
         step_together(recording, [run])
     assert recording.batch_sizes == [4, 4, 4]  # its rows left the forwards
     kept = run.result()
-    alone = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, text_known=text[[0, 2]], steps=5, seeds=[1, 3],
+    alone = joint_infill(model, MODEL_CONFIG, diffusion, 2, text_known=text[[0, 2]], steps=5, seeds=[1, 3],
                          guidance_scales=[3.0, (5.0, 2.0)], scheduler=scheduler)
     torch.testing.assert_close(kept.image_latents, alone.image_latents, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(kept.text_vectors, alone.text_vectors, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="increasing sample indices"):
         run.keep([1, 0])
-    shared = InfillRun(MODEL_CONFIG, DIFFUSION, 2, text_known=text[:2], steps=2, seed=4)
+    shared = InfillRun(MODEL_CONFIG, diffusion, 2, text_known=text[:2], steps=2, seed=4)
     with pytest.raises(ValueError, match="give a seed per sample"):
         shared.keep([0])
 
@@ -350,12 +362,13 @@ WORDS = torch.randn(12, MODEL_CONFIG.word_dim, generator=torch.Generator().manua
 VOCABULARY = torch.nn.functional.normalize(WORDS, dim=-1) * MODEL_CONFIG.word_dim**0.5  # as TextCodec.table
 
 
-@pytest.mark.parametrize("scheduler", ["dpmsolver++", "ddim", "ddpm"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("scenario", ["image_to_text", "unconditional", "partial_both"])
 def test_clamped_text_ends_on_vocabulary_words_and_keeps_the_known_words(model, scheduler, scenario):
     image, text = known_data()
+    diffusion, scheduler = sampler(scheduler)
     known = SCENARIOS[scenario](image, text)
-    out = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, **known, steps=6, scheduler=scheduler, clamp_text=True,
+    out = joint_infill(model, MODEL_CONFIG, diffusion, 2, **known, steps=6, scheduler=scheduler, clamp_text=True,
                        vocabulary=VOCABULARY)
     free = torch.ones(2, MODEL_CONFIG.text_len, dtype=torch.bool) if "text_mask" not in known else \
         known["text_mask"] == 0
@@ -363,7 +376,7 @@ def test_clamped_text_ends_on_vocabulary_words_and_keeps_the_known_words(model, 
     assert distance.max() < 1e-2  # every sampled word is one of the vocabulary's vectors (norm 4, float error)
     if "text_mask" in known:
         torch.testing.assert_close(out.text_vectors[~free], text[~free])
-    unclamped = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, **known, steps=6, scheduler=scheduler)
+    unclamped = joint_infill(model, MODEL_CONFIG, diffusion, 2, **known, steps=6, scheduler=scheduler)
     assert torch.cdist(unclamped.text_vectors[free], VOCABULARY).min(-1).values.min() > 0.1
 
 

@@ -1,20 +1,21 @@
-"""What a head predicts and how its error is weighted: the conversions between epsilon, v and the clean sample,
-the loss weight stated on the clean-data error, a v model sampled like diffusers samples one, and an epsilon model
-folder saved before v existed sampling exactly as it did."""
+"""What a head predicts and how its error is weighted: the conversions between epsilon, v, the clean sample and the
+flow velocity, the loss weight stated on the clean-data error, v and flow models sampled like diffusers samples
+them, a flow model's logit-normal times and per-modality shift, and an epsilon model folder saved before v existed
+sampling exactly as it did."""
 
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from psunet.config import DiffusionConfig, preset
-from psunet.diffusion import NoiseSchedule, clean_data_weight, loss_weight
-from psunet.model import PSUNet
+from psunet.diffusion import NoiseSchedule, clean_data_weight, diffusion_loss, loss_weight, make_scheduler
+from psunet.model import ModelOutput, PSUNet
 from psunet.model_folder import load_model
-from psunet.sampling import joint_infill
+from psunet.sampling import InfillRun, joint_infill
 
 TARGETS = ("epsilon", "v", "sample")
 WEIGHTS = {  # name: (weight_base, snr_floor, min_snr_gamma)
@@ -168,3 +169,120 @@ def test_an_epsilon_model_saved_before_v_existed_samples_the_same_as_before():
         i2t = joint_infill(model, config, diffusion, 2, image_known=expected["image_known"], **settings)
         torch.testing.assert_close(t2i.image_latents, expected[f"{scheduler}_t2i_image"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(i2t.text_vectors, expected[f"{scheduler}_i2t_text"], rtol=1e-5, atol=1e-5)
+
+
+FLOW = DiffusionConfig(prediction="flow", weight_base="flow", snr_floor=None, min_snr_gamma=None)  # SD3's loss
+
+
+def test_the_flow_process_mixes_data_and_noise_linearly_and_its_target_is_the_velocity():
+    schedule = NoiseSchedule(FLOW)
+    clean, noise, times = known_input(FLOW)
+    level = (times.float() / FLOW.num_train_timesteps).view(-1, 1, 1, 1)
+    noisy = schedule.add_noise(clean, noise, times)
+    torch.testing.assert_close(noisy, (1 - level) * clean + level * noise)
+    velocity = schedule.target_of("flow", clean, noise, times)
+    torch.testing.assert_close(velocity, noise - clean)
+    torch.testing.assert_close(schedule.clean_of("flow", velocity, noisy, times), clean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(schedule.epsilon_of("flow", velocity, noisy, times), noise, atol=1e-5, rtol=1e-5)
+    moving = slice(1, None)  # at s = 0 the input is the clean data and implies no noise
+    torch.testing.assert_close(schedule.output_of("flow", clean, noisy, times)[moving], velocity[moving],
+                               atol=2e-4, rtol=1e-4)
+    sample = schedule.output_of("flow", schedule.clean_of("sample", clean, noisy, times), noisy, times)
+    torch.testing.assert_close(sample[moving], velocity[moving], atol=2e-4, rtol=1e-4)  # a clean-text head's
+
+
+def test_a_plain_velocity_loss_is_the_flow_weight_on_the_clean_data():
+    schedule = NoiseSchedule(FLOW)
+    clean, noise, times = known_input(FLOW)
+    times = times[1:]  # s > 0
+    clean, noise = clean[1:], noise[1:]
+    level = (times.float() / FLOW.num_train_timesteps).view(-1, 1, 1, 1)
+    noisy = schedule.add_noise(clean, noise, times)
+    guess = clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    guess_noise = (noisy - (1 - level) * guess) / level
+    in_velocity = (schedule.target_of("flow", guess, guess_noise, times) - (noise - clean)).pow(2).flatten(1).mean(1)
+    on_clean = (guess - clean).pow(2).flatten(1).mean(1)
+    snr = schedule.snr(times)
+    torch.testing.assert_close(loss_weight(FLOW, "flow", snr), torch.ones_like(snr), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(in_velocity, on_clean * clean_data_weight(FLOW, snr), rtol=2e-3, atol=1e-5)
+
+
+def test_flow_times_are_logit_normal_and_the_text_is_shifted_to_more_noise():
+    schedule = NoiseSchedule(FLOW)
+    generator = torch.Generator().manual_seed(0)
+    times = schedule.draw_times(20000, 0, 1000, "cpu", generator)
+    assert 0 < times.min() and times.max() < 1000
+    assert abs(times.median().item() - 500) < 10  # sigmoid(N(0, 1)) has median 1/2
+    assert 0.60 < ((times > 250) & (times < 750)).float().mean().item() < 0.75  # more in the middle than uniform
+    noisier = NoiseSchedule(FLOW.model_copy(update={"time_mean": 1.0}))
+    assert abs(noisier.draw_times(20000, 0, 1000, "cpu", generator).median().item() - 731) < 10  # 1000 sigmoid(1)
+    assert bool(((lambda t: (t >= 200) & (t < 300))(schedule.draw_times(1000, 200, 300, "cpu", generator))).all())
+    shifted = NoiseSchedule(FLOW.model_copy(update={"text_shift": 3.0}))
+    torch.testing.assert_close(shifted.text_time(torch.tensor([0.0, 250.0, 500.0, 1000.0])),
+                               torch.tensor([0.0, 500.0, 750.0, 1000.0]))
+    assert torch.equal(schedule.text_time(torch.tensor([250.0])), torch.tensor([250.0]))
+
+
+class RecordsTimes(torch.nn.Module):
+    def forward(self, image, text, times):
+        self.times = times
+        return ModelOutput(eps_image=torch.zeros_like(image), eps_text=torch.zeros_like(text))
+
+
+def test_training_noises_the_text_at_the_shifted_time_of_the_image():
+    config = FLOW.model_copy(update={"text_shift": 3.0, "timesteps": "shared", "p_drop_text": 0.0,
+                                     "p_drop_image": 0.0})
+    model, image = RecordsTimes(), torch.randn(64, 4, 8, 8)
+    diffusion_loss(model, NoiseSchedule(config), config, image, torch.randn(64, 16, 16), torch.Generator().manual_seed(0))
+    image_time, text_time = model.times
+    torch.testing.assert_close(text_time, NoiseSchedule(config).text_time(image_time))
+    assert bool((text_time > image_time).all())
+
+
+def test_flow_settings_are_refused_where_they_mean_nothing():
+    with pytest.raises(ValidationError, match="text_target"):
+        DiffusionConfig(prediction="flow", text_target="v")
+    with pytest.raises(ValidationError, match="text_target"):
+        DiffusionConfig(prediction="v", text_target="flow")
+    with pytest.raises(ValidationError, match="text_shift"):
+        DiffusionConfig(prediction="v", text_shift=2.0)
+    with pytest.raises(ValidationError, match="zero_terminal_snr"):
+        DiffusionConfig(prediction="flow", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="cannot sample a flow model"):
+        make_scheduler("ddim", FLOW)
+    with pytest.raises(ValueError, match="samples flow models only"):
+        make_scheduler("euler", DiffusionConfig())
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmsolver++"])
+def test_the_sampler_with_a_flow_model_agrees_with_a_plain_diffusers_flow_loop(scheduler):
+    """Text->image and image->text against diffusers' own flow schedulers stepped by hand; the text's scheduler
+    shifted by text_shift."""
+    torch.manual_seed(0)
+    config, diffusion = preset("tiny"), FLOW.model_copy(update={"text_shift": 2.0})
+    model = PSUNet(config).eval()
+    batch, steps = 3, 8
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randn(batch, config.text_len, config.word_dim, generator=generator)
+    image = torch.randn(batch, *config.latent_shape, generator=generator)
+    make = {"euler": lambda shift: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+            "dpmsolver++": lambda shift: DPMSolverMultistepScheduler(
+                num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction",
+                algorithm_type="dpmsolver++", solver_order=2)}[scheduler]
+    settings = dict(steps=steps, scheduler=scheduler, guidance_scale=1.0, seed=5)
+    noise = torch.Generator().manual_seed(5)  # the sampler's first draws: the image's noise, then the text's
+    start_image = torch.randn(batch, *config.latent_shape, generator=noise)
+    start_text = torch.randn(batch, config.text_len, config.word_dim, generator=noise)
+    zero = torch.zeros(batch)
+    with torch.no_grad():
+        ours = joint_infill(model, config, diffusion, batch, text_known=text, **settings).image_latents
+        theirs = diffusers_loop(model, make(1.0), steps, start_image, text,
+                                lambda t: torch.stack([t.expand(batch), zero]), "eps_image")
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        ours = joint_infill(model, config, diffusion, batch, image_known=image, **settings).text_vectors
+        theirs = diffusers_loop(model, make(2.0), steps, image, start_text,
+                                lambda t: torch.stack([zero, t.expand(batch)]), "eps_text")
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    run = InfillRun(config, diffusion, 1, steps=steps, scheduler=scheduler)
+    image_times, text_times = run.image_scheduler.timesteps, run.text_scheduler.timesteps
+    assert bool((text_times[1:] > image_times[1:]).all())  # at every step after the first the text is noisier
