@@ -152,9 +152,9 @@ class TrainJobConfig(StrictModel):
             if not 0 <= start < end <= self.diffusion.num_train_timesteps:
                 raise ValueError(f"branch.time_range={[start, end]} must satisfy 0 <= start < end <= "
                                  f"diffusion.num_train_timesteps={self.diffusion.num_train_timesteps}")
-            if self.diffusion.timesteps == "independent":
-                raise ValueError("branch.time_range needs one noise level per sample; "
-                                 "diffusion.timesteps must be shared or slices, not independent")
+            if self.diffusion.timesteps == "independent" or self.diffusion.text_shift != 1.0:
+                raise ValueError("branch.time_range needs one noise level per sample; diffusion.timesteps must be "
+                                 "shared or slices, not independent, and diffusion.text_shift 1 (experts)")
         return self
 
     def resolved(self) -> "TrainJobConfig":

@@ -23,6 +23,9 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     for name, kind in (("steps", int), ("scheduler", str), ("spacing", str), ("seed", int)):
         parser.add_argument(f"--{name}", type=kind, default=fields[name].default,
                             help=f"{fields[name].description or name} (default: %(default)s)")
+    interval = fields["guidance_interval"]
+    parser.add_argument("--guidance-interval", type=float_pair, default=interval.default, metavar="LOW,HIGH",
+                        help=f"{interval.description} (default: %(default)s)")
     parser.add_argument("--clamp-text", action=argparse.BooleanOptionalAction, default=fields["clamp_text"].default,
                         help=f"{fields['clamp_text'].description} (default: %(default)s)")
 
@@ -33,8 +36,18 @@ def sampler_settings(args) -> SamplerSettings:
     scales = {"guidance_scale": args.guidance_scale, "guidance_scale_image": args.guidance_scale_image,
               "guidance_scale_text": args.guidance_scale_text}
     return SamplerSettings(steps=args.steps, scheduler=args.scheduler, spacing=args.spacing, seed=args.seed,
-                           clamp_text=args.clamp_text,
+                           guidance_interval=args.guidance_interval, clamp_text=args.clamp_text,
                            **{name: scale for name, scale in scales.items() if scale is not None})
+
+
+def float_pair(text: str) -> tuple[float, float]:
+    """"0.2,0.8" -> (0.2, 0.8)."""
+    parts = [part for part in text.split(",") if part.strip()]
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers LOW,HIGH, got {text!r}") from None
+    return low, high
 
 
 def int_list(text: str) -> list[int]:

@@ -44,7 +44,7 @@ from ray.serve.exceptions import RequestCancelledError
 
 from jobs.model_ref import MODEL_HELP
 from psunet.config import StrictModel
-from psunet.diffusion import SCHEDULERS
+from psunet.diffusion import schedulers_for
 from psunet.paint import box_region
 from psunet.settings import MAX_STEPS, SamplerSettings
 
@@ -111,6 +111,7 @@ class Options(BaseModel):
                                                            "unless given one by one")
     guidance_scale_image: float | None = Field(None, description=SETTINGS["guidance_scale_image"].description)
     guidance_scale_text: float | None = Field(None, description=SETTINGS["guidance_scale_text"].description)
+    guidance_interval: list[float] | None = Field(None, description=SETTINGS["guidance_interval"].description)
     clamp_text: bool | None = Field(None, description=SETTINGS["clamp_text"].description)
     stream: bool = Field(False, description="answer with Server-Sent Events: start, progress per step, previews, "
                                             "then the result (the same JSON as without stream)")
@@ -213,8 +214,8 @@ class Job:
     def group(self) -> tuple:
         painting = (self.paint_weight, self.paint_fraction) if self.paint is not None else None
         run = self.settings
-        return (run.steps, run.scheduler, run.spacing, run.clamp_text, self.prompts is not None,
-                self.images is not None, self.masks is not None, painting)
+        return (run.steps, run.scheduler, run.spacing, run.guidance_interval, run.clamp_text,
+                self.prompts is not None, self.images is not None, self.masks is not None, painting)
 
 
 def decode_image(data: str, field: str, max_side: int) -> Image.Image:
@@ -384,7 +385,8 @@ class Sampler:
                 "vocabulary_size": len(pipe.codec.vocab), "training_step": pipe.training_step,
                 "resolution": pipe.resolution, "device": str(pipe.device), "precision": pipe.precision,
                 "threads": torch.get_num_threads(),
-                "experts": [list(pair) for pair in getattr(pipe.model, "intervals", [])] or None}
+                "experts": [list(pair) for pair in getattr(pipe.model, "intervals", [])] or None,
+                "schedulers": list(schedulers_for(pipe.diffusion_config))}
 
     def stats(self) -> dict:
         return {"forwards": self.forwards, "request_forwards": self.request_forwards,
@@ -398,7 +400,11 @@ class Sampler:
         return {"waiting": len(self.waiting)}
 
     def refusal(self, job: Job) -> str | None:
-        """Why the model cannot take the job's prompt or paint regions, or None."""
+        """Why the model cannot take the job's scheduler, prompt or paint regions, or None."""
+        usable = schedulers_for(self.pipe.diffusion_config)
+        if job.settings.scheduler not in usable:
+            return (f"scheduler: this model (diffusion.prediction {self.pipe.diffusion_config.prediction}) samples "
+                    f"with {', '.join(usable)}, not {job.settings.scheduler!r}")
         try:
             if job.prompts is not None:
                 self.pipe.check_prompts(job.prompts[:1])
@@ -674,7 +680,7 @@ class Ingress:
         info = await self.model_info()
         limits = {k: getattr(self.args, k) for k in ("max_samples", "max_steps", "max_prompt_chars",
                                                        "max_image_side", "max_body_bytes", "request_timeout_s")}
-        return {**info, "limits": limits, "defaults": self.args.defaults.model_dump(), "schedulers": list(SCHEDULERS)}
+        return {**info, "limits": limits, "defaults": self.args.defaults.model_dump()}
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
@@ -760,7 +766,8 @@ class Ingress:
         run = job.settings
         image_scale, text_scale = run.guidance
         answer = {"captions": output["captions"], "seeds": job.seeds,
-                  **run.model_dump(include={"steps", "scheduler", "spacing", "clamp_text", *GUIDANCE}),
+                  **run.model_dump(include={"steps", "scheduler", "spacing", "guidance_interval", "clamp_text",
+                                            *GUIDANCE}),
                   "guidance_scale": image_scale if image_scale == text_scale else None,  # null when they differ
                   "network_evaluations_per_sample": output["network_evaluations"]}
         if "images" in keep:

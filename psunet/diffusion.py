@@ -18,13 +18,13 @@ velocity eps - x0, the training times drawn logit-normal, and the text optionall
 same time (`text_shift`, SD3's shift per modality).
 
 What a head predicts (`DiffusionConfig.target`: epsilon, v, the clean sample or the flow velocity) and how its
-error is weighted are separate choices. NoiseSchedule converts between the targets, the one place the loss, the conditional gaps and
-the sampler do it. Every weight is stated on the clean-data error ||x0_hat - x0||^2: an epsilon error is SNR times
-it, a v error (SNR + 1) times it, so a recipe's weight means the same whatever its target. The weight is
-clamp(base, snr_floor, min_snr_gamma) with base SNR (a plain epsilon loss) or SNR + 1 (a plain v loss): (1 + sqrt(SNR))^2 is what a
-plain velocity loss gives. The cap
-is min-SNR-gamma, the floor keeps the high-noise times, where one modality has to read the other, from counting
-for almost nothing.
+error is weighted are separate choices. NoiseSchedule converts between the targets, the one place the loss, the
+conditional gaps and the sampler do it. Every weight is stated on the clean-data error ||x0_hat - x0||^2: an
+epsilon error is SNR times it, a v error (SNR + 1) times it, a velocity error (1 + sqrt(SNR))^2 = 1 / s^2 times
+it, so a recipe's weight means the same whatever its target. The weight is clamp(base, snr_floor, min_snr_gamma)
+with base SNR (a plain epsilon loss), SNR + 1 (a plain v loss) or (1 + sqrt(SNR))^2 (a plain velocity loss): the
+cap is min-SNR-gamma, the floor keeps the high-noise times, where one modality has to read the other, from
+counting for almost nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ Target = Literal["epsilon", "v", "sample", "flow"]
 SCHEDULER_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}  # a sample prediction steps as epsilon
 
 
+def schedulers_for(config: DiffusionConfig) -> tuple[str, ...]:
+    """The scheduler names that can sample a model trained with `config`."""
+    return tuple(FLOW_SCHEDULERS if config.flow else DDPM_SCHEDULERS)
+
+
 def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing", prediction: str = "epsilon",
                    shift: float = 1.0):
     """A fresh diffusers scheduler, by name, over the training noise schedule; `spacing` is its timestep_spacing,
@@ -64,14 +69,12 @@ def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing"
     noise levels shifted by `shift` (its own spacing)."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler: unknown name {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if name not in schedulers_for(config):
+        what = "cannot sample a flow model" if config.flow else "samples flow models only"
+        raise ValueError(f"scheduler: {name!r} {what} (this model's diffusion.prediction is {config.prediction}); "
+                         f"choose one of {', '.join(schedulers_for(config))}")
     if config.flow:
-        if name not in FLOW_SCHEDULERS:
-            raise ValueError(f"scheduler: {name!r} cannot sample a flow model (diffusion.prediction: flow); choose "
-                             f"one of {', '.join(FLOW_SCHEDULERS)}")
         return FLOW_SCHEDULERS[name](config.num_train_timesteps, shift)
-    if name not in DDPM_SCHEDULERS:
-        raise ValueError(f"scheduler: {name!r} samples flow models only; this model's diffusion.prediction is "
-                         f"{config.prediction}: choose one of {', '.join(DDPM_SCHEDULERS)}")
     return DDPM_SCHEDULERS[name](dict(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,

@@ -12,7 +12,8 @@ Each modality has its own scheduler: a flow model's text steps through noise lev
 At the end the known part is pasted back exactly. Text->image, image->text, unconditional joint
 generation and partial infilling are the same call with different masks.
 
-Each modality has its own guidance scale (SamplerSettings.guidance_scale_image / _text).
+Each modality has its own guidance scale (SamplerSettings.guidance_scale_image / _text), applied at the steps whose
+noise level lies in SamplerSettings.guidance_interval (all of them by default).
 
 With SamplerSettings.clamp_text (Diffusion-LM's clamping trick) each step's clean-text estimate of the unknown
 words is snapped to the nearest vocabulary vector, and the text is stepped with the output that implies it: the
@@ -268,12 +269,13 @@ class InfillRun:
         if self.text_target == "sample":
             text_rows, text_times = self._text_rows
             out_text = self.schedule.output_of(self.text_stepped, out_text, text_rows, text_times)
+        t_image, t_text = self._times()
         if self.guided:
             cond_image, unc_image = out_image.chunk(2)
             cond_text, unc_text = out_text.chunk(2)
-            out_image = unc_image + self.weight_image * (cond_image - unc_image)
-            out_text = unc_text + self.weight_text * (cond_text - unc_text)
-        t_image, t_text = self._times()
+            total = self.diffusion_config.num_train_timesteps
+            out_image = unc_image + self._weight(self.weight_image, t_image / total) * (cond_image - unc_image)
+            out_text = unc_text + self._weight(self.weight_text, t_text / total) * (cond_text - unc_text)
         generator = self.generators[0] if len(self.generators) == 1 else self.generators
         image_in = torch.where(self._per_row(self.clean_image, self.image), self.image, self._image_in)
         text_in = torch.where(self._per_row(self.clean_text, self.text), self.text, self._text_in)
@@ -289,6 +291,11 @@ class InfillRun:
         self.index += 1
         if self.vocabulary is not None and self.done:  # end on the words (a last step to t=0 keeps a little noise)
             self.text = self.estimate_text
+
+    def _weight(self, weight: torch.Tensor, level: torch.Tensor) -> torch.Tensor | float:
+        """The guidance scales at this noise level: the run's, or 1 (the conditional prediction) outside the
+        settings' guidance interval."""
+        return weight if self.settings.guides_at(float(level)) else 1.0
 
     def _pasted(self, image: torch.Tensor, text: torch.Tensor) -> SampleOutput:
         """Sampled (image, scaled text) with the known parts pasted back exactly."""

@@ -25,14 +25,19 @@ class SamplerSettings(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int = Field(25, ge=1, le=MAX_STEPS, description="sampler steps")
-    scheduler: str = Field("dpmsolver++", description=f"one of {', '.join(SCHEDULERS)}")
+    scheduler: str = Field("dpmsolver++", description=f"one of {', '.join(SCHEDULERS)}: dpmsolver++ samples every "
+                           "model, ddim and ddpm the epsilon and v models, euler the flow models")
     spacing: Literal["trailing", "leading", "linspace"] = Field(
         "trailing", description="how the steps are spread over the training times (diffusers timestep_spacing); "
-        "trailing starts at the last training time, where sampling starts from pure noise")
+        "trailing starts at the last training time, where sampling starts from pure noise; flow models' "
+        "schedulers space their own noise levels")
     guidance_scale_image: float = Field(3.0, ge=0, allow_inf_nan=False,
                                         description="classifier-free guidance of the generated image")
     guidance_scale_text: float = Field(3.0, ge=0, allow_inf_nan=False,
                                        description="classifier-free guidance of the generated text")
+    guidance_interval: tuple[float, float] = Field(
+        (0.0, 1.0), description="guide only the steps whose noise level (the time as a share of the training times) "
+        "lies in [low, high]; the others take the conditional prediction alone (Kynkaanniemi et al. 2024)")
     clamp_text: bool = Field(False, description="snap each step's clean-text estimate to the nearest vocabulary "
                              "word (Diffusion-LM's clamping), so the sampled text stays on words")
     seed: int = 0
@@ -53,6 +58,19 @@ class SamplerSettings(StrictModel):
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"steps must be a whole number, got {value!r}")
         return value
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"guidance_interval must be [low, high] with 0 <= low < high <= 1, got {list(value)}")
+        return value
+
+    def guides_at(self, level: float) -> bool:
+        """Whether guidance applies at this noise level (time / training times)."""
+        low, high = self.guidance_interval
+        return low <= level <= high
 
     @field_validator("scheduler")
     @classmethod
@@ -82,8 +100,11 @@ class SamplerSettings(StrictModel):
     def describe(self) -> str:
         scale = f"{self.guidance_scale_image:g}" if self.guidance_scale_image == self.guidance_scale_text else \
             f"image {self.guidance_scale_image:g} / text {self.guidance_scale_text:g}"
+        interval = "" if self.guidance_interval == (0.0, 1.0) else \
+            f" on noise levels [{self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
         clamped = ", text clamped to words" if self.clamp_text else ""
-        return f"{self.steps} {self.scheduler} steps ({self.spacing}), guidance {scale}{clamped}, seed {self.seed}"
+        return (f"{self.steps} {self.scheduler} steps ({self.spacing}), guidance {scale}{interval}{clamped}, "
+                f"seed {self.seed}")
 
 
 def parse_guidance(text: str) -> list[float | tuple[float, float]]:

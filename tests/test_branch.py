@@ -107,6 +107,8 @@ def test_branch_training_runs_k_trainers_and_assembles_one_model(tiny_model, dem
     (["--init-from", "{model}", "--experts", "2", "model.width=64"], "model.width: base 32, config 64"),
     (["--init-from", "{nowhere}", "--experts", "2"], "not a model folder or training checkpoint"),
     (["--init-from", "{model}", "branch.time_range=[500,2000]"], "branch.time_range"),
+    (["--init-from", "{model}", "branch.time_range=[0,500]", "diffusion.prediction=flow", "diffusion.text_shift=2"],
+     "diffusion.text_shift 1"),
     (["--init-from", "{model}", "--experts", "2", "diffusion.prediction=epsilon"],
      "the base model predicts v (image) and v (text), this config trains epsilon and epsilon"),
 ])

@@ -201,7 +201,8 @@ BAD = [
     (["--prompt", "a red circle", "--guidance-scale", "nan"], "\nguidance_scale_image\n"),
     (["--prompt", "a red circle", "--guidance-scale", "-1"], "\nguidance_scale_text\n"),
     (["--prompt", "a red circle", "--guidance-scale-image", "inf"], "\nguidance_scale_image\n"),
-    (["--prompt", "a red circle", "--scheduler", "euler"], "unknown scheduler 'euler'"),
+    (["--prompt", "a red circle", "--scheduler", "heun"], "unknown scheduler 'heun'"),
+    (["--prompt", "a red circle", "--scheduler", "euler"], "'euler' samples flow models only"),  # a v model
     (["--prompt", "a red circle", "--spacing", "middle"], "\nspacing\n"),
     (["--image", "{big}"], "the model needs"),
     (["--image", "{text}"], "not a readable image"),

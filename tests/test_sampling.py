@@ -104,6 +104,26 @@ def test_one_evaluation_per_step_without_guidance(model, kwargs):
     assert recording.batch_sizes == [3] * 5 and out.network_evaluations == 5
 
 
+def test_guidance_applies_only_on_its_interval_of_noise_levels(model):
+    _, text = known_data()
+    common = dict(text_known=text, steps=4, scheduler="ddim", seed=3)  # levels 0.999, 0.749, 0.499, 0.249
+    unguided = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, guidance_scale=1.0, **common)
+    guided = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, guidance_scale=5.0, **common)
+    outside = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, guidance_scale=5.0, guidance_interval=(0.8, 0.9),
+                           **common)
+    middle = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, guidance_scale=5.0, guidance_interval=(0.3, 0.6),
+                          **common)
+    everywhere = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, guidance_scale=5.0, guidance_interval=(0, 1),
+                              **common)
+    torch.testing.assert_close(outside.image_latents, unguided.image_latents)  # no step in [0.8, 0.9]
+    torch.testing.assert_close(everywhere.image_latents, guided.image_latents)
+    assert not torch.allclose(middle.image_latents, guided.image_latents, atol=1e-3)
+    assert not torch.allclose(middle.image_latents, unguided.image_latents, atol=1e-3)
+    for bad in [(0.6, 0.3), (0.2, 1.5), (0.5, 0.5)]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            SamplerSettings(guidance_interval=bad)
+
+
 def test_guidance_changes_the_result(model):
     _, text = known_data()
     a = joint_infill(model, MODEL_CONFIG, DIFFUSION, 2, text_known=text, guidance_scale=1.0, steps=4)

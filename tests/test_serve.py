@@ -25,6 +25,8 @@ import yaml
 from PIL import Image
 
 from jobs.serve import ServeArgs, app
+from psunet.config import DiffusionConfig
+from psunet.diffusion import SCHEDULERS, schedulers_for
 
 pytestmark = pytest.mark.ray
 PROMPT = "a small red circle on the left"
@@ -119,8 +121,13 @@ def test_health_model_page_and_openapi(service, tiny_model):
     assert info["model_config"]["text_len"] == 16 and info["limits"]["max_samples"] == 4
     assert info["precision"] == "fp32" and info["threads"] == 1  # num_cpus 1: one torch thread
     assert info["defaults"] == {"steps": 25, "scheduler": "dpmsolver++", "spacing": "trailing",
-                                "guidance_scale_image": 3.0, "guidance_scale_text": 2.0, "clamp_text": False,
-                                "seed": 0}
+                                "guidance_scale_image": 3.0, "guidance_scale_text": 2.0,
+                                "guidance_interval": [0.0, 1.0], "clamp_text": False, "seed": 0}
+    trained = DiffusionConfig.saved(info["diffusion_config"])
+    assert info["schedulers"] == list(schedulers_for(trained)) and "dpmsolver++" in info["schedulers"]
+    other = next(name for name in SCHEDULERS if name not in info["schedulers"])  # euler (flow) or ddim (DDPM)
+    refused = requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "scheduler": other}, timeout=60)
+    assert refused.status_code == 422 and f"not {other!r}" in refused.json()["error"], refused.text
     paths = requests.get(f"{service}/openapi.json").json()["paths"]
     assert {"/v1/text-to-image", "/v1/image-to-text", "/v1/generate", "/v1/infill", "/healthz", "/v1/model"} <= set(paths)
     page = requests.get(f"{service}/")
@@ -156,6 +163,13 @@ def test_image_to_text_generate_and_infill(service, tiny_model):
     clamped = requests.post(f"{service}/v1/image-to-text", json={"image": _png(picture), "steps": 3,
                                                                   "clamp_text": True}).json()
     assert clamped["clamp_text"] is True and set(clamped["captions"][0].split()) <= vocabulary
+    assert answer["guidance_interval"] == [0.0, 1.0]
+    interval = requests.post(f"{service}/v1/image-to-text", json={"image": _png(picture), "steps": 3,
+                                                                   "guidance_interval": [0.2, 0.8]}).json()
+    assert interval["guidance_interval"] == [0.2, 0.8]
+    refused = requests.post(f"{service}/v1/image-to-text",
+                            json={"image": _png(picture), "guidance_interval": [0.8, 0.2]})
+    assert refused.status_code == 422 and "guidance_interval" in refused.json()["error"]
 
     generated = requests.post(f"{service}/v1/generate", json={"num_samples": 3, "steps": 2}).json()
     assert len(generated["images"]) == 3 and len(generated["captions"]) == 3

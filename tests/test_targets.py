@@ -232,8 +232,8 @@ class RecordsTimes(torch.nn.Module):
 def test_training_noises_the_text_at_the_shifted_time_of_the_image():
     config = FLOW.model_copy(update={"text_shift": 3.0, "timesteps": "shared", "p_drop_text": 0.0,
                                      "p_drop_image": 0.0})
-    model, image = RecordsTimes(), torch.randn(64, 4, 8, 8)
-    diffusion_loss(model, NoiseSchedule(config), config, image, torch.randn(64, 16, 16), torch.Generator().manual_seed(0))
+    model, generator = RecordsTimes(), torch.Generator().manual_seed(0)
+    diffusion_loss(model, NoiseSchedule(config), config, torch.randn(64, 4, 8, 8), torch.randn(64, 16, 16), generator)
     image_time, text_time = model.times
     torch.testing.assert_close(text_time, NoiseSchedule(config).text_time(image_time))
     assert bool((text_time > image_time).all())
