@@ -8,7 +8,8 @@
 Endpoints: POST /v1/text-to-image, /v1/image-to-text, /v1/generate, /v1/infill (the first and the
 last take paint-with-words regions for prompt words; each answers JSON, or Server-Sent Events with
 `"stream": true`: progress per step, previews, the result), POST /v1/cancel/<request id> (a streamed
-request); GET /healthz (the model replica answers), /v1/model, /v1/stats (batching counters), / (web page).
+request); GET /healthz (the model replica answers), /v1/model, /v1/stats (batching and overload counters),
+/ (web page).
 Every request becomes rows of a sampler run (`PSUNetPipeline.start_infill`); the model deployment batches at
 the level of sampler steps: each forward carries every running request, each at its own step, a request
 that arrives mid-way joins at the next step (continuous batching) and one that goes away (client
@@ -17,7 +18,9 @@ guidance scales, so a sample does not depend on its batch mates. Sampler setting
 come from the service's `defaults` (SamplerSettings), and SamplerSettings checks them all.
 Safety: binds 127.0.0.1 unless configured, body size limit, bounded samples/steps/image size and pixel
 count, JSON only (no pickle, no code from requests), a per-request timeout; a model replica that dies
-costs its requests in flight a 503, and Serve starts another.
+costs its requests in flight a 503, and Serve starts another. Overload: past max_pending_requests in progress
+a request is refused at once with 503 and Retry-After (counted in /v1/stats) rather than queued toward its
+timeout.
 """
 
 
@@ -77,6 +80,10 @@ class ServeArgs(StrictModel):
     max_body_bytes: int = Field(8 << 20, ge=1024)
     request_timeout_s: float = Field(120, gt=0)
     max_batch_size: int = Field(64, ge=1, description="most samples in one forward (all running requests together)")
+    max_pending_requests: int = Field(64, ge=1, description="most requests in the service at once, sampling or "
+                                      "waiting for a step (per Ingress replica); past it a request gets 503 with "
+                                      "Retry-After at once instead of queueing toward its timeout")
+    retry_after_s: int = Field(2, ge=1, description="the Retry-After header of an overload 503, in seconds")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="when idle, how long to let a burst of requests "
                                                                  "arrive before the first step")
     defaults: SamplerSettings = Field(default_factory=SamplerSettings,
@@ -654,6 +661,8 @@ class Ingress:
         self.args = ServeArgs.model_validate(args)
         self._model: dict | None = None
         self.in_flight: dict[str, asyncio.Event] = {}  # streamed request id -> set to cancel it
+        self.pending = 0  # requests admitted and not yet answered (streamed: until the stream ends)
+        self.refused = 0  # requests refused with 503 because max_pending_requests were pending
         BodyLimit.limit = self.args.max_body_bytes
 
     async def model_info(self) -> dict:
@@ -684,7 +693,13 @@ class Ingress:
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
-        return await self.sampler.stats.remote()
+        return {**await self.sampler.stats.remote(), "pending": self.pending, "refused_overloaded": self.refused}
+
+    def _overloaded(self) -> JSONResponse:
+        self.refused += 1
+        return JSONResponse({"error": f"the service is at its limit of {self.args.max_pending_requests} requests in "
+                                      f"progress; retry in {self.args.retry_after_s} s"},
+                            status_code=503, headers={"Retry-After": str(self.args.retry_after_s)})
 
     @api.post("/v1/text-to-image")
     async def text_to_image(self, body: TextToImage):
@@ -737,8 +752,21 @@ class Ingress:
                 await self._add_paint(job, paint, resize)
         except RequestError as exc:
             return exc.response()
-        if body.stream:
-            return await self._stream(job, lambda output: self._answer(job, output, keep, prompt))
+        if self.pending >= self.args.max_pending_requests:
+            return self._overloaded()
+        self.pending += 1
+        streaming = False
+        try:
+            if body.stream:
+                answer = await self._stream(job, lambda output: self._answer(job, output, keep, prompt))
+                streaming = isinstance(answer, StreamingResponse)  # then the stream's end releases it
+                return answer
+            return await self._sample(job, keep, prompt)
+        finally:
+            if not streaming:
+                self.pending -= 1
+
+    async def _sample(self, job: Job, keep: tuple[str, ...], prompt: str | None):
         response = self.sampler.run.remote(job)
         try:
             output = await asyncio.wait_for(response, self.args.request_timeout_s)
@@ -828,6 +856,7 @@ class Ingress:
                 yield sse_event("error", {**json.loads(failed.body), "status": failed.status_code})
             finally:
                 self.in_flight.pop(request_id, None)
+                self.pending -= 1
                 if not finished:
                     events.cancel()
 

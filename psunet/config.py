@@ -33,6 +33,11 @@ class ModelConfig(StrictModel):
     shared_depth: int = Field(3, ge=1, description="shared blocks: in-blocks + mid block + out-blocks (odd)")
     conv_head: bool = Field(True, description="3x3 conv after unpatchifying the image head")
     grad_checkpoint: bool = False
+    adaln: bool = Field(
+        False, description="a direct conditioning path beside the tokens: each modality's tokens get layer-norm "
+        "shift, scale and gate from its own time plus the pooled other modality (DiT's adaLN, SD3's pooled vector; "
+        "one modulation for all blocks plus a learned offset per block, as PixArt's adaLN-single), "
+        "zero-initialised so that training starts from the plain model; discrete blocks only")
     block_type: Literal["discrete", "ode"] = Field(
         "discrete", description="ode: each half of the shared U (its in-blocks, its out-blocks) is one weight-tied "
         "block integrated as a neural ODE (cU-Net), one unit of ODE time per block it replaces")
@@ -50,6 +55,8 @@ class ModelConfig(StrictModel):
             )
         if self.width % self.heads:
             raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+        if self.adaln and self.block_type == "ode":
+            raise ValueError("adaln: needs block_type discrete (an ODE block's field takes no conditioning)")
         if self.ode_solver not in ode_solvers():
             raise ValueError(f"ode_solver: torchdiffeq has no solver {self.ode_solver!r}; "
                              f"choose one of {', '.join(ode_solvers())}")

@@ -10,7 +10,12 @@ Everything is a token (U-ViT style). The flow, top to bottom:
 * the shared section runs on the concatenation: in-blocks, a mid block, out-blocks, with U-ViT
   long skips (concatenate + linear) from each shared in-block to its mirror out-block;
 * modality-specific out-blocks mirror the in-blocks, each taking a long skip from its matching
-  dedicated in-block.
+  dedicated in-block;
+* with `adaln`, a direct path beside the tokens: each modality's tokens (its time token included) are
+  modulated in every block's layer norms by its own time embedding plus the pooled other modality:
+
+    c_image = time(t_img) + pool(text tokens)  ┐  one zero-initialised Linear -> (shift, scale, gate) x 2,
+    c_text  = time(t_txt) + pool(image tokens) ┘  plus a learned offset per block (PixArt's adaLN-single)
 
 n_text = n_image = 0 gives the U-ViT-multi (UniDiffuser-style) baseline from the same code.
 """
@@ -68,9 +73,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; with skip=True it first merges a U-ViT long skip (concat + linear)."""
+    """Pre-norm transformer block; with skip=True it first merges a U-ViT long skip (concat + linear); with
+    adaln=True its layer norms take a per-token modulation (shift, scale, gate for attention, then for the MLP)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, skip: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, skip: bool = False, adaln: bool = False):
         super().__init__()
         self.skip_proj = nn.Linear(2 * width, width) if skip else None
         self.norm1 = nn.LayerNorm(width)
@@ -78,17 +84,24 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.modulation_offset = nn.Parameter(torch.zeros(6 * width)) if adaln else None
 
-    def forward(self, tokens: torch.Tensor, skip: torch.Tensor | None = None,
-                paint: PaintBias | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, skip: torch.Tensor | None = None, paint: PaintBias | None = None,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_proj is not None:
             tokens = self.skip_proj(torch.cat([tokens, skip], dim=-1))
-        return tokens + self.residual(tokens, paint)
+        return tokens + self.residual(tokens, paint, modulation)
 
-    def residual(self, tokens: torch.Tensor, paint: PaintBias | None = None) -> torch.Tensor:
-        """What the block adds to its input (attention, then MLP): the vector field of an ODE block."""
-        attended = self.attn(self.norm1(tokens), paint)
-        return attended + self.mlp(self.norm2(tokens + attended))
+    def residual(self, tokens: torch.Tensor, paint: PaintBias | None = None,
+                 modulation: torch.Tensor | None = None) -> torch.Tensor:
+        """What the block adds to its input (attention, then MLP): the vector field of an ODE block.
+        modulation: (B, T or 1, 6 W) from the model's adaLN path (zero: the plain block)."""
+        if modulation is None:
+            attended = self.attn(self.norm1(tokens), paint)
+            return attended + self.mlp(self.norm2(tokens + attended))
+        shift1, scale1, gate1, shift2, scale2, gate2 = (modulation + self.modulation_offset).chunk(6, dim=-1)
+        attended = (1 + gate1) * self.attn(self.norm1(tokens) * (1 + scale1) + shift1, paint)
+        return attended + (1 + gate2) * self.mlp(self.norm2(tokens + attended) * (1 + scale2) + shift2)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -103,24 +116,24 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class UShape(nn.Module):
     """A stack of blocks in U shape: in-blocks, optional mid block, out-blocks fed by mirrored long skips."""
 
-    def __init__(self, n_in: int, with_mid: bool, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, n_in: int, with_mid: bool, width: int, heads: int, mlp_ratio: float, adaln: bool = False):
         super().__init__()
-        self.in_blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(n_in))
-        self.mid_block = Block(width, heads, mlp_ratio) if with_mid else None
-        self.out_blocks = nn.ModuleList(Block(width, heads, mlp_ratio, skip=True) for _ in range(n_in))
+        self.in_blocks = nn.ModuleList(Block(width, heads, mlp_ratio, adaln=adaln) for _ in range(n_in))
+        self.mid_block = Block(width, heads, mlp_ratio, adaln=adaln) if with_mid else None
+        self.out_blocks = nn.ModuleList(Block(width, heads, mlp_ratio, skip=True, adaln=adaln) for _ in range(n_in))
 
-    def run_in(self, tokens, run, paint=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run_in(self, tokens, run, paint=None, modulation=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for block in self.in_blocks:
-            tokens = run(block, tokens, None, paint)
+            tokens = run(block, tokens, None, paint, modulation)
             skips.append(tokens)
         if self.mid_block is not None:
-            tokens = run(self.mid_block, tokens, None, paint)
+            tokens = run(self.mid_block, tokens, None, paint, modulation)
         return tokens, skips
 
-    def run_out(self, tokens, skips, run, paint=None) -> torch.Tensor:
+    def run_out(self, tokens, skips, run, paint=None, modulation=None) -> torch.Tensor:
         for block in self.out_blocks:
-            tokens = run(block, tokens, skips.pop(), paint)
+            tokens = run(block, tokens, skips.pop(), paint, modulation)
         return tokens
 
 
@@ -166,14 +179,14 @@ class ODEUShape(nn.Module):
                                               **self.solver_options)
         return torchdiffeq.odeint(field, tokens, grid, **self.solver_options)
 
-    def run_in(self, tokens, run, paint=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run_in(self, tokens, run, paint=None, modulation=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         if self.n_in:
             states = self._integrate(self.in_block, tokens, self.n_in, paint)
             skips, tokens = list(states[1:]), states[-1]
-        return run(self.mid_block, tokens, None, paint), skips
+        return run(self.mid_block, tokens, None, paint, None), skips
 
-    def run_out(self, tokens, skips, run, paint=None) -> torch.Tensor:
+    def run_out(self, tokens, skips, run, paint=None, modulation=None) -> torch.Tensor:
         for proj in self.skip_projs:
             tokens = proj(torch.cat([tokens, skips.pop()], dim=-1))
             tokens = self._integrate(self.out_block, tokens, 1, paint)[-1]
@@ -205,13 +218,17 @@ class PSUNet(nn.Module):
         self.image_pos = nn.Parameter(torch.zeros(1, c.image_tokens, w))
         self.text_pos = nn.Parameter(torch.zeros(1, c.text_len, w))
 
-        self.image_specific = UShape(c.n_image, False, w, c.heads, c.mlp_ratio)
-        self.text_specific = UShape(c.n_text, False, w, c.heads, c.mlp_ratio)
+        self.image_specific = UShape(c.n_image, False, w, c.heads, c.mlp_ratio, c.adaln)
+        self.text_specific = UShape(c.n_text, False, w, c.heads, c.mlp_ratio, c.adaln)
         if c.block_type == "ode":
             self.shared = ODEUShape(c.shared_depth // 2, w, c.heads, c.mlp_ratio, c.ode_solver, c.ode_steps,
                                     c.ode_adjoint)
         else:
-            self.shared = UShape(c.shared_depth // 2, True, w, c.heads, c.mlp_ratio)
+            self.shared = UShape(c.shared_depth // 2, True, w, c.heads, c.mlp_ratio, c.adaln)
+        if c.adaln:  # the pooled other modality, then one modulation for every block (zero: the plain model)
+            self.pool_image = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+            self.pool_text = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
 
         self.image_norm = nn.LayerNorm(w)
         self.image_head = nn.Linear(w, patch_dim)
@@ -230,6 +247,8 @@ class PSUNet(nn.Module):
         nn.init.trunc_normal_(self.image_pos, std=0.02)
         nn.init.trunc_normal_(self.time_pos, std=0.02)
         nn.init.trunc_normal_(self.text_pos, std=0.02)
+        if self.config.adaln:
+            nn.init.zeros_(self.modulation[-1].weight)
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         b, ch, h, w = latents.shape
@@ -243,11 +262,11 @@ class PSUNet(nn.Module):
         x = patches.reshape(b, side, side, c.latent_channels, p, p)
         return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c.latent_channels, c.latent_size, c.latent_size)
 
-    def run_block(self, block: Block, tokens, skip, paint):
+    def run_block(self, block: Block, tokens, skip, paint, modulation=None):
         """One block, through activation checkpointing when the config asks for it while training."""
         if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, tokens, skip, paint, use_reentrant=False)
-        return block(tokens, skip, paint)
+            return checkpoint(block, tokens, skip, paint, modulation, use_reentrant=False)
+        return block(tokens, skip, paint, modulation)
 
     def check_inputs(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor) -> None:
         c = self.config
@@ -283,21 +302,28 @@ class PSUNet(nn.Module):
         time_image = self.time_mlp(timestep_embedding(times[0], w))[:, None] + self.time_pos[:, :1]
         time_text = self.time_mlp(timestep_embedding(times[1], w))[:, None] + self.time_pos[:, 1:]
 
-        image_tokens = torch.cat([time_image, self.image_in(self.patchify(image_latents)) + self.image_pos], 1)
-        text_tokens = torch.cat([time_text, self.text_in(text_vectors) + self.text_pos], 1)
-        image_tokens, image_skips = self.image_specific.run_in(image_tokens, self.run_block)
-        text_tokens, text_skips = self.text_specific.run_in(text_tokens, self.run_block)
+        image_embedded, text_embedded = self.image_in(self.patchify(image_latents)), self.text_in(text_vectors)
+        image_tokens = torch.cat([time_image, image_embedded + self.image_pos], 1)
+        text_tokens = torch.cat([time_text, text_embedded + self.text_pos], 1)
+        n_text, n_image = self.config.text_len, self.config.image_tokens
+        mod_image = mod_text = mod_shared = None
+        if self.config.adaln:
+            mod_image = self.modulation(time_image + self.pool_text(text_embedded.mean(1, keepdim=True)))
+            mod_text = self.modulation(time_text + self.pool_image(image_embedded.mean(1, keepdim=True)))
+            mod_shared = torch.cat([mod_image, mod_text, mod_text.expand(-1, n_text, -1),
+                                    mod_image.expand(-1, n_image, -1)], 1)
+        image_tokens, image_skips = self.image_specific.run_in(image_tokens, self.run_block, None, mod_image)
+        text_tokens, text_skips = self.text_specific.run_in(text_tokens, self.run_block, None, mod_text)
 
         # shared sequence: [image-branch time, text-branch time, text tokens, image tokens]
-        n_text = self.config.text_len
         tokens = torch.cat([image_tokens[:, :1], text_tokens[:, :1], text_tokens[:, 1:], image_tokens[:, 1:]], 1)
-        tokens, shared_skips = self.shared.run_in(tokens, self.run_block, paint)
-        tokens = self.shared.run_out(tokens, shared_skips, self.run_block, paint)
+        tokens, shared_skips = self.shared.run_in(tokens, self.run_block, paint, mod_shared)
+        tokens = self.shared.run_out(tokens, shared_skips, self.run_block, paint, mod_shared)
         text_out = tokens[:, 1:TEXT_OFFSET + n_text]
         image_out = torch.cat([tokens[:, :1], tokens[:, TEXT_OFFSET + n_text:]], 1)
 
-        image_out = self.image_specific.run_out(image_out, image_skips, self.run_block)
-        text_out = self.text_specific.run_out(text_out, text_skips, self.run_block)
+        image_out = self.image_specific.run_out(image_out, image_skips, self.run_block, None, mod_image)
+        text_out = self.text_specific.run_out(text_out, text_skips, self.run_block, None, mod_text)
 
         eps_image = self.image_conv(self.unpatchify(self.image_head(self.image_norm(image_out[:, 1:]))))
         eps_text = self.text_head(self.text_norm(text_out[:, 1:]))
@@ -307,7 +333,8 @@ class PSUNet(nn.Module):
 def parameter_counts(model: PSUNet) -> dict[str, int]:
     """Parameters per part: embeddings, image_specific, text_specific, shared, heads, total."""
     parts = {
-        "embeddings": [model.image_in, model.text_in, model.time_mlp],
+        "embeddings": [model.image_in, model.text_in, model.time_mlp,
+                       *([model.pool_image, model.pool_text, model.modulation] if model.config.adaln else [])],
         "image_specific": [model.image_specific],
         "text_specific": [model.text_specific],
         "shared": [model.shared],

@@ -73,6 +73,33 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
+def test_the_adaln_path_starts_as_the_plain_model_and_then_learns_at_about_the_same_flops():
+    config = small_config(n_text=1, n_image=2, shared_depth=3)
+    plain, direct = PSUNet(config), PSUNet(config.model_copy(update={"adaln": True}))
+    missing = direct.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(key.startswith(("pool_", "modulation")) or key.endswith("modulation_offset")
+                           for key in missing)
+    inputs = random_inputs(config)
+    with torch.no_grad():
+        torch.testing.assert_close(direct(*inputs).eps_image, plain(*inputs).eps_image)  # zero-initialised
+    optimizer = torch.optim.SGD(direct.parameters(), lr=0.1)
+    for _ in range(2):  # the first step moves the modulation off zero, the second reaches the pools through it
+        optimizer.zero_grad()
+        out = direct(*inputs)
+        (out.eps_image.square().mean() + out.eps_text.square().mean()).backward()
+        optimizer.step()
+    untouched = [name for name, p in direct.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert untouched == []
+    other_text = (inputs[0], torch.randn_like(inputs[1]), inputs[2])
+    with torch.no_grad():  # the image now also reads the pooled caption, not only through attention
+        assert not torch.allclose(direct(*inputs).eps_image, direct(*other_text).eps_image)
+    demo = preset("demo")
+    ratio = forward_flops(PSUNet(demo.model_copy(update={"adaln": True}))) / forward_flops(PSUNet(demo))
+    assert 1 < ratio < 1.02  # one modulation per sample and modality, not per token
+    with pytest.raises(ValidationError, match="adaln"):
+        ModelConfig(**{**config.model_dump(), "adaln": True, "block_type": "ode"})
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     config = small_config(n_text=1, n_image=1, shared_depth=3)
     inputs = random_inputs(config)

@@ -521,6 +521,37 @@ def test_a_request_over_the_time_limit_gets_504_and_the_service_stays_healthy(se
     assert requests.post(f"{service}/v1/text-to-image", json={"prompt": PROMPT, "steps": 2}).status_code == 200
 
 
+def test_past_its_bound_the_service_answers_503_with_retry_after_at_once_and_stays_healthy(service, tiny_model):
+    from ray import serve
+
+    serve.run(app({"model": str(tiny_model), "max_pending_requests": 2, "retry_after_s": 3, "max_steps": 1000,
+                   "request_timeout_s": 60, "num_cpus": 0.5}),
+              name="busy", route_prefix="/busy")
+    try:
+        def call(seed: int) -> tuple[int, str | None, dict, float]:
+            start = time.monotonic()
+            response = requests.post(f"{service}/busy/v1/text-to-image",
+                                     json={"prompt": PROMPT, "steps": 1000, "seed": seed}, timeout=120)
+            return response.status_code, response.headers.get("Retry-After"), response.json(), \
+                time.monotonic() - start
+
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(call, range(10)))
+        done = [answer for answer in answers if answer[0] == 200]
+        refused = [answer for answer in answers if answer[0] == 503]
+        assert len(done) + len(refused) == 10 and len(done) >= 2 and len(refused) >= 1, [a[:2] for a in answers]
+        for _, retry_after, body, seconds in refused:
+            assert retry_after == "3" and "limit of 2 requests" in body["error"] and seconds < 5
+        assert all(seconds < 60 and len(body["images"]) == 1 for _, _, body, seconds in done)
+        stats = requests.get(f"{service}/busy/v1/stats").json()
+        assert stats["refused_overloaded"] == len(refused) and stats["pending"] == 0
+        assert requests.get(f"{service}/busy/healthz").status_code == 200
+        again = requests.post(f"{service}/busy/v1/text-to-image", json={"prompt": PROMPT, "steps": 2}, timeout=60)
+        assert again.status_code == 200
+    finally:
+        serve.delete("busy")
+
+
 def test_replica_resources_and_threads(ray_local):
     from jobs.serve import replica_resources, replica_threads
 
