@@ -50,7 +50,7 @@ def test_time_to_quality_steps_to_a_threshold_are_interpolated_and_never_is_coun
     def curve(colours, fids):
         return [{"step": step, "wall_seconds": step / 10, "t2i_colour": colour, "fid": fid,
                  **{metric: 0.5 for metric in ("t2i_shape", "t2i_all", "i2t_colour", "i2t_shape", "i2t_position",
-                                               "infill_colour", "joint_colour", "val_loss")}}
+                                               "i2t_well_formed", "infill_colour", "joint_colour", "val_loss")}}
                 for step, colour, fid in zip((250, 500, 750), colours, fids)]
 
     fast, slow = curve([0.5, 0.95, 0.97], [40, 10, 8]), curve([0.3, 0.6, 0.8], [60, 30, 20])
