@@ -47,7 +47,7 @@ from ray.serve.exceptions import RequestCancelledError
 
 from jobs.model_ref import MODEL_HELP
 from psunet.config import StrictModel
-from psunet.diffusion import schedulers_for
+from psunet.diffusion import check_scheduler, schedulers_for
 from psunet.paint import box_region
 from psunet.settings import MAX_STEPS, SamplerSettings
 
@@ -408,10 +408,10 @@ class Sampler:
 
     def refusal(self, job: Job) -> str | None:
         """Why the model cannot take the job's scheduler, prompt or paint regions, or None."""
-        usable = schedulers_for(self.pipe.diffusion_config)
-        if job.settings.scheduler not in usable:
-            return (f"scheduler: this model (diffusion.prediction {self.pipe.diffusion_config.prediction}) samples "
-                    f"with {', '.join(usable)}, not {job.settings.scheduler!r}")
+        try:
+            check_scheduler(job.settings.scheduler, self.pipe.diffusion_config)
+        except ValueError as exc:
+            return str(exc)
         try:
             if job.prompts is not None:
                 self.pipe.check_prompts(job.prompts[:1])

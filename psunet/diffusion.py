@@ -10,7 +10,7 @@
 To train the unconditional branch that masked classifier-free guidance needs, each modality of each
 sample is, with probability p_drop, replaced by pure Gaussian noise (labelled the last time, as the
 sampler labels it, unless times are shared); a dropped or clean modality has no loss term. Word
-vectors are scaled by `text_scale` before noising. The noise schedule and add_noise come from diffusers.
+vectors are scaled by `text_scale` before noising. The DDPM process's noise schedule comes from diffusers.
 
 The process is DDPM's (the data scaled by sqrt(a_t), the noise by sqrt(1 - a_t)) or, with `prediction: flow`,
 rectified flow (SD3, SiT): x_t = (1 - s) x0 + s eps at s = t / num_train_timesteps, the heads predicting the
@@ -62,17 +62,23 @@ def schedulers_for(config: DiffusionConfig) -> tuple[str, ...]:
     return tuple(FLOW_SCHEDULERS if config.flow else DDPM_SCHEDULERS)
 
 
-def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing", prediction: str = "epsilon",
-                   shift: float = 1.0):
-    """A fresh diffusers scheduler, by name, over the training noise schedule; `spacing` is its timestep_spacing,
-    `prediction` the target it is stepped with (epsilon or v). A flow model's scheduler steps the velocity over
-    noise levels shifted by `shift` (its own spacing)."""
+def check_scheduler(name: str, config: DiffusionConfig) -> None:
+    """Refuse a scheduler name that is unknown or cannot sample a model trained with `config`, naming the ones
+    that can."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler: unknown name {name!r}; choose one of {', '.join(SCHEDULERS)}")
     if name not in schedulers_for(config):
         what = "cannot sample a flow model" if config.flow else "samples flow models only"
         raise ValueError(f"scheduler: {name!r} {what} (this model's diffusion.prediction is {config.prediction}); "
                          f"choose one of {', '.join(schedulers_for(config))}")
+
+
+def make_scheduler(name: str, config: DiffusionConfig, spacing: str = "trailing", prediction: str = "epsilon",
+                   shift: float = 1.0):
+    """A fresh diffusers scheduler, by name, over the training noise schedule; `spacing` is its timestep_spacing,
+    `prediction` the target it is stepped with (epsilon or v). A flow model's scheduler steps the velocity over
+    noise levels shifted by `shift` (its own spacing)."""
+    check_scheduler(name, config)
     if config.flow:
         return FLOW_SCHEDULERS[name](config.num_train_timesteps, shift)
     return DDPM_SCHEDULERS[name](dict(

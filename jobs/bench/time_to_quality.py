@@ -78,7 +78,8 @@ class Evaluation:
         pipe = self.validator.make_pipeline(model.eval())
         rows, best, fid = demo_sweep(pipe, self.cfg.data.val, self.samples, self.settings, batch_size=128)
         point = {**self.validator.loss(model), "fid": fid}
-        for task, modality, keys in (("t2i", "image", (*ATTRIBUTES, "all")), ("i2t", "text", (*ATTRIBUTES, "all", "well_formed")),
+        for task, modality, keys in (("t2i", "image", (*ATTRIBUTES, "all")),
+                                     ("i2t", "text", (*ATTRIBUTES, "all", "well_formed")),
                                      ("infill", "text", ("colour",)), ("joint", "image", ("colour", "all"))):
             scale = best["i2t" if modality == "text" else "t2i"][f"guidance_scale_{modality}"]
             row = next(r for r in rows if r[f"guidance_scale_{modality}"] == scale)
