@@ -112,6 +112,11 @@ class RunConfig(StrictModel):
         folder): storage_path, or ./runs when storage_path is remote."""
         return "runs" if self.remote_storage else self.storage_path
 
+    @property
+    def spool(self) -> str:
+        """Where the run's metrics wait while the tracking server is away (tracking.Outbox): beside its checkpoints."""
+        return f"{self.storage_path}/{self.name}/unsent_metrics"
+
 
 def worker_range(value: int | str) -> tuple[int, int]:
     """run.num_workers as (min, max): 2 -> (2, 2), "1-4" -> (1, 4)."""

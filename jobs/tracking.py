@@ -1,15 +1,22 @@
 """MLflow for the jobs, in one place: the default tracking store, experiments created on first use, runs found by
-tag or created (nested under a parent), params and metrics logged in batches, models registered."""
+tag or created (nested under a parent), params and metrics logged in batches, models registered, and the outbox
+that keeps training's metrics while the tracking server is away."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value: longer values are cut
 PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000  # MLflow's limits per log_batch call
+# MLflow's HTTP client retries an unreachable server for minutes (7 retries, doubling back-off): where an Outbox
+# keeps what could not be sent, a call fails at once instead and the outbox tries again later.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def tracking_uri(given: str | None, storage_path: str | Path = "runs") -> str:
@@ -87,3 +94,116 @@ def register_model(client, name: str, run_id: str, artifact_path: str = "model")
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = client.create_model_version(name, source=source, run_id=run_id)
     return f"models:/{name}/{version.version}"
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a tracking call raises when the server is down, restarting or refusing."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, requests.RequestException, OSError
+
+
+def _filesystem(path: str):
+    """(pyarrow filesystem, path on it) of a folder or a storage URI (s3://, gs://, ...)."""
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+class Outbox:
+    """One writer's metrics for one MLflow run, kept while the tracking server is away. Each metric is stamped when
+    logged and sent at once; what cannot be sent stays in memory and in a JSON-lines file of its own under `spool`
+    (a folder or a storage URI: where the run's checkpoints go), and is sent with the first log after `retry_s`.
+    Training never waits on the server: calls fail fast (FAIL_FAST). Sending a metric twice is harmless: MLflow
+    keeps one copy of a metric with the same key, value, step and time."""
+
+    def __init__(self, client, run_id: str, spool: str, writer: str, retry_s: float = 10.0,
+                 say: Callable[[str], None] | None = None):
+        for name, value in FAIL_FAST.items():
+            os.environ.setdefault(name, value)
+        self.client, self.run_id, self.retry_s = client, run_id, retry_s
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.fs, folder = _filesystem(spool)
+        self.spool_folder, self.spool = spool, f"{folder}/{writer}-{uuid.uuid4().hex[:8]}.jsonl"
+        self.pending: list = []
+        self.down_since: float | None = None
+        self.retry_at = 0.0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
+        if time.monotonic() >= self.retry_at:
+            self.flush()
+        else:
+            self._keep()
+
+    def flush(self) -> bool:
+        """Send everything kept; False (and all of it kept) when the server cannot be reached."""
+        if not self.pending:
+            return True
+        try:
+            for start in range(0, len(self.pending), METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=self.pending[start:start + METRICS_PER_BATCH])
+        except unreachable_errors() as exc:
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                self.say(f"tracking: warning: MLflow at {self.client.tracking_uri} is unreachable "
+                         f"({error_line(exc)}); training goes on, its metrics are kept in {self.spool_folder} and "
+                         "sent when the server is back")
+            self.retry_at = time.monotonic() + self.retry_s
+            self._keep()
+            return False
+        if self.down_since is not None:
+            self.say(f"tracking: MLflow is back after {time.monotonic() - self.down_since:.0f} s: sent the "
+                     f"{len(self.pending)} metrics kept meanwhile")
+            self.down_since = None
+            self.fs.delete_file(self.spool)
+        self.pending = []
+        return True
+
+    def close(self) -> int:
+        """A last try to send: the count of metrics left unsent (they stay in the spool folder)."""
+        self.flush()
+        return len(self.pending)
+
+    def _keep(self) -> None:
+        lines = [json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step})
+                 for m in self.pending]
+        self.fs.create_dir(self.spool.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(self.spool) as out:
+            out.write(("\n".join(lines) + "\n").encode())
+
+
+def send_spooled(client, run_id: str, spool: str) -> int:
+    """Send the metrics every Outbox of the run left in `spool`, deleting each file once sent; the count of
+    metrics still unsent (the server unreachable: they stay where they are)."""
+    import pyarrow.fs
+    from mlflow.entities import Metric
+
+    for name, value in FAIL_FAST.items():
+        os.environ.setdefault(name, value)
+    fs, folder = _filesystem(spool)
+    unsent = 0
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
+        if not info.path.endswith(".jsonl"):
+            continue
+        with fs.open_input_stream(info.path) as stream:
+            metrics = [Metric(**json.loads(line)) for line in stream.read().decode().splitlines() if line]
+        try:
+            for start in range(0, len(metrics), METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
+        except unreachable_errors():
+            unsent += len(metrics)
+            continue
+        fs.delete_file(info.path)
+    return unsent
+
+
+def error_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -134,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.experts is not None or args.intervals:
             return main_experts(cfg, args)
-        result, run_id, model_folder, samples_folder = run(cfg)
+        result, run_id, model_folder, samples_folder, incomplete = run(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     best = result.get_best_checkpoint("val_loss", "min")
     summary = {"run_id": run_id, "step": result.metrics.get("step"), "checkpoint": location(cfg, result.checkpoint),
                "best_checkpoint": location(cfg, best) if best else None, "model": str(model_folder),
-               "registered_model": register(cfg, run_id), "samples": str(samples_folder) if samples_folder else None,
+               "registered_model": None if incomplete else register(cfg, run_id),
+               "samples": str(samples_folder) if samples_folder else None,
+               **({"tracking_incomplete": incomplete} if incomplete else {}),
                **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t", "ddp_"))}}
     print("train: done " + json.dumps(summary), flush=True)
     return 0

@@ -168,7 +168,8 @@ def train_loop(loop_config: dict) -> None:
             state, ema_state = restore_training(folder, trainer.model, trainer.optimizer)
         trainer.ema.load_state_dict(ema_state, state["ema_updates"])
         step, samples_seen = state["step"], state["samples_seen"]
-    tracker = StepLog(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    tracker = StepLog(loop_config["tracking_uri"], loop_config["mlflow_run_id"], cfg.run.spool, step) \
+        if rank == 0 else None
     if rank == 0:
         tracker.started(step, world)
     trainer.wrap(ray.train.torch.prepare_model)  # DDP when world > 1; weights broadcast from rank 0
@@ -228,6 +229,8 @@ def train_loop(loop_config: dict) -> None:
             report_checkpoint(cfg, rank, {"step": step, **metrics}, trainer, state, loop_config, upload)
             if rank == 0:  # what a checkpoint costs the training loop: writing it, the barrier, a sync upload
                 tracker.log(step, {"checkpoint_stall_s": time.perf_counter() - started})
+    if rank == 0:
+        tracker.close()
 
 
 def report_checkpoint(cfg: TrainJobConfig, rank: int, metrics: dict, trainer: Trainer, state: dict,
@@ -257,24 +260,34 @@ def report_checkpoint(cfg: TrainJobConfig, rank: int, metrics: dict, trainer: Tr
 
 
 class StepLog:
-    """Rank 0's MLflow writer. A restarted worker group replays the steps since the last checkpoint: their
-    metrics are logged once (the first time), so every step appears once in the run's history."""
+    """Rank 0's MLflow writer, through an Outbox (metrics kept while the server is away). A restarted worker group
+    replays the steps since the last checkpoint: their metrics are logged once (the first time), so every step
+    appears once in the run's history."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, spool: str, resume_step: int):
         self.client, self.run_id = tracking.client(tracking_uri), run_id
-        history = self.client.get_metric_history(run_id, "loss")
-        self.logged_up_to = max((m.step for m in history), default=0)
+        self.outbox = tracking.Outbox(self.client, run_id, spool, "train", say=log.warning)
+        try:
+            history = self.client.get_metric_history(run_id, "loss")
+            self.logged_up_to = max((m.step for m in history), default=0)
+        except tracking.unreachable_errors():  # what the checkpoint covers was sent or is in the spool
+            self.logged_up_to = resume_step
 
     def started(self, step: int, world: int) -> None:
         """Every start of the worker group (first, after a failure, after a resize): metric `workers` = its
         size at the step it resumes from; tags `restarts` (starts after the first) and `resizes`
         ("step:workers" wherever the size changed)."""
         self.write(step, {"workers": world})
-        starts = [(m.step, int(m.value)) for m in
-                  sorted(self.client.get_metric_history(self.run_id, "workers"), key=lambda m: m.timestamp)]
-        changes = [start for i, start in enumerate(starts) if i == 0 or start[1] != starts[i - 1][1]]
-        self.client.set_tag(self.run_id, "restarts", str(len(starts) - 1))
-        self.client.set_tag(self.run_id, "resizes", " ".join(f"{s}:{w}" for s, w in changes))
+        try:
+            starts = [(m.step, int(m.value)) for m in
+                      sorted(self.client.get_metric_history(self.run_id, "workers"), key=lambda m: m.timestamp)]
+            changes = [start for i, start in enumerate(starts) if i == 0 or start[1] != starts[i - 1][1]]
+            self.client.set_tag(self.run_id, "restarts", str(len(starts) - 1))
+            self.client.set_tag(self.run_id, "resizes", " ".join(f"{s}:{w}" for s, w in changes))
+        except tracking.unreachable_errors():
+            log.warning("train: the tracking server is unreachable: the run's restarts and resizes tags are not "
+                        "updated for this start")
+            return
         if len(changes) > 1 and changes[-1] == starts[-1]:
             log.info(f"train: resized from {changes[-2][1]} to {world} workers, resuming at step {step}")
 
@@ -284,7 +297,13 @@ class StepLog:
             self.write(step, metrics)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics(self.client, self.run_id, metrics, step)
+        self.outbox.log(metrics, step)
+
+    def close(self) -> None:
+        unsent = self.outbox.close()
+        if unsent:
+            log.warning(f"train: {unsent} metrics not sent to the tracking server yet: kept in "
+                        f"{self.outbox.spool_folder}; the job sends them when it ends")
 
 
 _VALIDATORS: dict[str, Validator] = {}
@@ -293,7 +312,8 @@ _VALIDATORS: dict[str, Validator] = {}
 def validate_checkpoint(checkpoint, config: dict, run_id: str, tracking_uri: str, samples: bool = False) -> dict:
     """A Ray validation task (off the training path): the checkpoint's EMA weights on the held-out batches,
     and with `samples` the sample grids and demo accuracies, logged to the training run's MLflow run at the
-    checkpoint's step. The returned metrics join the checkpoint's (they rank the kept checkpoints)."""
+    checkpoint's step (the metrics through an Outbox: kept while the server is away). The returned metrics join
+    the checkpoint's (they rank the kept checkpoints)."""
     cfg = TrainJobConfig.model_validate(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # a task process validates many checkpoints (of one run, or of a sweep's trials): load the held-out data once
@@ -307,14 +327,20 @@ def validate_checkpoint(checkpoint, config: dict, run_id: str, tracking_uri: str
     with checkpoint.as_directory() as folder:
         model = load_model(folder, device=device)[0]
         step = load_state(folder)["step"]
+    outbox = tracking.Outbox(client, run_id, cfg.run.spool, f"validation-{step:07d}")
     started = time.perf_counter()
     metrics = validator.loss(model)
     if samples:
         with tempfile.TemporaryDirectory() as out:
             metrics.update(validator.samples(model, Path(out)))
-            client.log_artifacts(run_id, out, f"samples/step_{step:07d}")
+            try:
+                client.log_artifacts(run_id, out, f"samples/step_{step:07d}")
+            except tracking.unreachable_errors() as exc:
+                print(f"validation: warning: step {step}'s sample grids are not logged, the tracking server is "
+                      f"unreachable ({type(exc).__name__})", file=sys.stderr, flush=True)
     metrics["validation_s"] = time.perf_counter() - started
-    tracking.log_metrics(client, run_id, metrics, step)
+    outbox.log(metrics, step)
+    outbox.close()
     print(f"validation: step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     return metrics
 
@@ -452,14 +478,19 @@ def check_cluster(cfg: TrainJobConfig) -> None:
 def run(cfg: TrainJobConfig):
     """One training run to cfg.optim.steps (resumed when run.name and run.storage_path hold one): checked, fitted
     on the cluster, its model folder bundled and logged to its MLflow run. Returns (Ray Train result, MLflow run
-    id, model folder, the last step's sample grids folder or None)."""
+    id, model folder, the last step's sample grids folder or None, None or what the MLflow run lacks)."""
     import ray
 
     cfg = cfg.resolved()
     preflight(cfg)
     if not cfg.run.remote_storage:
         Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
-    run_id = mlflow_run(cfg)
+    try:
+        run_id = mlflow_run(cfg)
+    except tracking.unreachable_errors() as exc:
+        raise ValueError(f"run.mlflow_tracking_uri={cfg.run.mlflow_tracking_uri}: cannot open the run's MLflow run "
+                         f"({tracking.error_line(exc)}); start the tracking server or point at a "
+                         "reachable one") from None
     ray.init(ignore_reinit_error=True)
     check_cluster(cfg)
     trainer = make_trainer(cfg, run_id)
@@ -468,20 +499,47 @@ def run(cfg: TrainJobConfig):
     result = trainer.fit()
     if result.error:
         raise result.error
-    client = tracking.client(cfg.run.mlflow_tracking_uri)
     run_folder = Path(cfg.run.local_folder).resolve() / cfg.run.name
     with result.checkpoint.as_directory() as checkpoint_folder:
         model_folder = bundle(checkpoint_folder, run_folder / "model")
-    client.log_artifacts(run_id, str(model_folder), "model")
-    samples_folder = fetch_final_samples(client, run_id, result.metrics["step"], run_folder / "samples") \
-        if cfg.schedule.validate_checkpoints else None
-    client.set_terminated(run_id)
-    return result, run_id, model_folder, samples_folder
+    samples_folder, incomplete = finish_tracking(cfg, run_id, model_folder, result.metrics["step"],
+                                                 run_folder / "samples")
+    return result, run_id, model_folder, samples_folder, incomplete
 
 
-def fetch_final_samples(client, run_id: str, step: int, out: Path) -> Path:
-    """Copy the last step's sample grids from MLflow next to the checkpoints (works with any tracking store)."""
+def finish_tracking(cfg: TrainJobConfig, run_id: str, model_folder: Path, step: int,
+                    samples: Path) -> tuple[Path | None, str | None]:
+    """The end of a run in MLflow: the metrics the outboxes kept sent, the model folder logged, the last step's
+    sample grids fetched, the run ended. A tracking server still away does not fail the finished training: a
+    warning says what is missing and where the unsent metrics are (the same command, run again, sends them).
+    Returns (the sample grids' folder or None, None or what the MLflow run lacks)."""
+    client = tracking.client(cfg.run.mlflow_tracking_uri)
+    try:
+        unsent = tracking.send_spooled(client, run_id, cfg.run.spool)
+        if not unsent:
+            client.log_artifacts(run_id, str(model_folder), "model")
+            client.set_terminated(run_id)
+            return fetch_final_samples(client, run_id, step, samples) if cfg.schedule.validate_checkpoints \
+                else None, None
+    except tracking.unreachable_errors():
+        unsent = None
+    incomplete = (f"the tracking server {cfg.run.mlflow_tracking_uri} is unreachable: MLflow run {run_id} lacks "
+                  + (f"{unsent} metrics (kept in {cfg.run.spool}), " if unsent else "")
+                  + "the model artifact and its end; run the same command again once the server is back")
+    print(f"train: warning: training finished (model folder {model_folder}), but {incomplete}", file=sys.stderr,
+          flush=True)
+    return None, incomplete
+
+
+def fetch_final_samples(client, run_id: str, step: int, out: Path) -> Path | None:
+    """Copy the last step's sample grids from MLflow next to the checkpoints (works with any tracking store); None
+    when MLflow lacks them (the tracking server was away when they were made)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    return Path(client.download_artifacts(run_id, f"samples/step_{step:07d}", str(out)))
+    try:
+        return Path(client.download_artifacts(run_id, f"samples/step_{step:07d}", str(out)))
+    except tracking.unreachable_errors() as exc:
+        print(f"train: warning: the last step's sample grids are not in MLflow ({tracking.error_line(exc)})",
+              file=sys.stderr, flush=True)
+        return None
