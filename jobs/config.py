@@ -29,6 +29,9 @@ class DataConfig(StrictModel):
     val: str | None = Field(None, description="held-out shard folder")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
     shuffle_buffer: int = Field(1000, ge=1)
+    max_bad_fraction: float = Field(0.05, ge=0, lt=1, description="corrupt shards or records found while training "
+                                    "are skipped and counted; past this fraction of the shards bad the run fails, "
+                                    "naming them")
 
 
 class ScheduleConfig(StrictModel):
@@ -65,6 +68,8 @@ class RunConfig(StrictModel):
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(2, ge=-1, description="worker group restarts (a lost node, a killed worker); -1: "
                               "without limit")
+    checkpoint_retries: int = Field(2, ge=0, description="a checkpoint write the disk refuses is tried again this "
+                                    "many times (2 s, 4 s, ... apart) before the run stops")
     checkpoint_upload: Literal["async", "sync"] = Field("async", description="async: training goes on while a "
                                                         "checkpoint is copied to storage_path")
     validation_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0}, description=(

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from jobs.config import TrainJobConfig, load_config  # noqa: E402
 from jobs import tracking  # noqa: E402
-from jobs.training_run import Validator, make_trainer, mlflow_run, preflight, run  # noqa: E402
+from jobs.training_run import TrainingFailed, Validator, make_trainer, mlflow_run, preflight, run  # noqa: E402
 from psunet.experts import binary_split, check_intervals, parse_intervals  # noqa: E402
 from psunet.model_folder import assemble_experts, load_model  # noqa: E402
 
@@ -138,13 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 1
     best = result.get_best_checkpoint("val_loss", "min")
     summary = {"run_id": run_id, "step": result.metrics.get("step"), "checkpoint": location(cfg, result.checkpoint),
                "best_checkpoint": location(cfg, best) if best else None, "model": str(model_folder),
                "registered_model": None if incomplete else register(cfg, run_id),
                "samples": str(samples_folder) if samples_folder else None,
                **({"tracking_incomplete": incomplete} if incomplete else {}),
-               **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t", "ddp_"))}}
+               **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "t2i", "i2t", "ddp_", "bad_"))}}
     print("train: done " + json.dumps(summary), flush=True)
     return 0
 

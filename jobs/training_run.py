@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from jobs import tracking
 from jobs.config import TrainJobConfig, flatten
 from psunet.checkpoint import load_state, restore_training, save_checkpoint
 from psunet.config import DiffusionConfig
-from psunet.data import load_manifest, make_loader
+from psunet.data import BadData, load_manifest, make_loader
 from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss
 from psunet.ema import unwrap
 from psunet.model import PSUNet
@@ -34,19 +35,26 @@ log = logging.getLogger("psunet.train")
 
 
 class SampleStream:
-    """Batches of any size cut from a loader's fixed-size batches (a batch's remainder starts the next), and
-    the seconds spent waiting for the loader."""
+    """Batches of any size cut from a loader's batches (a batch's remainder starts the next), the seconds spent
+    waiting for the loader, and the corrupt data the loader skipped (counted in `bad`; `new_bad`: notes of the
+    shards found bad since last asked)."""
 
-    def __init__(self, batches):
-        self.batches, self.rest, self.wait_s = batches, None, 0.0
+    def __init__(self, batches, bad: BadData | None = None):
+        self.batches, self.rest, self.wait_s, self.bad, self.new_bad = batches, None, 0.0, bad, []
 
     def take(self, n: int) -> dict:
         parts, have = [], 0
         while have < n:
             if self.rest is None:
                 started = time.perf_counter()
-                self.rest = next(self.batches)
+                batch = next(self.batches)
                 self.wait_s += time.perf_counter() - started
+                notes = batch.pop("bad", [])
+                if notes and self.bad is not None:
+                    self.new_bad += self.bad.add(notes)
+                if not len(batch["latent"]):
+                    continue
+                self.rest = batch
             size = len(self.rest["latent"])
             cut = min(n - have, size)
             parts.append({key: value[:cut] for key, value in self.rest.items()})
@@ -161,13 +169,13 @@ def train_loop(loop_config: dict) -> None:
         upgrade_weights(weights, model.state_dict())
         model.load_state_dict(weights)
     trainer = Trainer(model, cfg.optim, cfg.diffusion, device, time_range=cfg.branch.time_range)
-    step, samples_seen = 0, 0
+    step, samples_seen, bad_seen = 0, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state, ema_state = restore_training(folder, trainer.model, trainer.optimizer)
         trainer.ema.load_state_dict(ema_state, state["ema_updates"])
-        step, samples_seen = state["step"], state["samples_seen"]
+        step, samples_seen, bad_seen = state["step"], state["samples_seen"], state.get("bad_data")
     tracker = StepLog(loop_config["tracking_uri"], loop_config["mlflow_run_id"], cfg.run.spool, step) \
         if rank == 0 else None
     if rank == 0:
@@ -180,7 +188,8 @@ def train_loop(loop_config: dict) -> None:
     data_seed = cfg.optim.seed * 1_000_003 + step
     stream = SampleStream(iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True,
                                            seed=data_seed, num_workers=cfg.data.loader_workers,
-                                           shuffle_buffer=cfg.data.shuffle_buffer)))
+                                           shuffle_buffer=cfg.data.shuffle_buffer)),
+                          BadData(len(load_manifest(cfg.data.train).shards), cfg.data.max_bad_fraction, bad_seen))
     if rank == 0:
         log.info(f"train: rank 0 of {world} on {device}, starting at step {step}/{cfg.optim.steps}; global batch "
                  f"{global_batch} as {len(micro)} micro-batch(es) of {micro[0]} per worker")
@@ -197,6 +206,10 @@ def train_loop(loop_config: dict) -> None:
         samples_seen += global_batch
         window_steps += 1
         loss_sum, loss_steps = loss_sum + out.loss.detach(), loss_steps + 1
+        for note in stream.new_bad:
+            log.warning(f"train: skipping corrupt data in {note['shard']}: {note['reason']} ({len(stream.bad.shards)} "
+                        f"of {stream.bad.shards_total} shards bad, {len(stream.bad.records)} records)")
+        stream.new_bad = []
 
         metrics = {}
         if step % cfg.schedule.log_every == 0 or step == cfg.optim.steps:
@@ -204,6 +217,8 @@ def train_loop(loop_config: dict) -> None:
             metrics = {"loss": out.loss.item(), "loss_image": out.loss_image.item(), "loss_text": out.loss_text.item(),
                        "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": window_steps * global_batch / elapsed,
                        "data_wait_fraction": (stream.wait_s - window_wait) / elapsed}
+            if stream.bad.shards:
+                metrics.update(bad_shards=len(stream.bad.shards), bad_records=len(stream.bad.records))
             window_start, window_steps, window_wait = time.perf_counter(), 0, stream.wait_s
             if rank == 0:
                 tracker.log(step, metrics)
@@ -223,8 +238,12 @@ def train_loop(loop_config: dict) -> None:
             loss_sum, loss_steps = 0.0, 0
             if step == cfg.optim.steps and world > 1:
                 metrics["ddp_param_max_abs_diff"] = _param_spread(trainer.model)
+            if world > 1:  # every rank's skipped data, so the checkpoint holds all of it
+                _gather_bad(stream.bad, world)
+            if stream.bad.shards:
+                metrics.update(bad_shards=len(stream.bad.shards), bad_records=len(stream.bad.records))
             state = {"step": step, "samples_seen": samples_seen, "ema_updates": trainer.ema.updates, "data_seed": data_seed,
-                     "world_size": world, "mlflow_run_id": loop_config["mlflow_run_id"]}
+                     "world_size": world, "mlflow_run_id": loop_config["mlflow_run_id"], "bad_data": stream.bad.state()}
             started = time.perf_counter()
             report_checkpoint(cfg, rank, {"step": step, **metrics}, trainer, state, loop_config, upload)
             if rank == 0:  # what a checkpoint costs the training loop: writing it, the barrier, a sync upload
@@ -241,22 +260,50 @@ def report_checkpoint(cfg: TrainJobConfig, rank: int, metrics: dict, trainer: Tr
     from ray.train.v2.api.validation_config import ValidationTaskConfig
 
     step = state["step"]
-    folder = tempfile.mkdtemp(prefix=f"psunet-checkpoint-{step:07d}-")
     checkpoint = None
     if rank == 0:
-        save_checkpoint(folder, unwrap(trainer.model), trainer.ema.state_dict(), trainer.optimizer, state,
-                        {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump(),
-                         "job": loop_config["config"]})
-        (Path(folder) / ASSETS).write_text(json.dumps(assets_for(cfg.data.train), indent=2))
-        checkpoint = ray.train.Checkpoint.from_directory(folder)
+        checkpoint = ray.train.Checkpoint.from_directory(write_checkpoint(cfg, trainer, state, loop_config))
     # an expert alone samples badly outside its interval: its samples come from the assembled ensemble
     samples = (step % cfg.schedule.sample_every == 0 or step == cfg.optim.steps) and cfg.branch.time_range is None
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}",
                      checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=checkpoint is not None,
                      validation=ValidationTaskConfig(fn_kwargs={"samples": samples})
                      if checkpoint and cfg.schedule.validate_checkpoints else False)
-    if checkpoint is None:
-        shutil.rmtree(folder, ignore_errors=True)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written, run.checkpoint_retries times over."""
+
+
+def write_checkpoint(cfg: TrainJobConfig, trainer: Trainer, state: dict, loop_config: dict) -> str:
+    """Rank 0's checkpoint, written whole into a fresh local folder (Ray Train copies it to run.storage_path and
+    lists it only once copied). A write the disk refuses (full, no permission) is tried again
+    run.checkpoint_retries times, a failed try leaving nothing behind; then CheckpointWriteError, and the run
+    stops with the previous checkpoint still the latest."""
+    step = state["step"]
+    for attempt in range(cfg.run.checkpoint_retries + 1):
+        folder = None
+        try:
+            folder = tempfile.mkdtemp(prefix=f"psunet-checkpoint-{step:07d}-")
+            save_checkpoint(folder, unwrap(trainer.model), trainer.ema.state_dict(), trainer.optimizer, state,
+                            {"model": cfg.model.model_dump(), "diffusion": cfg.diffusion.model_dump(),
+                             "job": loop_config["config"]})
+            (Path(folder) / ASSETS).write_text(json.dumps(assets_for(cfg.data.train), indent=2))
+            return folder
+        except OSError as exc:
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+            where = folder or tempfile.gettempdir()
+            if attempt == cfg.run.checkpoint_retries:
+                raise CheckpointWriteError(
+                    f"the checkpoint at step {step} could not be written to {where} on its way to run.storage_path "
+                    f"{cfg.run.storage_path}, {attempt + 1} tries: {type(exc).__name__}: {exc}. The latest complete "
+                    "checkpoint is still the one before it: free space or fix the storage, then run the same "
+                    "command to resume from it") from exc
+            wait = 2.0 * (attempt + 1)
+            log.warning(f"train: the checkpoint at step {step} could not be written to {where} ({exc}); trying "
+                        f"again in {wait:g} s ({attempt + 1} of {cfg.run.checkpoint_retries})")
+            time.sleep(wait)
 
 
 class StepLog:
@@ -373,6 +420,16 @@ def check_base(cfg: TrainJobConfig) -> None:
         raise ValueError(f"--init-from {folder}: the base model predicts {targets['image'][0]} (image) and "
                          f"{targets['text'][0]} (text), this config trains {targets['image'][1]} and "
                          f"{targets['text'][1]}; set diffusion.prediction (and diffusion.text_target) to the base's")
+
+
+def _gather_bad(bad: BadData, world: int) -> None:
+    """Merge every DDP rank's skipped data into `bad`."""
+    import torch.distributed as dist
+
+    states = [None] * world
+    dist.all_gather_object(states, bad.state())
+    for state in states:
+        bad.merge(state)
 
 
 def _param_spread(model) -> float:
@@ -496,15 +553,28 @@ def run(cfg: TrainJobConfig):
     trainer = make_trainer(cfg, run_id)
     print(f"train: run {cfg.run.name!r} -> {cfg.run.storage_path}/{cfg.run.name} with {cfg.run.num_workers} "
           f"worker(s); MLflow {cfg.run.mlflow_tracking_uri} run {run_id}", flush=True)
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train's error: the workers' tracebacks, the cause on the last line of each
+        raise TrainingFailed(f"training failed: {cause(exc)} (the workers' tracebacks are above; the same command "
+                             "resumes from the latest checkpoint)") from exc
     run_folder = Path(cfg.run.local_folder).resolve() / cfg.run.name
     with result.checkpoint.as_directory() as checkpoint_folder:
         model_folder = bundle(checkpoint_folder, run_folder / "model")
     samples_folder, incomplete = finish_tracking(cfg, run_id, model_folder, result.metrics["step"],
                                                  run_folder / "samples")
     return result, run_id, model_folder, samples_folder, incomplete
+
+
+class TrainingFailed(RuntimeError):
+    """The workers failed past run.max_failures."""
+
+
+def cause(exc: BaseException) -> str:
+    """The innermost error named in an exception's text (a worker's `SomeError: message` line), else its first
+    line."""
+    lines = [line for line in str(exc).splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return lines[-1] if lines else tracking.error_line(exc)
 
 
 def finish_tracking(cfg: TrainJobConfig, run_id: str, model_folder: Path, step: int,

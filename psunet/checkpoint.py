@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -28,7 +29,11 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor]) -> None:
-    save_file(_contiguous(state), str(path))
+    """Tensors to a safetensors file; a write the disk refuses (full, no permission) raises OSError."""
+    try:
+        save_file(_contiguous(state), str(path))
+    except SafetensorError as exc:  # the library's I/O errors are not OSErrors
+        raise OSError(f"{exc} ({path})") from exc
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -8,6 +8,11 @@ latent shape, the sample count, the shard list and what was skipped while buildi
 The reader is a torch IterableDataset that splits shards by rank and DataLoader worker, and in
 training mode resamples shards forever, so every rank yields as many batches as it is asked for
 (no DDP hang on uneven shards); the training loop counts steps. Nothing is unpickled.
+
+A record or shard found corrupt while training (a truncated tar, a record that does not decode) is
+skipped: it travels down the stream as a note in the batch's "bad" list (the batch is that much
+smaller; the training loop tops it up), a shard that fails is not drawn again, and BadData counts what
+was skipped and stops the run once more than a set fraction of the shards are bad.
 """
 
 from __future__ import annotations
@@ -140,31 +145,51 @@ class ShardStream(torch.utils.data.IterableDataset):
             share = self.urls  # fewer shards than streams: every stream resamples all of them
         return share, stream
 
-    def _handler(self, exc: Exception) -> bool:
-        self.errors.append(f"{type(exc).__name__}: {exc}")
-        return True
-
     def __iter__(self) -> Iterator[dict]:
         urls, stream = self._share()
         rng = random.Random(f"{self.seed}-{stream}")
-        if self.training:
-            sources = ({"url": rng.choice(urls)} for _ in iter(int, 1))
-        else:
-            sources = ({"url": url} for url in urls)
-        samples = wds.tarfile_to_samples(handler=self._handler)(sources)
-        decoded = (item for item in map(self._decode_or_skip, samples) if item is not None)
-        return self._shuffled(decoded, rng) if self.training else decoded
+        if not self.training:
+            return (item for url in urls for item in self._read(url) if "bad" not in item)
+        return self._shuffled(self._endless(list(urls), rng), rng)
 
-    def _decode_or_skip(self, sample: dict) -> dict | None:
-        try:
-            return decode_sample(sample)
-        except (KeyError, ValueError, OSError) as exc:
-            self._handler(exc)
-            return None
+    def _endless(self, urls: list[str], rng: random.Random) -> Iterator[dict]:
+        """Shards drawn at random forever; one that fails to read is not drawn again (while any other is left)."""
+        while True:
+            url = rng.choice(urls)
+            for item in self._read(url):
+                if "bad" in item and "key" not in item["bad"] and len(urls) > 1:
+                    urls.remove(url)
+                yield item
+
+    def _read(self, url: str) -> Iterator[dict]:
+        """The shard's samples; a record that does not decode, or the shard failing to read, as a {"bad": note}."""
+        failures: list[Exception] = []
+
+        def failed(exc: Exception) -> bool:
+            failures.append(exc)
+            return True
+
+        for sample in wds.tarfile_to_samples(handler=failed)([{"url": url}]):
+            try:
+                yield decode_sample(sample)
+            except (KeyError, ValueError, OSError) as exc:
+                yield self._bad(url, exc, key=sample.get("__key__", "?"))
+        if not failures and not _ends_whole(url):
+            failures.append(EOFError("no end-of-archive marker: the shard is truncated"))
+        for exc in failures:
+            yield self._bad(url, exc)
+
+    def _bad(self, url: str, exc: Exception, key: str | None = None) -> dict:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        self.errors.append(reason)
+        return {"bad": {"shard": url, "reason": reason, **({"key": key} if key is not None else {})}}
 
     def _shuffled(self, items: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         buffer: list[dict] = []
         for item in items:
+            if "bad" in item:  # notes pass the buffer at once
+                yield item
+                continue
             buffer.append(item)
             if len(buffer) >= self.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
@@ -172,9 +197,59 @@ class ShardStream(torch.utils.data.IterableDataset):
         yield from buffer
 
 
-def collate(samples: list[dict]) -> dict:
+def _ends_whole(path: str) -> bool:
+    """A tar ends with two zero blocks: cut at a member's edge it reads as shorter, not as broken."""
+    try:
+        with open(path, "rb") as tar:
+            tar.seek(-1024, os.SEEK_END)
+            return tar.read(1024) == bytes(1024)
+    except OSError:
+        return False
+
+
+def collate(items: list[dict]) -> dict:
+    """A batch of samples, and under "bad" the notes of what was skipped while drawing it (then it is smaller)."""
+    samples = [s for s in items if "bad" not in s]
     return {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
-            "latent": torch.stack([s["latent"] for s in samples]), "text": torch.stack([s["text"] for s in samples])}
+            "latent": torch.stack([s["latent"] for s in samples]) if samples else torch.empty(0),
+            "text": torch.stack([s["text"] for s in samples]) if samples else torch.empty(0),
+            "bad": [s["bad"] for s in items if "bad" in s]}
+
+
+class BadDataError(ValueError):
+    """More of a shard set is corrupt than the run accepts."""
+
+
+class BadData:
+    """What training skipped as corrupt: the shards (path -> first reason) and the records ("path#key"). Past
+    `max_fraction` of the set's `shards` bad, `add` raises BadDataError naming them."""
+
+    def __init__(self, shards: int, max_fraction: float, seen: dict | None = None):
+        self.shards_total, self.max_fraction = shards, max_fraction
+        self.shards: dict[str, str] = dict((seen or {}).get("shards", {}))
+        self.records: set[str] = set((seen or {}).get("records", []))
+
+    def add(self, notes: list[dict]) -> list[dict]:
+        """Count the notes; returns those of shards not seen bad before."""
+        new = [note for note in notes if note["shard"] not in self.shards]
+        for note in notes:
+            self.shards.setdefault(note["shard"], note["reason"])
+            if "key" in note:
+                self.records.add(f"{note['shard']}#{note['key']}")
+        if notes and len(self.shards) > self.max_fraction * self.shards_total:
+            named = "; ".join(f"{shard}: {reason}" for shard, reason in sorted(self.shards.items()))
+            raise BadDataError(f"bad data: {len(self.shards)} of {self.shards_total} shards are unreadable or hold "
+                               f"corrupt records, more than data.max_bad_fraction={self.max_fraction:g} allows: "
+                               f"{named}. Re-encode or remove them (dataprep), or raise data.max_bad_fraction")
+        return list({note["shard"]: note for note in new}.values())
+
+    def merge(self, other: dict) -> None:
+        for shard, reason in other.get("shards", {}).items():
+            self.shards.setdefault(shard, reason)
+        self.records.update(other.get("records", []))
+
+    def state(self) -> dict:
+        return {"shards": dict(sorted(self.shards.items())), "records": sorted(self.records)}
 
 
 def make_loader(folder: str | Path, batch_size: int, model_config: ModelConfig | None = None, training: bool = True,

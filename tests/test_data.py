@@ -1,6 +1,7 @@
 """Shard manifest and streaming reader: rank splitting, endless resampling, refusal of mismatched shards."""
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 import webdataset as wds
 
 from psunet.config import preset
-from psunet.data import Manifest, ShardStream, collate, encode_sample, load_manifest, make_loader, write_manifest
+from psunet.data import (BadData, BadDataError, Manifest, ShardStream, collate, encode_sample, load_manifest,
+                         make_loader, write_manifest)
 
 CONFIG = preset("tiny")
 
@@ -108,3 +110,36 @@ def test_missing_or_unreadable_manifest_fails_clearly(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "psunet-shards/1", "samples": "many"}))
     with pytest.raises(ValueError, match="unreadable shard manifest"):
         load_manifest(tmp_path)
+
+
+def test_training_skips_a_shard_cut_at_a_member_edge_and_a_record_that_does_not_decode_and_notes_both(tmp_path):
+    write_shards(tmp_path, [6, 6, 6])
+    cut = tmp_path / "train-000001.tar"
+    with tarfile.open(cut) as tar:
+        edge = next(m.offset for m in tar.getmembers() if m.name.startswith("s00009."))
+    with cut.open("r+b") as tar:  # at a member's header: tarfile reads it as a shorter archive, not a broken one
+        tar.truncate(edge)
+    broken = tmp_path / "train-000002.tar"
+    with wds.TarWriter(str(broken)) as sink:
+        sink.write({"__key__": "bad", "latent.npy": b"not an array", "text.npy": b"", "caption.txt": b"x",
+                    "json": b"{}"})
+    loader = make_loader(tmp_path, batch_size=4, training=True, seed=0, rank=0, world_size=1, shuffle_buffer=4)
+    batches = [batch for batch, _ in zip(loader, range(40))]
+    notes = [note for batch in batches for note in batch["bad"]]
+    assert {n["shard"] for n in notes} == {str(cut.resolve()), str(broken.resolve())}
+    assert any("truncated" in n["reason"] for n in notes if n["shard"] == str(cut.resolve()))
+    assert [n["key"] for n in notes if "key" in n] and all(n["key"] == "bad" for n in notes if "key" in n)
+    assert sum(1 for n in notes if n["shard"] == str(cut.resolve())) == 1  # not drawn again
+    assert all(len(batch["key"]) == len(batch["latent"]) <= 4 for batch in batches)
+
+
+def test_bad_data_counts_shards_and_records_once_and_stops_past_its_fraction():
+    bad = BadData(shards=10, max_fraction=0.2)
+    new = bad.add([{"shard": "a.tar", "reason": "EOFError", "key": "k1"}, {"shard": "a.tar", "reason": "x", "key": "k1"}])
+    assert [n["shard"] for n in new] == ["a.tar"] and len(bad.records) == 1
+    bad.add([{"shard": "b.tar", "reason": "ReadError"}])
+    assert bad.state() == {"shards": {"a.tar": "EOFError", "b.tar": "ReadError"}, "records": ["a.tar#k1"]}
+    with pytest.raises(BadDataError, match=r"3 of 10 shards .* data.max_bad_fraction=0.2 allows: a.tar: EOFError; "
+                                           r"b.tar: ReadError; c.tar: boom"):
+        bad.add([{"shard": "c.tar", "reason": "boom"}])
+    assert BadData(10, 0.2, bad.state()).state() == bad.state()  # resumed from a checkpoint's record

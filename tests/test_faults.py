@@ -1,8 +1,11 @@
 """The dull faults of long runs, each injected for real while jobs/train.py trains on its own local Ray: the MLflow
 server process stopped and started again, a shard truncated on disk, a checkpoint write the kernel refuses."""
 
+import json
 import os
+import shutil
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -137,3 +140,89 @@ def test_training_goes_on_while_the_tracking_server_is_down_and_no_metric_is_los
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [500, 1000, 1500, 2000]
     assert list((storage / "outage" / "unsent_metrics").glob("*.jsonl")) == []
     assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_shard_truncated_on_storage_is_skipped_counted_and_named_and_too_much_bad_data_fails_the_run(demo_set,
+                                                                                                        tmp_path):
+    """One of the three training shards cut to half its bytes after it was written: past data.max_bad_fraction the
+    run fails naming it; allowed, it trains to the end on the other shards with the same global batch, and the
+    metric, the summary and the checkpoint count it."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_set, data, ignore=shutil.ignore_patterns(".built"))
+    shard = sorted((data / "train").glob("*.tar"))[1]
+    with shard.open("r+b") as tar:
+        tar.truncate(shard.stat().st_size // 2)
+    storage, steps = tmp_path / "runs", 60
+    args = [*train_args(demo_set, storage, "bad-shard", f"optim.steps={steps}", "schedule.log_every=10",
+                        "schedule.checkpoint_every=30", "run.max_failures=0",
+                        f"run.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db"), f"data.train={data / 'train'}"]
+    refused = Job(*args)
+    assert refused.finish() == 1
+    assert f"train: error: training failed: psunet.data.BadDataError: bad data: 1 of 3 shards are unreadable or hold corrupt records, more than data.max_bad_fraction=0.05 " \
+           f"allows: {shard.resolve()}" in refused.output
+
+    allowed = Job(*args, "data.max_bad_fraction=0.5")
+    assert allowed.finish() == 0, allowed.output[-4000:]
+    assert f"skipping corrupt data in {shard.resolve()}" in allowed.output
+    summary = json.loads(allowed.output.split("train: done ", 1)[1].splitlines()[0])
+    assert summary["step"] == steps and summary["bad_shards"] == 1
+    state = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())
+    assert list(state["bad_data"]["shards"]) == [str(shard.resolve())]
+    assert state["samples_seen"] == steps * 8  # the global batch kept whole
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("psunet").experiment_id])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "bad_shards")][-1] == 1
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (its Ray: the raylet, the workers)."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_a_checkpoint_write_the_disk_refuses_is_retried_then_stops_the_run_with_the_previous_checkpoint_latest(
+        demo_set, tmp_path):
+    """After the first checkpoint the kernel refuses the training worker any file past 256 KiB (RLIMIT_FSIZE: what
+    a full disk looks like to the writer, for root too); the next checkpoint's weights are bigger. The write is
+    tried again, then the run stops naming the storage and the cause, nothing of the failed checkpoint is listed
+    or left in storage, and the same command resumes from the first checkpoint."""
+    storage, steps = tmp_path / "runs", 2000
+    args = train_args(demo_set, storage, "full-disk", f"optim.steps={steps}", "schedule.log_every=100",
+                      "schedule.checkpoint_every=1000", "run.max_failures=0", "run.checkpoint_retries=1",
+                      f"run.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db")
+    job = Job(*args)
+    first = storage / "full-disk" / "checkpoint_0001000"
+    deadline = time.monotonic() + 300
+    while not (first / "state.json").is_file():
+        assert job.process.poll() is None and time.monotonic() < deadline, job.output[-4000:]
+        time.sleep(0.1)
+    workers = [pid for pid in descendants(job.process.pid)
+               if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert workers, "no training worker found"
+    for pid in workers:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+    assert job.finish() == 1, job.output[-4000:]
+    output = job.output
+    assert "could not be written to" in output and "trying again in 2 s (1 of 1)" in output
+    assert re.search(r"train: error: training failed: .*CheckpointWriteError: the checkpoint at step 2000 could not "
+                     rf"be written to \S+ on its way to run.storage_path {storage}, 2 tries: OSError: .*File too large",
+                     output), output[-3000:]
+    assert sorted(p.name for p in (storage / "full-disk").glob("checkpoint_0*")) == ["checkpoint_0001000"]
+    listed = json.loads((storage / "full-disk" / "checkpoint_manager_snapshot.json").read_text())
+    assert "checkpoint_0002000" not in json.dumps(listed)
+
+    again = Job(*args)
+    assert again.finish() == 0, again.output[-4000:]
+    assert f"starting at step 1000/{steps}" in again.output
+    assert json.loads(again.output.split("train: done ", 1)[1].splitlines()[0])["step"] == steps
