@@ -10,6 +10,7 @@
     python jobs/benchmark.py time-to-quality --steps 1000 --seeds 3  # steps to quality thresholds per recipe
     python jobs/benchmark.py paint --model runs/<run>/model   # paint-with-words: objects landing in the region
     python jobs/benchmark.py serve --model runs/<run>/model   # Serve text-to-image, batching on vs off
+    python jobs/benchmark.py overload --model runs/<run>/model  # past its bound: time to a 503, admitted p99
     python jobs/benchmark.py checkpoints --steps 200          # checkpoint stall sync vs async, validation beside
     python jobs/benchmark.py gpu                              # one CUDA GPU, under 8 minutes: coco256 bf16 MFU and
                                                               # sampling, eager and compiled; Ray Train GPU resume

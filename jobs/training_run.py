@@ -11,8 +11,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -443,12 +445,25 @@ def _param_spread(model) -> float:
 
 
 def mlflow_run(cfg: TrainJobConfig, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
-    """The MLflow run of this training run: found by tag on resubmission, created (with params and `tags`)
-    otherwise, nested under `parent` (a sweep, or the branch training of experts) when given."""
-    return tracking.find_or_create_run(tracking.client(cfg.run.mlflow_tracking_uri), cfg.run.experiment,
-                                       cfg.run.local_folder, RUN_TAG, f"{cfg.run.storage_path}/{cfg.run.name}",
-                                       cfg.run.name, params=flatten(cfg.model_dump(mode="json")), tags=tags,
-                                       parent=parent)
+    """The MLflow run of this training run: found by tag on resubmission (and marked running again if it was
+    stopped, failed or finished), created (with params and `tags`) otherwise, nested under `parent` (a sweep, or
+    the branch training of experts) when given."""
+    client = tracking.client(cfg.run.mlflow_tracking_uri)
+    run_id = tracking.find_or_create_run(client, cfg.run.experiment, cfg.run.local_folder, RUN_TAG,
+                                         f"{cfg.run.storage_path}/{cfg.run.name}", cfg.run.name,
+                                         params=flatten(cfg.model_dump(mode="json")), tags=tags, parent=parent)
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def end_run(cfg: TrainJobConfig, run_id: str, status: str) -> None:
+    """Mark the MLflow run ended (FINISHED, FAILED or KILLED), or say why it could not be."""
+    try:
+        tracking.client(cfg.run.mlflow_tracking_uri).set_terminated(run_id, status)
+    except tracking.unreachable_errors() as exc:
+        print(f"train: warning: MLflow run {run_id} could not be marked {status} ({tracking.error_line(exc)})",
+              file=sys.stderr, flush=True)
 
 
 def preflight(cfg: TrainJobConfig) -> None:
@@ -549,6 +564,7 @@ def run(cfg: TrainJobConfig):
                          f"({tracking.error_line(exc)}); start the tracking server or point at a "
                          "reachable one") from None
     ray.init(ignore_reinit_error=True)
+    stop_on_sigterm(cfg, run_id)  # after ray.init, which sets a handler of its own
     check_cluster(cfg)
     trainer = make_trainer(cfg, run_id)
     print(f"train: run {cfg.run.name!r} -> {cfg.run.storage_path}/{cfg.run.name} with {cfg.run.num_workers} "
@@ -556,6 +572,7 @@ def run(cfg: TrainJobConfig):
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray Train's error: the workers' tracebacks, the cause on the last line of each
+        end_run(cfg, run_id, "FAILED")
         raise TrainingFailed(f"training failed: {cause(exc)} (the workers' tracebacks are above; the same command "
                              "resumes from the latest checkpoint)") from exc
     run_folder = Path(cfg.run.local_folder).resolve() / cfg.run.name
@@ -568,6 +585,21 @@ def run(cfg: TrainJobConfig):
 
 class TrainingFailed(RuntimeError):
     """The workers failed past run.max_failures."""
+
+
+def stop_on_sigterm(cfg: TrainJobConfig, run_id: str) -> None:
+    """On SIGTERM (`ray job stop`, a scheduler's stop) the driver marks its MLflow run KILLED and says how to resume
+    before it goes. The checkpoints in storage stay whole: Ray Train lists one as the latest only once copied."""
+    def stop(signum: int, frame) -> None:
+        end_run(cfg, run_id, "KILLED")
+        print(f"train: stopped (SIGTERM): MLflow run {run_id} is marked KILLED and the latest complete checkpoint in "
+              f"{cfg.run.storage_path}/{cfg.run.name} is kept; the same command resumes from it in the same MLflow "
+              "run", file=sys.stderr, flush=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def cause(exc: BaseException) -> str:
@@ -588,7 +620,7 @@ def finish_tracking(cfg: TrainJobConfig, run_id: str, model_folder: Path, step: 
         unsent = tracking.send_spooled(client, run_id, cfg.run.spool)
         if not unsent:
             client.log_artifacts(run_id, str(model_folder), "model")
-            client.set_terminated(run_id)
+            client.set_terminated(run_id, "FINISHED")
             return fetch_final_samples(client, run_id, step, samples) if cfg.schedule.validate_checkpoints \
                 else None, None
     except tracking.unreachable_errors():

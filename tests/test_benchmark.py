@@ -37,6 +37,8 @@ FIELDS = {
               for key in ("requests_per_s", "p50_ms", "p99_ms", "requests_per_forward")]
              + [f"mixed_16c_{key}" for key in ("requests_per_s", "p50_ms", "p99_ms")]
              + ["batching_speedup_16_clients", "replica_threads"],
+    "overload": ["admitted", "refused", "refused_p50_ms", "refused_max_ms", "admitted_p50_ms", "admitted_p99_ms",
+                 "service_refused_overloaded"],
     "convergence-ode": ["parameters_ode", "parameters_psunet", "activation_mb_psunet", "activation_mb_ode",
                         "sampling_ms_per_step_batch1_psunet", "sampling_ms_per_step_batch1_ode",
                         "sampling_ms_per_step_batch16_ode", "final_val_loss_ode", "final_t2i_accuracy_ode"],
@@ -67,6 +69,7 @@ def _arguments(command: str, demo_set, tiny_model, tmp_path) -> list[str]:
                         "--timing-steps", "1", "--out-dir", str(tmp_path), *data],
         "serve": ["--model", str(tiny_model), "--sample-steps", "1", "--requests", "1", "--load-requests", "3",
                   "--precision", "bf16"],
+        "overload": ["--model", str(tiny_model), "--sample-steps", "100", "--clients", "6", "--bound", "1"],
         "convergence-ode": ["--against", "ode", "--config", "configs/tiny.yaml", "--steps", "1", "--eval-every", "1",
                             "--samples", "2", "--guidance-scales", "1", "--sample-steps", "1", "--timing-steps", "1",
                             "--out-dir", str(tmp_path), *data, "model.shared_depth=5", "model.ode_solver=euler"],
@@ -112,6 +115,9 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
         assert figures["precision"] == "bf16" and figures["no_batching_16c_requests_per_forward"] == 1
         assert figures["replica_threads"] == os.cpu_count()  # the replica gets the node's cores by default
         assert figures["mixed_16c_errors"] == 0 and figures["batching_16c_errors"] == 0
+    if command == "overload":  # every request answered, a refusal counted by the service too
+        assert figures["admitted"] + figures["refused"] == 6 and figures["other"] == 0 and figures["healthy_after"]
+        assert figures["service_refused_overloaded"] == figures["refused"]
     if command == "checkpoints":  # validation ran only where asked; data waits are fractions
         assert figures["validation_s_max"] >= figures["validation_s_median"]
         assert all(0 <= figures[f"{v}_data_wait_fraction"] < 1 for v in ("sync", "async", "async_validated"))
@@ -218,6 +224,7 @@ OPTIONS = {
                         "--guidance-scales", "--sample-steps", "--out-dir", "--device"],
     "paint": ["--model", "--samples", "--paint-weights", "--paint-fraction", "--sample-steps", "--seed", "--device"],
     "serve": ["--model", "--sample-steps", "--requests", "--load-requests", "--serve-cpus", "--precision"],
+    "overload": ["--model", "--sample-steps", "--clients", "--bound", "--serve-cpus"],
     "checkpoints": ["--config", "--steps", "--checkpoint-every", "--workers", "--storage-path"],
     "gpu": ["--config", "--batch-size", "--steps", "--sample-steps"],
 }

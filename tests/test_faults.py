@@ -1,5 +1,6 @@
-"""The dull faults of long runs, each injected for real while jobs/train.py trains on its own local Ray: the MLflow
-server process stopped and started again, a shard truncated on disk, a checkpoint write the kernel refuses."""
+"""The dull faults of long runs, each injected for real while jobs/train.py trains: the MLflow server process stopped
+and started again, a shard truncated on disk, a checkpoint write the kernel refuses (each on the job's own local Ray),
+and `ray job stop` on a cluster/local.sh cluster."""
 
 import json
 import os
@@ -12,10 +13,13 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import mlflow
 import pytest
+
+from clusters import RAY, local_cluster, run, summary_of, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -226,3 +230,42 @@ def test_a_checkpoint_write_the_disk_refuses_is_retried_then_stops_the_run_with_
     assert again.finish() == 0, again.output[-4000:]
     assert f"starting at step 1000/{steps}" in again.output
     assert json.loads(again.output.split("train: done ", 1)[1].splitlines()[0])["step"] == steps
+
+
+STOP_PORTS = {"RAY_PORT": "6395", "RAY_DASHBOARD_PORT": "8279", "RAY_CLIENT_PORT": "20095", "MLFLOW_PORT": "5015"}
+
+
+def test_ray_job_stop_leaves_a_resumable_run_and_the_same_submit_continues_it_in_the_same_mlflow_run(demo_set,
+                                                                                                     tmp_path):
+    """A one-node cluster/local.sh cluster with its MLflow server: a training job stopped with `ray job stop` after
+    its first checkpoint is STOPPED, its MLflow run KILLED (not FAILED), its latest checkpoint whole; the same
+    submit command resumes from that checkpoint and finishes the one MLflow run with every logged step once."""
+    with local_cluster(tmp_path / "cluster", STOP_PORTS, "--workers", "0", "--head-cpus", "2") as cluster:
+        env, storage, steps = cluster["env"], tmp_path / "runs", 3000
+        submit = train_command(demo_set, storage, "stopped", "run.num_workers=1", "run.registered_model=null",
+                               f"optim.steps={steps}", "schedule.log_every=50", "schedule.checkpoint_every=1000",
+                               f"schedule.sample_every={steps}")
+        first = f"stopped-{uuid.uuid4().hex[:8]}"
+        run([*submit[:3], "--no-wait", "--submission-id", first, *submit[3:]], env, timeout=120)
+        deadline = time.monotonic() + 300
+        while not (storage / "stopped" / "checkpoint_0001000" / "state.json").is_file():
+            assert time.monotonic() < deadline, run([RAY, "job", "logs", first], env, timeout=60)[-3000:]
+            time.sleep(0.5)
+        run([RAY, "job", "stop", first], env, timeout=120)
+        assert "was stopped" in run([RAY, "job", "status", first], env, timeout=60)
+        logs = run([RAY, "job", "logs", first], env, timeout=60)
+        assert "train: stopped (SIGTERM)" in logs and "is marked KILLED" in logs, logs[-3000:]
+        client = mlflow.MlflowClient(cluster["exports"]["MLFLOW_TRACKING_URI"])
+        [stopped] = client.search_runs([client.get_experiment_by_name("psunet").experiment_id])
+        assert stopped.info.status == "KILLED"
+        snapshot = (storage / "stopped" / "checkpoint_manager_snapshot.json").read_text()
+        latest = max(int(step) for step in re.findall(r"checkpoint_(\d{7})", snapshot))
+        assert (storage / "stopped" / f"checkpoint_{latest:07d}" / "model.safetensors").is_file()
+
+        resumed = run(submit, env, timeout=400)
+        assert f"starting at step {latest}/{steps}" in resumed
+        assert summary_of(resumed)["step"] == steps
+        [finished] = client.search_runs([client.get_experiment_by_name("psunet").experiment_id])
+        assert finished.info.run_id == stopped.info.run_id and finished.info.status == "FINISHED"
+        logged = [m.step for m in client.get_metric_history(finished.info.run_id, "loss")]
+        assert sorted(logged) == list(range(50, steps + 1, 50))

@@ -6,6 +6,6 @@
     convergence.py      convergence (--against baseline, ode, experts)
     quality.py          objectives, paint
     time_to_quality.py  time-to-quality
-    system.py           serve, checkpoints, gpu
+    system.py           serve, overload, checkpoints, gpu
     parts.py            the gpu plan's timed parts, each in a fresh process
 """

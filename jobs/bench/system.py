@@ -1,5 +1,5 @@
-"""The system around the model: the Serve deployment under load (serve), checkpointing beside training
-(checkpoints) and one CUDA GPU end to end (gpu)."""
+"""The system around the model: the Serve deployment under load (serve) and past its bound (overload),
+checkpointing beside training (checkpoints) and one CUDA GPU end to end (gpu)."""
 
 import argparse
 import contextlib
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/tiny.yaml 
 # --- serve
 
 
-def _load(url: str, clients: int, requests_total: int, body_of) -> dict:
-    """`requests_total` POSTs of body_of(i) from `clients` threads: requests/s, latency p50/p99 and errors (non-200)."""
+def _calls(url: str, clients: int, requests_total: int, body_of) -> tuple[float, list[tuple[float, int]]]:
+    """`requests_total` POSTs of body_of(i) from `clients` threads: (wall seconds, [(seconds, status)])."""
     def call(i: int) -> tuple[float, int]:
         start = time.perf_counter()
         status = requests.post(url, json=body_of(i), timeout=600).status_code
@@ -44,11 +44,31 @@ def _load(url: str, clients: int, requests_total: int, body_of) -> dict:
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(call, range(requests_total)))
-    wall = time.perf_counter() - start
-    latencies = sorted(seconds for seconds, _ in results)
-    return {"requests_per_s": requests_total / wall, "p50_ms": 1000 * latencies[len(latencies) // 2],
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)],
+    return time.perf_counter() - start, results
+
+
+def _ms(seconds: list[float], quantile: float) -> float:
+    """The quantile of some latencies, in milliseconds (nearest rank)."""
+    ordered = sorted(seconds)
+    return 1000 * ordered[min(len(ordered) - 1, max(0, math.ceil(quantile * len(ordered)) - 1))]
+
+
+def _load(url: str, clients: int, requests_total: int, body_of) -> dict:
+    """`requests_total` POSTs of body_of(i) from `clients` threads: requests/s, latency p50/p99 and errors (non-200)."""
+    wall, results = _calls(url, clients, requests_total, body_of)
+    latencies = [seconds for seconds, _ in results]
+    return {"requests_per_s": requests_total / wall, "p50_ms": _ms(latencies, 0.5), "p99_ms": _ms(latencies, 0.99),
             "errors": sum(status != 200 for _, status in results)}
+
+
+def _serve_port() -> int:
+    """Ray and Serve started here, Serve's HTTP on a free port of 127.0.0.1."""
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
 
 
 MIXED_STEPS = (10, 25, 40)
@@ -67,11 +87,7 @@ def bench_serve(args) -> dict:
     batching on (max_batch_size 64: step-level batching) and off (1: one request at a time); requests per
     forward (from /v1/stats); the replica's torch threads; with batching on, a mixed load of --load-requests
     requests from 16 clients (steps 10/25/40, image guidance 1-7, text guidance 1-5): requests/s, p50/p99, errors."""
-    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = _serve_port()
     figures = {"model": args.model, "steps": args.sample_steps, "precision": args.precision}
     try:
         for mode, batch in (("batching", 64), ("no_batching", 1)):
@@ -97,6 +113,33 @@ def bench_serve(args) -> dict:
                                               / figures["no_batching_16c_requests_per_s"])
     figures["target_batching_speedup_16_clients"] = TARGETS["cpu"]["serve_batching_speedup_16_clients"]
     return figures
+
+
+def bench_overload(args) -> dict:
+    """The service past its bound: --clients concurrent text-to-image requests at once against a replica that holds
+    at most --bound (max_pending_requests). How fast a refused request gets its 503 (p50 and slowest), the
+    admitted requests' latency p50/p99, how many of each, and the service's own count of refusals."""
+    port = _serve_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        serve.run(app({"model": args.model, "max_pending_requests": args.bound, "max_samples": 1,
+                       "max_steps": args.sample_steps, "num_cpus": args.serve_cpus}), name="bench", route_prefix="/")
+        _, results = _calls(f"{base}/v1/text-to-image", args.clients, args.clients,
+                            lambda i: {"prompt": PROMPT, "seed": i, "steps": args.sample_steps})
+        stats = requests.get(f"{base}/v1/stats", timeout=60).json()
+        healthy = requests.get(f"{base}/healthz", timeout=60).status_code == 200
+    finally:
+        serve.shutdown()
+    admitted = [seconds for seconds, status in results if status == 200]
+    refused = [seconds for seconds, status in results if status == 503]
+    if not admitted or not refused:
+        raise NothingMeasured(f"overload: {len(admitted)} admitted and {len(refused)} refused of {args.clients}: "
+                              "give more --clients or a smaller --bound")
+    return {"model": args.model, "steps": args.sample_steps, "clients": args.clients, "bound": args.bound,
+            "admitted": len(admitted), "refused": len(refused), "other": len(results) - len(admitted) - len(refused),
+            "refused_p50_ms": _ms(refused, 0.5), "refused_max_ms": 1000 * max(refused),
+            "admitted_p50_ms": _ms(admitted, 0.5), "admitted_p99_ms": _ms(admitted, 0.99),
+            "service_refused_overloaded": stats["refused_overloaded"], "healthy_after": healthy}
 
 
 # --- checkpoints
@@ -229,6 +272,14 @@ def add_commands(subparsers) -> None:
     serving.add_argument("--serve-cpus", type=float, help="CPUs (= torch threads) of the model replica; default: the "
                         "service's (all of the node's on CPU)")
     add_precision(serving, "the replica's denoiser precision (bf16: GPUs, CPUs with native bf16)")
+
+    overload = add_command(subparsers, "overload", bench_overload, check=needs_model)
+    add_model(overload, "the model served (required)")
+    add_sample_steps(overload, "sampler steps of each request")
+    overload.add_argument("--clients", type=count, default=64, help="requests sent at once, one per client")
+    overload.add_argument("--bound", type=count, default=8, help="the replica's max_pending_requests")
+    overload.add_argument("--serve-cpus", type=float, help="CPUs (= torch threads) of the model replica; default: "
+                          "the service's")
 
     checkpoints = add_command(subparsers, "checkpoints", bench_checkpoints)
     add_config(checkpoints, "the training job's config", overrides="changes to --config (e.g. schedule.samples=32)")
