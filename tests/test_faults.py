@@ -121,8 +121,10 @@ def test_training_goes_on_while_the_tracking_server_is_down_and_no_metric_is_los
     job = Job(*args)
     stopped_at = job.wait_for_step(log_every)
     server.stop()  # mid-run, while training takes 100 more steps and the server takes to start again
+    down = time.monotonic()
     job.wait_for_step(stopped_at + 100)
     server.start()
+    back, trained_meanwhile = time.monotonic(), job.last_step() - stopped_at
     job.wait_for_step(steps - 300)  # before the end, and not back until the job has ended
     server.stop()
     assert job.finish() == 0, job.output[-4000:]
@@ -144,6 +146,10 @@ def test_training_goes_on_while_the_tracking_server_is_down_and_no_metric_is_los
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [500, 1000, 1500, 2000]
     assert list((storage / "outage" / "unsent_metrics").glob("*.jsonl")) == []
     assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    sent_late = sum(int(n) for n in re.findall(r"sent the (\d+) metrics kept meanwhile", output))
+    print(f"figure: tracking outage {back - down:.0f} s mid-run: {trained_meanwhile} steps trained meanwhile, "
+          f"{sent_late} metrics sent when it was back; at the end: {len(kept)} spool files sent by the rerun; "
+          f"loss points {len(losses)} of {steps // log_every}")
 
 
 def test_a_shard_truncated_on_storage_is_skipped_counted_and_named_and_too_much_bad_data_fails_the_run(demo_set,
@@ -176,6 +182,8 @@ def test_a_shard_truncated_on_storage_is_skipped_counted_and_named_and_too_much_
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("psunet").experiment_id])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "bad_shards")][-1] == 1
+    print(f"figure: truncated shard: refused with exit code 1; allowed: {summary['step']} of {steps} steps, "
+          f"{state['samples_seen']} samples (global batch whole), bad shards {summary['bad_shards']}")
 
 
 def descendants(pid: int) -> list[int]:
@@ -211,12 +219,14 @@ def test_a_checkpoint_write_the_disk_refuses_is_retried_then_stops_the_run_with_
     while not (first / "state.json").is_file():
         assert job.process.poll() is None and time.monotonic() < deadline, job.output[-4000:]
         time.sleep(0.1)
+    refused_at = time.monotonic()
     workers = [pid for pid in descendants(job.process.pid)
                if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert workers, "no training worker found"
     for pid in workers:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
     assert job.finish() == 1, job.output[-4000:]
+    stopped_after = time.monotonic() - refused_at
     output = job.output
     assert "could not be written to" in output and "trying again in 2 s (1 of 1)" in output
     assert re.search(r"train: error: training failed: .*CheckpointWriteError: the checkpoint at step 2000 could not "
@@ -230,6 +240,8 @@ def test_a_checkpoint_write_the_disk_refuses_is_retried_then_stops_the_run_with_
     assert again.finish() == 0, again.output[-4000:]
     assert f"starting at step 1000/{steps}" in again.output
     assert json.loads(again.output.split("train: done ", 1)[1].splitlines()[0])["step"] == steps
+    print(f"figure: checkpoint write refused: the run stopped {stopped_after:.0f} s after the refusal began; resumed "
+          f"at step 1000, so {steps - 1000} steps (all since the last checkpoint) were trained again")
 
 
 STOP_PORTS = {"RAY_PORT": "6395", "RAY_DASHBOARD_PORT": "8279", "RAY_CLIENT_PORT": "20095", "MLFLOW_PORT": "5015"}
@@ -251,6 +263,8 @@ def test_ray_job_stop_leaves_a_resumable_run_and_the_same_submit_continues_it_in
         while not (storage / "stopped" / "checkpoint_0001000" / "state.json").is_file():
             assert time.monotonic() < deadline, run([RAY, "job", "logs", first], env, timeout=60)[-3000:]
             time.sleep(0.5)
+        before_stop = max((int(m) for m in re.findall(r"train: step (\d+) ", run([RAY, "job", "logs", first], env,
+                                                                                   timeout=60))), default=0)
         run([RAY, "job", "stop", first], env, timeout=120)
         assert "was stopped" in run([RAY, "job", "status", first], env, timeout=60)
         logs = run([RAY, "job", "logs", first], env, timeout=60)
@@ -269,3 +283,5 @@ def test_ray_job_stop_leaves_a_resumable_run_and_the_same_submit_continues_it_in
         assert finished.info.run_id == stopped.info.run_id and finished.info.status == "FINISHED"
         logged = [m.step for m in client.get_metric_history(finished.info.run_id, "loss")]
         assert sorted(logged) == list(range(50, steps + 1, 50))
+        print(f"figure: ray job stop at about step {before_stop}: resumed at step {latest}, "
+              f"{max(0, before_stop - latest)}+ steps trained again; MLflow KILLED, then FINISHED in the same run")
