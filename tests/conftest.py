@@ -55,7 +55,7 @@ def ray_started() -> bool:
 
 # The longest files first, each a unit of work for one of the two xdist workers (`make test`: --dist loadfile):
 # the cluster scenario starts at once, and what the other worker does meanwhile balances it.
-FIRST = ("test_cluster.py", "test_tune.py", "test_readme.py", "test_benchmark.py", "test_serve.py")
+FIRST = ("test_cluster.py", "test_tune.py", "test_faults.py", "test_readme.py", "test_benchmark.py", "test_serve.py")
 
 
 @pytest.hookimpl(tryfirst=True)

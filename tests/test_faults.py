@@ -209,12 +209,12 @@ def test_a_checkpoint_write_the_disk_refuses_is_retried_then_stops_the_run_with_
     a full disk looks like to the writer, for root too); the next checkpoint's weights are bigger. The write is
     tried again, then the run stops naming the storage and the cause, nothing of the failed checkpoint is listed
     or left in storage, and the same command resumes from the first checkpoint."""
-    storage, steps = tmp_path / "runs", 2000
+    storage, steps = tmp_path / "runs", 600
     args = train_args(demo_set, storage, "full-disk", f"optim.steps={steps}", "schedule.log_every=100",
-                      "schedule.checkpoint_every=1000", "run.max_failures=0", "run.checkpoint_retries=1",
+                      "schedule.checkpoint_every=300", "run.max_failures=0", "run.checkpoint_retries=1",
                       f"run.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db")
     job = Job(*args)
-    first = storage / "full-disk" / "checkpoint_0001000"
+    first = storage / "full-disk" / "checkpoint_0000300"
     deadline = time.monotonic() + 300
     while not (first / "state.json").is_file():
         assert job.process.poll() is None and time.monotonic() < deadline, job.output[-4000:]
@@ -229,19 +229,19 @@ def test_a_checkpoint_write_the_disk_refuses_is_retried_then_stops_the_run_with_
     stopped_after = time.monotonic() - refused_at
     output = job.output
     assert "could not be written to" in output and "trying again in 2 s (1 of 1)" in output
-    assert re.search(r"train: error: training failed: .*CheckpointWriteError: the checkpoint at step 2000 could not "
+    assert re.search(r"train: error: training failed: .*CheckpointWriteError: the checkpoint at step 600 could not "
                      rf"be written to \S+ on its way to run.storage_path {storage}, 2 tries: OSError: .*File too large",
                      output), output[-3000:]
-    assert sorted(p.name for p in (storage / "full-disk").glob("checkpoint_0*")) == ["checkpoint_0001000"]
+    assert sorted(p.name for p in (storage / "full-disk").glob("checkpoint_0*")) == ["checkpoint_0000300"]
     listed = json.loads((storage / "full-disk" / "checkpoint_manager_snapshot.json").read_text())
-    assert "checkpoint_0002000" not in json.dumps(listed)
+    assert "checkpoint_0000600" not in json.dumps(listed)
 
     again = Job(*args)
     assert again.finish() == 0, again.output[-4000:]
-    assert f"starting at step 1000/{steps}" in again.output
+    assert f"starting at step 300/{steps}" in again.output
     assert json.loads(again.output.split("train: done ", 1)[1].splitlines()[0])["step"] == steps
     print(f"figure: checkpoint write refused: the run stopped {stopped_after:.0f} s after the refusal began; resumed "
-          f"at step 1000, so {steps - 1000} steps (all since the last checkpoint) were trained again")
+          f"at step 300, so {steps - 300} steps (all since the last checkpoint) were trained again")
 
 
 STOP_PORTS = {"RAY_PORT": "6395", "RAY_DASHBOARD_PORT": "8279", "RAY_CLIENT_PORT": "20095", "MLFLOW_PORT": "5015"}
@@ -253,14 +253,14 @@ def test_ray_job_stop_leaves_a_resumable_run_and_the_same_submit_continues_it_in
     its first checkpoint is STOPPED, its MLflow run KILLED (not FAILED), its latest checkpoint whole; the same
     submit command resumes from that checkpoint and finishes the one MLflow run with every logged step once."""
     with local_cluster(tmp_path / "cluster", STOP_PORTS, "--workers", "0", "--head-cpus", "2") as cluster:
-        env, storage, steps = cluster["env"], tmp_path / "runs", 3000
+        env, storage, steps = cluster["env"], tmp_path / "runs", 1200
         submit = train_command(demo_set, storage, "stopped", "run.num_workers=1", "run.registered_model=null",
-                               f"optim.steps={steps}", "schedule.log_every=50", "schedule.checkpoint_every=1000",
+                               f"optim.steps={steps}", "schedule.log_every=50", "schedule.checkpoint_every=400",
                                f"schedule.sample_every={steps}")
         first = f"stopped-{uuid.uuid4().hex[:8]}"
         run([*submit[:3], "--no-wait", "--submission-id", first, *submit[3:]], env, timeout=120)
         deadline = time.monotonic() + 300
-        while not (storage / "stopped" / "checkpoint_0001000" / "state.json").is_file():
+        while not (storage / "stopped" / "checkpoint_0000400" / "state.json").is_file():
             assert time.monotonic() < deadline, run([RAY, "job", "logs", first], env, timeout=60)[-3000:]
             time.sleep(0.5)
         before_stop = max((int(m) for m in re.findall(r"train: step (\d+) ", run([RAY, "job", "logs", first], env,
