@@ -81,9 +81,13 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0,
 
     stamp = int(time.time() * 1000)
     items = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
-    items += [Metric(key, float(value), stamp, at) for key, value, at in points]
-    for start in range(0, len(items), METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=items[start:start + METRICS_PER_BATCH])
+    send(client, run_id, items + [Metric(key, float(value), stamp, at) for key, value, at in points])
+
+
+def send(client, run_id: str, metrics: list) -> None:
+    """MLflow Metric objects, in batches of MLflow's limit."""
+    for start in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
 
 
 def register_model(client, name: str, run_id: str, artifact_path: str = "model") -> str:
@@ -94,6 +98,12 @@ def register_model(client, name: str, run_id: str, artifact_path: str = "model")
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = client.create_model_version(name, source=source, run_id=run_id)
     return f"models:/{name}/{version.version}"
+
+
+def fail_fast() -> None:
+    """This process's MLflow calls fail at once on an unreachable server (FAIL_FAST, unless set otherwise)."""
+    for name, value in FAIL_FAST.items():
+        os.environ.setdefault(name, value)
 
 
 def unreachable_errors() -> tuple[type[BaseException], ...]:
@@ -122,8 +132,7 @@ class Outbox:
 
     def __init__(self, client, run_id: str, spool: str, writer: str, retry_s: float = 10.0,
                  say: Callable[[str], None] | None = None):
-        for name, value in FAIL_FAST.items():
-            os.environ.setdefault(name, value)
+        fail_fast()
         self.client, self.run_id, self.retry_s = client, run_id, retry_s
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.fs, folder = _filesystem(spool)
@@ -147,8 +156,7 @@ class Outbox:
         if not self.pending:
             return True
         try:
-            for start in range(0, len(self.pending), METRICS_PER_BATCH):
-                self.client.log_batch(self.run_id, metrics=self.pending[start:start + METRICS_PER_BATCH])
+            send(self.client, self.run_id, self.pending)
         except unreachable_errors() as exc:
             if self.down_since is None:
                 self.down_since = time.monotonic()
@@ -185,8 +193,7 @@ def send_spooled(client, run_id: str, spool: str) -> int:
     import pyarrow.fs
     from mlflow.entities import Metric
 
-    for name, value in FAIL_FAST.items():
-        os.environ.setdefault(name, value)
+    fail_fast()
     fs, folder = _filesystem(spool)
     unsent = 0
     for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
@@ -195,8 +202,7 @@ def send_spooled(client, run_id: str, spool: str) -> int:
         with fs.open_input_stream(info.path) as stream:
             metrics = [Metric(**json.loads(line)) for line in stream.read().decode().splitlines() if line]
         try:
-            for start in range(0, len(metrics), METRICS_PER_BATCH):
-                client.log_batch(run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
+            send(client, run_id, metrics)
         except unreachable_errors():
             unsent += len(metrics)
             continue

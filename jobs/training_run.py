@@ -219,8 +219,7 @@ def train_loop(loop_config: dict) -> None:
             metrics = {"loss": out.loss.item(), "loss_image": out.loss_image.item(), "loss_text": out.loss_text.item(),
                        "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": window_steps * global_batch / elapsed,
                        "data_wait_fraction": (stream.wait_s - window_wait) / elapsed}
-            if stream.bad.shards:
-                metrics.update(bad_shards=len(stream.bad.shards), bad_records=len(stream.bad.records))
+            metrics.update(stream.bad.metrics())
             window_start, window_steps, window_wait = time.perf_counter(), 0, stream.wait_s
             if rank == 0:
                 tracker.log(step, metrics)
@@ -242,8 +241,7 @@ def train_loop(loop_config: dict) -> None:
                 metrics["ddp_param_max_abs_diff"] = _param_spread(trainer.model)
             if world > 1:  # every rank's skipped data, so the checkpoint holds all of it
                 _gather_bad(stream.bad, world)
-            if stream.bad.shards:
-                metrics.update(bad_shards=len(stream.bad.shards), bad_records=len(stream.bad.records))
+            metrics.update(stream.bad.metrics())
             state = {"step": step, "samples_seen": samples_seen, "ema_updates": trainer.ema.updates, "data_seed": data_seed,
                      "world_size": world, "mlflow_run_id": loop_config["mlflow_run_id"], "bad_data": stream.bad.state()}
             started = time.perf_counter()

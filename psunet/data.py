@@ -248,6 +248,10 @@ class BadData:
             self.shards.setdefault(shard, reason)
         self.records.update(other.get("records", []))
 
+    def metrics(self) -> dict[str, int]:
+        """bad_shards and bad_records, once anything was skipped."""
+        return {"bad_shards": len(self.shards), "bad_records": len(self.records)} if self.shards else {}
+
     def state(self) -> dict:
         return {"shards": dict(sorted(self.shards.items())), "records": sorted(self.records)}
 

@@ -135,9 +135,11 @@ def test_training_skips_a_shard_cut_at_a_member_edge_and_a_record_that_does_not_
 
 def test_bad_data_counts_shards_and_records_once_and_stops_past_its_fraction():
     bad = BadData(shards=10, max_fraction=0.2)
+    assert bad.metrics() == {}
     new = bad.add([{"shard": "a.tar", "reason": "EOFError", "key": "k1"}, {"shard": "a.tar", "reason": "x", "key": "k1"}])
     assert [n["shard"] for n in new] == ["a.tar"] and len(bad.records) == 1
     bad.add([{"shard": "b.tar", "reason": "ReadError"}])
+    assert bad.metrics() == {"bad_shards": 2, "bad_records": 1}
     assert bad.state() == {"shards": {"a.tar": "EOFError", "b.tar": "ReadError"}, "records": ["a.tar#k1"]}
     with pytest.raises(BadDataError, match=r"3 of 10 shards .* data.max_bad_fraction=0.2 allows: a.tar: EOFError; "
                                            r"b.tar: ReadError; c.tar: boom"):
