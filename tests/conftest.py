@@ -82,7 +82,9 @@ def ray_local():
     """One real local Ray instance for the whole session (token auth on, as on a cluster)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    from jobs.local_ray import init_local_ray
+
+    init_local_ray(address="local", num_cpus=2)
     yield ray
     ray.shutdown()
 

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import requests
 import yaml
 from PIL import Image
 
+from jobs.local_ray import free_port
 from jobs.serve import ServeArgs, app
 from psunet.config import DiffusionConfig
 from psunet.diffusion import SCHEDULERS, schedulers_for
@@ -32,17 +32,11 @@ pytestmark = pytest.mark.ray
 PROMPT = "a small red circle on the left"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(ray_local, tiny_model):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app({"model": str(tiny_model), "max_samples": 4, "max_steps": 50, "max_prompt_chars": 80,
                    "max_image_side": 256, "max_body_bytes": 200_000, "batch_wait_timeout_s": 0.2,

@@ -21,6 +21,7 @@ from jobs.bench.common import (PROMPT, TARGETS, StepTimer, add_command, add_conf
                                add_sample_steps, count, device_of, median_seconds, sampling_ms_per_step, seconds_of,
                                sync)
 from jobs.config import TrainJobConfig, load_config
+from jobs.local_ray import init_local_ray
 from jobs.model_ref import load_pipeline
 from psunet.config import DiffusionConfig, preset
 from psunet.data import ShardStream, load_manifest, make_loader, write_manifest
@@ -114,7 +115,7 @@ def bench_overhead(args) -> dict:
     figure is the median of the rounds' step-time ratios (trainer / bare)."""
     device = device_of(args.device)
     config = timed_config(args).model_dump(mode="json")
-    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    init_local_ray()
     storage = tempfile.mkdtemp(prefix="psunet-bench-")
     bare, trainer = [], []
     context = multiprocessing.get_context("spawn")

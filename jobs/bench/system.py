@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import json
 import math
-import socket
 import statistics
 import sys
 import tempfile
@@ -13,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import ray
 import requests
 import torch
 from ray import serve
@@ -25,6 +23,7 @@ from jobs.bench.common import (PROMPT, TARGETS, NothingMeasured, add_command, ad
 from jobs.bench.parts import run_parts
 from jobs.bench.speed import add_precision, bench_sampling, bench_train
 from jobs.config import load_config
+from jobs.local_ray import free_port, init_local_ray
 from jobs.serve import app
 from jobs.training_run import run
 
@@ -63,10 +62,8 @@ def _load(url: str, clients: int, requests_total: int, body_of) -> dict:
 
 def _serve_port() -> int:
     """Ray and Serve started here, Serve's HTTP on a free port of 127.0.0.1."""
-    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    init_local_ray()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
 
