@@ -1,6 +1,6 @@
 """Sampler settings: one validated object that owns the defaults and the checks of every sampler knob.
 
-    SamplerSettings(steps=25, scheduler="dpmsolver++", guidance_scale=3.0)       # one scale for both
+    SamplerSettings(steps=15, scheduler="dpmsolver++", guidance_scale=3.0)       # one scale for both
     SamplerSettings(guidance_scale_image=5.0, guidance_scale_text=2.0, seed=7)  # a scale per modality
 
 guidance_scale_image scales the guidance of the image's noise prediction (how strongly a known caption
@@ -24,7 +24,8 @@ MAX_STEPS = 1000
 class SamplerSettings(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(25, ge=1, le=MAX_STEPS, description="sampler steps")
+    steps: int = Field(15, ge=1, le=MAX_STEPS, description="sampler steps (15: the fewest that score within 2 "
+                       "points of 50 steps on every task, BENCHMARKS.md)")
     scheduler: str = Field("dpmsolver++", description=f"one of {', '.join(SCHEDULERS)}: dpmsolver++ samples every "
                            "model, ddim and ddpm the epsilon and v models, euler the flow models")
     spacing: Literal["trailing", "leading", "linspace"] = Field(
