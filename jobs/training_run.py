@@ -295,11 +295,11 @@ def write_checkpoint(cfg: TrainJobConfig, trainer: Trainer, state: dict, loop_co
                 shutil.rmtree(folder, ignore_errors=True)
             where = folder or tempfile.gettempdir()
             if attempt == cfg.run.checkpoint_retries:
+                # short: Ray Train keeps only the last 500 characters of a worker's error, this line included
                 raise CheckpointWriteError(
-                    f"the checkpoint at step {step} could not be written to {where} on its way to run.storage_path "
-                    f"{cfg.run.storage_path}, {attempt + 1} tries: {type(exc).__name__}: {exc}. The latest complete "
-                    "checkpoint is still the one before it: free space or fix the storage, then run the same "
-                    "command to resume from it") from exc
+                    f"the checkpoint at step {step} could not be written ({attempt + 1} tries) on its way to "
+                    f"run.storage_path {cfg.run.storage_path}: {type(exc).__name__}: {exc}. The previous checkpoint "
+                    "is still the latest: free space or fix the storage, then run the same command to resume") from exc
             wait = 2.0 * (attempt + 1)
             log.warning(f"train: the checkpoint at step {step} could not be written to {where} ({exc}); trying "
                         f"again in {wait:g} s ({attempt + 1} of {cfg.run.checkpoint_retries})")
