@@ -28,7 +28,8 @@ from psunet.data import BadData, load_manifest, make_loader
 from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss
 from psunet.ema import unwrap
 from psunet.model import PSUNet
-from psunet.model_folder import ASSETS, assets_for, bundle, load_model, locate, upgrade_weights
+from psunet.model_folder import (ASSETS, assets_for, bundle, data_codec, load_model, locate, rounding_vocabulary,
+                                 upgrade_weights)
 from psunet.training import Trainer, rank_split
 
 RUN_TAG = "psunet.run"
@@ -74,16 +75,16 @@ class Validator:
     def __init__(self, cfg: TrainJobConfig, device: torch.device):
         from psunet.pipeline import PSUNetPipeline
         from psunet.autoencoder import Autoencoder
-        from psunet.text import TextCodec, load_vectors
 
         self.cfg, self.device = cfg, device
         self.schedule = NoiseSchedule(cfg.diffusion)
         self.batches = batches = list(self._fixed_batches())
         if not batches:
             raise ValueError(f"no validation samples in {cfg.data.val or cfg.data.train}")
-        assets = assets_for(cfg.data.val or cfg.data.train)
-        codec = TextCodec(load_vectors(assets["word_vectors"], assets["word_vectors_sha256"]), cfg.model.text_len)
-        self.autoencoder = Autoencoder.load(assets["autoencoder"], device=str(device))
+        folder = cfg.data.val or cfg.data.train
+        codec = data_codec(folder, cfg.model.text_len)
+        self.vocabulary = codec.table.to(device)
+        self.autoencoder = Autoencoder.load(assets_for(folder)["autoencoder"], device=str(device))
         self.settings = cfg.schedule.sampler()
         self.make_pipeline = lambda model: PSUNetPipeline(model, cfg.model, cfg.diffusion, codec, self.autoencoder,
                                                     self.settings)
@@ -108,7 +109,7 @@ class Validator:
         for batch in self.batches:
             latents, text = batch["latent"].to(self.device), batch["text"].to(self.device)
             out = diffusion_loss(model, self.schedule, self.cfg.diffusion, latents, text, generator,
-                                 time_range=self.cfg.branch.time_range)
+                                 time_range=self.cfg.branch.time_range, vocabulary=self.vocabulary)
             totals["val_loss"] += out.loss.item()
             totals["val_loss_image"] += out.loss_image.item()
             totals["val_loss_text"] += out.loss_text.item()
@@ -170,7 +171,8 @@ def train_loop(loop_config: dict) -> None:
         weights = initial_weights(cfg.branch.init_from)
         upgrade_weights(weights, model.state_dict())
         model.load_state_dict(weights)
-    trainer = Trainer(model, cfg.optim, cfg.diffusion, device, time_range=cfg.branch.time_range)
+    trainer = Trainer(model, cfg.optim, cfg.diffusion, device, time_range=cfg.branch.time_range,
+                      vocabulary=rounding_vocabulary(cfg.data.train, cfg.model, cfg.diffusion))
     step, samples_seen, bad_seen = 0, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -217,6 +219,7 @@ def train_loop(loop_config: dict) -> None:
         if step % cfg.schedule.log_every == 0 or step == cfg.optim.steps:
             elapsed = time.perf_counter() - window_start
             metrics = {"loss": out.loss.item(), "loss_image": out.loss_image.item(), "loss_text": out.loss_text.item(),
+                       **({"loss_rounding": out.loss_rounding.item()} if out.loss_rounding is not None else {}),
                        "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": window_steps * global_batch / elapsed,
                        "data_wait_fraction": (stream.wait_s - window_wait) / elapsed}
             metrics.update(stream.bad.metrics())

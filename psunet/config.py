@@ -113,6 +113,10 @@ class DiffusionConfig(StrictModel):
     p_drop_text: float = Field(0.1, ge=0, le=1, description="probability of replacing the text by noise")
     p_drop_image: float = Field(0.1, ge=0, le=1, description="probability of replacing the image by noise")
     text_loss_weight: float = Field(1.0, ge=0)
+    rounding_loss_weight: float = Field(
+        0.0, ge=0, description="weight of a cross-entropy rounding term on the text head's clean-text estimate: the "
+        "true words under logits -||x0_hat - e_w||^2 / 2 over the vocabulary (Diffusion-LM's rounding), so the "
+        "estimate also has to single out the right word; 0 = off. Training needs the data's word vectors")
     text_scale: float = Field(
         1.0, gt=0, description="word vectors are multiplied by this before noising: > 1 keeps words "
         "recognisable at higher noise levels (a per-modality SNR shift); the text is then not pure noise at the "

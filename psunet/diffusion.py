@@ -25,6 +25,10 @@ it, so a recipe's weight means the same whatever its target. The weight is clamp
 with base SNR (a plain epsilon loss), SNR + 1 (a plain v loss) or (1 + sqrt(SNR))^2 (a plain velocity loss): the
 cap is min-SNR-gamma, the floor keeps the high-noise times, where one modality has to read the other, from
 counting for almost nothing.
+
+With `rounding_loss_weight` the text also gets Diffusion-LM's rounding term: the cross-entropy of the true words
+given the clean-text estimate, read as logits -||x0_hat - e_w||^2 / 2 over the vocabulary's vectors, so that the
+estimate singles out one word where the squared error alone is content with a blend of the likely ones.
 """
 
 from __future__ import annotations
@@ -219,6 +223,19 @@ class LossOutput:
     loss_text: torch.Tensor
     kept_image: torch.Tensor  # (B,) 1 where the image's loss counts: neither dropped nor given clean
     kept_text: torch.Tensor
+    loss_rounding: torch.Tensor | None = None  # with diffusion.rounding_loss_weight > 0
+
+
+def rounding_loss(clean_estimate: torch.Tensor, clean: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+    """(B,) Diffusion-LM's rounding term: per sample the mean cross-entropy of the true words of `clean` (B, L, E)
+    under logits -||x0_hat - e_w||^2 / 2 over the vocabulary's vectors (V, E), x0_hat = `clean_estimate`. All
+    three in the same scale; every clean vector is a vocabulary row, so its word is the nearest one."""
+    with torch.autocast(clean.device.type, enabled=False):
+        words = vocabulary.to(clean.device).float()
+        half_norms = words.pow(2).sum(-1) / 2  # -||x - e||^2 / 2 = x.e - ||e||^2 / 2 - (a constant per token)
+        targets = (clean.float() @ words.T - half_norms).argmax(-1)
+        logits = clean_estimate.float() @ words.T - half_norms
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
 
 
 def _masked_mean(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -252,12 +269,16 @@ def draw_slices(schedule: NoiseSchedule, batch: int, start: int, end: int, devic
 
 def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConfig,
                    image_latents: torch.Tensor, text_vectors: torch.Tensor,
-                   generator: torch.Generator | None = None, time_range: tuple[int, int] | None = None) -> LossOutput:
+                   generator: torch.Generator | None = None, time_range: tuple[int, int] | None = None,
+                   vocabulary: torch.Tensor | None = None) -> LossOutput:
     """The weighted denoising error of both heads (each on its own target) over the configured timestep slices,
-    with noise-replacement dropout per modality.
+    with noise-replacement dropout per modality, and with config.rounding_loss_weight the rounding term.
 
     time_range [start, end): draw the diffusion times from that interval only (an expert's branch training).
+    vocabulary: the word vectors (V, E) in the data's scale (TextCodec.table), which the rounding term needs.
     """
+    if config.rounding_loss_weight and vocabulary is None:
+        raise ValueError("diffusion.rounding_loss_weight needs the vocabulary's word vectors (vocabulary=)")
     batch, device = image_latents.shape[0], image_latents.device
     text_vectors = text_vectors * config.text_scale
     start, end = time_range or (0, schedule.num_timesteps)
@@ -296,10 +317,15 @@ def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConf
     learn_text = (keep_text & ~clean_text).float()
     loss_image = _masked_mean(err_image, learn_image)
     loss_text = _masked_mean(err_text, learn_text)
-    return LossOutput(
-        loss=loss_image + config.text_loss_weight * loss_text,
-        loss_image=loss_image, loss_text=loss_text, kept_image=learn_image, kept_text=learn_text,
-    )
+    loss = loss_image + config.text_loss_weight * loss_text
+    loss_rounding = None
+    if config.rounding_loss_weight:
+        scale = config.text_scale
+        estimate = schedule.clean_of(text_target, out.eps_text, noisy_text, t_text)
+        loss_rounding = _masked_mean(rounding_loss(estimate / scale, text_vectors / scale, vocabulary), learn_text)
+        loss = loss + config.rounding_loss_weight * loss_rounding
+    return LossOutput(loss=loss, loss_image=loss_image, loss_text=loss_text, kept_image=learn_image,
+                      kept_text=learn_text, loss_rounding=loss_rounding)
 
 
 @torch.no_grad()

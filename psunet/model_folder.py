@@ -40,7 +40,7 @@ from psunet.config import DiffusionConfig, ModelConfig
 from psunet.data import load_manifest
 from psunet.experts import ExpertEnsemble, check_intervals
 from psunet.model import PSUNet
-from psunet.text import file_sha256
+from psunet.text import TextCodec, file_sha256, load_vectors
 
 MODEL_INDEX = "model_index.json"
 ASSETS = "assets.json"  # a training checkpoint's pointers to its autoencoder and word vectors
@@ -129,6 +129,18 @@ def assets_for(manifest_folder: str) -> dict:
     return {"autoencoder": autoencoder, "autoencoder_is_local": manifest.autoencoder_is_local,
             "word_vectors": manifest.resolve(manifest_folder, manifest.word_vectors),
             "word_vectors_sha256": manifest.word_vectors_sha256}
+
+
+def data_codec(manifest_folder: str, text_len: int) -> TextCodec:
+    """The captions' codec of a shard folder: its word vectors (checksum checked) at `text_len` slots."""
+    assets = assets_for(manifest_folder)
+    return TextCodec(load_vectors(assets["word_vectors"], assets["word_vectors_sha256"]), text_len)
+
+
+def rounding_vocabulary(data_folder: str, model: ModelConfig, diffusion: DiffusionConfig) -> torch.Tensor | None:
+    """The word vectors, as the text is encoded (TextCodec.table), that diffusion.rounding_loss_weight trains
+    against: those of the shard folder the model trains on; None when the term is off."""
+    return data_codec(data_folder, model.text_len).table if diffusion.rounding_loss_weight else None
 
 
 def write(out: str | Path, config: dict, weights: dict[str, torch.Tensor], autoencoder: Path | str | AutoencoderKL,

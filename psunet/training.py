@@ -49,12 +49,15 @@ class Trainer:
         trainer.ema.model  # what samples
 
     `model` owns the parameters; `wrap(fn)` puts a wrapper (DDP, torch.compile) around it for the forward.
-    With a time range, times are drawn from that interval only (an expert's branch).
+    With a time range, times are drawn from that interval only (an expert's branch). `vocabulary`, the data's word
+    vectors (TextCodec.table), is needed by diffusion.rounding_loss_weight.
     """
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, diffusion: DiffusionConfig,
-                 device: torch.device, *, time_range: tuple[int, int] | None = None):
+                 device: torch.device, *, time_range: tuple[int, int] | None = None,
+                 vocabulary: torch.Tensor | None = None):
         self.optim, self.diffusion, self.device, self.time_range = optim, diffusion, device, time_range
+        self.vocabulary = None if vocabulary is None else vocabulary.to(device)
         self.model = model.to(device)
         self.net = self.model
         self.optimizer = make_optimizer(self.model, optim)
@@ -90,16 +93,20 @@ class Trainer:
             with (contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()), \
                     torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                 out = diffusion_loss(self.net, self.schedule, self.diffusion, batch["latent"].to(self.device),
-                                     batch["text"].to(self.device), time_range=self.time_range)
+                                     batch["text"].to(self.device), time_range=self.time_range,
+                                     vocabulary=self.vocabulary)
                 (out.loss * (sizes[i] * world / global_batch)).backward()
             weight = sizes[i] / sum(sizes)
-            parts = [out.loss.detach() * weight, out.loss_image.detach() * weight, out.loss_text.detach() * weight]
+            parts = [out.loss, out.loss_image, out.loss_text] + ([out.loss_rounding] if out.loss_rounding is not None
+                                                                  else [])
+            parts = [part.detach() * weight for part in parts]
             totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
             kept.append((out.kept_image, out.kept_text))
         grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(self.model).parameters(), self.optim.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model)
-        return LossOutput(*totals, *(torch.cat(masks) for masks in zip(*kept))), grad_norm, lr
+        masks = [torch.cat(masks) for masks in zip(*kept)]
+        return LossOutput(*totals[:3], *masks, *totals[3:]), grad_norm, lr
 
 
 def rank_split(global_batch: int, world: int, rank: int, micro_batch: int) -> list[int]:

@@ -4,10 +4,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from psunet.config import DiffusionConfig, preset
-from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss, make_scheduler
+from psunet.config import DiffusionConfig, OptimConfig, preset
+from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss, make_scheduler, rounding_loss
 from psunet.ema import EMA
 from psunet.model import ModelOutput, PSUNet
+from psunet.training import Trainer
 
 PLAIN_EPSILON = {"prediction": "epsilon", "min_snr_gamma": None, "snr_floor": None}  # the unweighted epsilon loss
 
@@ -187,6 +188,61 @@ def test_a_text_head_predicting_the_clean_vectors_is_converted_to_noise_exactly(
     assert out.loss_text.item() < 1e-6 and out.loss_image.item() > 0.5
     epsilon = DiffusionConfig(timesteps="shared", p_drop_text=0, p_drop_image=0)
     assert diffusion_loss(KnowsTheCleanText(text), NoiseSchedule(epsilon), epsilon, image, text).loss_text > 0.5
+
+
+def word_table(words: int = 12, dim: int = 16) -> torch.Tensor:
+    """A vocabulary as TextCodec.table holds it: unit vectors times sqrt(dim)."""
+    unit = torch.nn.functional.normalize(torch.randn(words, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return unit * dim ** 0.5
+
+
+def test_rounding_loss_is_the_cross_entropy_of_the_true_words_under_negative_half_squared_distances():
+    table = word_table()
+    ids = torch.randint(0, 12, (4, 16), generator=torch.Generator().manual_seed(1))
+    estimate = table[ids] + 0.5 * torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(2))
+    logits = -torch.cdist(estimate, table.expand(4, -1, -1)).pow(2) / 2
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+    torch.testing.assert_close(rounding_loss(estimate, table[ids], table), expected, rtol=1e-4, atol=1e-4)
+    assert rounding_loss(table[ids], table[ids], table).max() < 0.05  # the right words: sure
+    assert rounding_loss(table[(ids + 1) % 12], table[ids], table).min() > 1  # the wrong ones
+    blend = rounding_loss(table.mean(0).expand(4, 16, 16), table[ids], table)  # no word singled out: about log V
+    assert (blend - torch.log(torch.tensor(12.0))).abs().max() < 1
+
+
+@pytest.mark.parametrize("text_scale", [1.0, 2.0])
+def test_the_rounding_term_reads_the_clean_text_estimate_in_the_data_scale(text_scale):
+    model_config = preset("tiny")
+    table = word_table(dim=model_config.word_dim)
+    ids = torch.randint(0, 12, (8, model_config.text_len), generator=torch.Generator().manual_seed(3))
+    image, text = torch.randn(8, *model_config.latent_shape), table[ids]
+    config = DiffusionConfig(prediction="flow", weight_base="flow", snr_floor=None, min_snr_gamma=None,
+                             text_target="sample", text_scale=text_scale, rounding_loss_weight=0.5,
+                             timesteps="shared", p_drop_text=0, p_drop_image=0)
+    out = diffusion_loss(KnowsTheCleanText(text * text_scale), NoiseSchedule(config), config, image, text,
+                         vocabulary=table)
+    assert out.loss_rounding.item() < 0.05
+    torch.testing.assert_close(out.loss, out.loss_image + out.loss_text + 0.5 * out.loss_rounding)
+    wrong = diffusion_loss(KnowsTheCleanText(table[(ids + 1) % 12] * text_scale), NoiseSchedule(config), config,
+                           image, text, vocabulary=table)
+    assert wrong.loss_rounding.item() > 1
+    with pytest.raises(ValueError, match="rounding_loss_weight"):
+        diffusion_loss(KnowsTheCleanText(text), NoiseSchedule(config), config, image, text)
+    assert diffusion_loss(ZeroModel(), NoiseSchedule(DiffusionConfig()), DiffusionConfig(), image, text
+                          ).loss_rounding is None
+
+
+def test_a_training_step_with_the_rounding_term_trains_the_text_head_on_it():
+    model_config = preset("tiny")
+    table = word_table(dim=model_config.word_dim)
+    ids = torch.randint(0, 12, (8, model_config.text_len), generator=torch.Generator().manual_seed(4))
+    diffusion = DiffusionConfig(prediction="flow", weight_base="flow", snr_floor=None, min_snr_gamma=None,
+                                rounding_loss_weight=1.0)
+    torch.manual_seed(0)
+    trainer = Trainer(PSUNet(model_config), OptimConfig(steps=2, batch_size=8), diffusion, torch.device("cpu"),
+                      vocabulary=table)
+    out, grad_norm, _ = trainer.step(0, [{"latent": torch.randn(8, *model_config.latent_shape), "text": table[ids]}])
+    assert out.loss_rounding.item() > 0 and torch.isfinite(grad_norm)
+    torch.testing.assert_close(out.loss, out.loss_image + out.loss_text + out.loss_rounding)
 
 
 def test_bad_diffusion_config_names_the_field():

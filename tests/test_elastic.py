@@ -63,7 +63,7 @@ def test_the_sample_stream_cuts_batches_to_size_and_keeps_the_rest_in_order():
     assert stream.wait_s >= 0
 
 
-def fixed_loss(net, schedule, config, latents, text, time_range=None) -> LossOutput:
+def fixed_loss(net, schedule, config, latents, text, time_range=None, vocabulary=None) -> LossOutput:
     """A per-sample loss with no random draws (the diffusion loss draws noise per call), so a batch and its
     micro-batches can be compared exactly."""
     times = torch.full((len(latents),), 500)

@@ -20,6 +20,7 @@ from jobs import tracking
 from jobs.model_ref import MODEL_HELP
 from psunet.data import make_loader
 from psunet.model import PSUNet
+from psunet.model_folder import rounding_vocabulary
 from psunet.progress import progress
 from psunet.sampling import joint_infill
 from psunet.settings import SamplerSettings, parse_guidance
@@ -119,7 +120,8 @@ def train_for(cfg, model: PSUNet, steps: int, seed: int, device: torch.device, e
     evaluate(ema_model, step) -> dict is called after each step in `eval_at`; each curve point also has the
     wall-clock seconds spent in training steps so far."""
     optim = cfg.optim.model_copy(update={"steps": steps, "warmup_steps": min(cfg.optim.warmup_steps, steps - 1)})
-    trainer = Trainer(model, optim, cfg.diffusion, device, time_range=cfg.branch.time_range)
+    trainer = Trainer(model, optim, cfg.diffusion, device, time_range=cfg.branch.time_range,
+                      vocabulary=rounding_vocabulary(cfg.data.train, cfg.model, cfg.diffusion))
     batches = iter(make_loader(cfg.data.train, cfg.optim.batch_size, cfg.model, training=True, seed=seed,
                                rank=0, world_size=1))
     curve, training_seconds = [], 0.0
