@@ -235,14 +235,19 @@ def test_a_training_step_with_the_rounding_term_trains_the_text_head_on_it():
     model_config = preset("tiny")
     table = word_table(dim=model_config.word_dim)
     ids = torch.randint(0, 12, (8, model_config.text_len), generator=torch.Generator().manual_seed(4))
-    diffusion = DiffusionConfig(prediction="flow", weight_base="flow", snr_floor=None, min_snr_gamma=None,
-                                rounding_loss_weight=1.0)
-    torch.manual_seed(0)
-    trainer = Trainer(PSUNet(model_config), OptimConfig(steps=2, batch_size=8), diffusion, torch.device("cpu"),
-                      vocabulary=table)
-    out, grad_norm, _ = trainer.step(0, [{"latent": torch.randn(8, *model_config.latent_shape), "text": table[ids]}])
+    batch = {"latent": torch.randn(8, *model_config.latent_shape), "text": table[ids]}
+    text_head_grads = {}
+    for weight in (0.0, 1.0):  # the same weights, times and noise: only the term differs
+        diffusion = DiffusionConfig(prediction="flow", weight_base="flow", snr_floor=None, min_snr_gamma=None,
+                                    rounding_loss_weight=weight)
+        torch.manual_seed(0)
+        trainer = Trainer(PSUNet(model_config), OptimConfig(steps=2, batch_size=8), diffusion, torch.device("cpu"),
+                          vocabulary=table)
+        out, grad_norm, _ = trainer.step(0, [batch])
+        text_head_grads[weight] = trainer.model.text_head.weight.grad.clone()
     assert out.loss_rounding.item() > 0 and torch.isfinite(grad_norm)
     torch.testing.assert_close(out.loss, out.loss_image + out.loss_text + out.loss_rounding)
+    assert not torch.allclose(text_head_grads[0.0], text_head_grads[1.0])
 
 
 def test_bad_diffusion_config_names_the_field():
