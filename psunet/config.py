@@ -38,6 +38,11 @@ class ModelConfig(StrictModel):
         "shift, scale and gate from its own time plus the pooled other modality (DiT's adaLN, SD3's pooled vector; "
         "one modulation for all blocks plus a learned offset per block, as PixArt's adaLN-single), "
         "zero-initialised so that training starts from the plain model; discrete blocks only")
+    self_condition: bool = Field(
+        False, description="self-conditioning (Analog Bits; CDCD and Plaid for embedded text): each modality's input "
+        "also takes the model's last estimate of its clean data (zero when there is none) through a "
+        "zero-initialised linear layer beside its input layer; trained with a first estimate from a gradient-free "
+        "pass on half the samples, sampled with the previous step's estimate")
     block_type: Literal["discrete", "ode"] = Field(
         "discrete", description="ode: each half of the shared U (its in-blocks, its out-blocks) is one weight-tied "
         "block integrated as a neural ODE (cU-Net), one unit of ODE time per block it replaces")

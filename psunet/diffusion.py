@@ -29,6 +29,10 @@ counting for almost nothing.
 With `rounding_loss_weight` the text also gets Diffusion-LM's rounding term: the cross-entropy of the true words
 given the clean-text estimate, read as logits -||x0_hat - e_w||^2 / 2 over the vocabulary's vectors, so that the
 estimate singles out one word where the squared error alone is content with a blend of the likely ones.
+
+A self-conditioned model (`ModelConfig.self_condition`, Analog Bits) also takes an estimate of the clean data: on
+half the samples (drawn per sample) its own first estimate from a gradient-free pass, on the rest zeros; in both,
+the data itself where a modality is given clean and zeros where it is dropped, as the sampler gives them.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from psunet.config import DiffusionConfig
+from psunet.ema import unwrap
 from psunet.model import PSUNet
 
 DDPM_SCHEDULERS = {
@@ -267,6 +272,12 @@ def draw_slices(schedule: NoiseSchedule, batch: int, start: int, end: int, devic
     return torch.where(clean_image, zero, t_image), torch.where(clean_text, zero, t_text), clean_image, clean_text
 
 
+def self_conditioned(model) -> bool:
+    """Whether `model` (behind any wrapper) takes an estimate: a self-conditioned PSUNet or ensemble; anything else
+    with their call does not."""
+    return bool(getattr(getattr(unwrap(model), "config", None), "self_condition", False))
+
+
 def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConfig,
                    image_latents: torch.Tensor, text_vectors: torch.Tensor,
                    generator: torch.Generator | None = None, time_range: tuple[int, int] | None = None,
@@ -303,8 +314,21 @@ def diffusion_loss(model: PSUNet, schedule: NoiseSchedule, config: DiffusionConf
     else:
         times = torch.stack([t_image, t_text])
 
-    out = model(noisy_image, noisy_text, times)
     image_target, text_target = config.target("image"), config.target("text")
+    options = {}
+    if self_conditioned(model):
+        first = torch.rand(batch, device=device, generator=generator) < 0.5
+        estimate_image, estimate_text = torch.zeros_like(noisy_image), torch.zeros_like(noisy_text)
+        rows = first.nonzero().flatten()
+        if len(rows):
+            with torch.no_grad():
+                guess = unwrap(model)(noisy_image[rows], noisy_text[rows], times[:, rows])
+            estimate_image[rows] = schedule.clean_of(image_target, guess.eps_image, noisy_image[rows], t_image[rows])
+            estimate_text[rows] = schedule.clean_of(text_target, guess.eps_text, noisy_text[rows], t_text[rows])
+        estimate_image = torch.where(clean_image.view(-1, 1, 1, 1), image_latents, estimate_image)
+        estimate_text = torch.where(clean_text.view(-1, 1, 1), text_vectors, estimate_text)
+        options["estimate"] = (estimate_image * keep_image.view(-1, 1, 1, 1), estimate_text * keep_text.view(-1, 1, 1))
+    out = model(noisy_image, noisy_text, times, **options)
     err_image = (out.eps_image.float() - schedule.target_of(image_target, image_latents, noise_image, t_image)
                  ).pow(2).flatten(1).mean(1)
     err_text = (out.eps_text.float() - schedule.target_of(text_target, text_vectors, noise_text, t_text)

@@ -92,18 +92,21 @@ class ExpertEnsemble(nn.Module):
                            torch.where(special_second & ~special_first, first, torch.minimum(first, second)))
 
     def forward(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor,
-                paint: PaintBias | None = None) -> ModelOutput:
+                paint: PaintBias | None = None,
+                estimate: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
         times = self.routing_times(timesteps) if timesteps.dim() == 2 else timesteps
         index = self.expert_index(times)
         first = int(index[0])
         if bool((index == first).all()):
-            return self.experts[first](image_latents, text_vectors, timesteps, paint)
+            return self.experts[first](image_latents, text_vectors, timesteps, paint, estimate)
         eps_image = torch.empty_like(image_latents)
         eps_text = torch.empty_like(text_vectors)
         for expert in index.unique().tolist():
             rows = (index == expert).nonzero().flatten()
             part = None if paint is None else PaintBias(paint.mask[rows], paint.strength[rows])
-            out = self.experts[expert](image_latents[rows], text_vectors[rows], timesteps[..., rows], part)
+            rows_estimate = None if estimate is None else (estimate[0][rows], estimate[1][rows])
+            out = self.experts[expert](image_latents[rows], text_vectors[rows], timesteps[..., rows], part,
+                                       rows_estimate)
             eps_image[rows] = out.eps_image.to(eps_image.dtype)
             eps_text[rows] = out.eps_text.to(eps_text.dtype)
         return ModelOutput(eps_image=eps_image, eps_text=eps_text)

@@ -17,6 +17,9 @@ Everything is a token (U-ViT style). The flow, top to bottom:
     c_image = time(t_img) + pool(text tokens)  ┐  one zero-initialised Linear -> (shift, scale, gate) x 2,
     c_text  = time(t_txt) + pool(image tokens) ┘  plus a learned offset per block (PixArt's adaLN-single)
 
+* with `self_condition`, each modality's input layer has a zero-initialised twin that takes the model's last
+  estimate of that modality's clean data (`estimate=`; zero when there is none), added to its tokens.
+
 n_text = n_image = 0 gives the U-ViT-multi (UniDiffuser-style) baseline from the same code.
 """
 
@@ -211,6 +214,9 @@ class PSUNet(nn.Module):
 
         self.image_in = nn.Linear(patch_dim, w)
         self.text_in = nn.Linear(c.word_dim, w)
+        if c.self_condition:
+            self.image_estimate_in = nn.Linear(patch_dim, w, bias=False)  # no bias: no estimate adds nothing
+            self.text_estimate_in = nn.Linear(c.word_dim, w, bias=False)
         self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
         # one embedding per time token (image branch, text branch): without it the two times are
         # interchangeable in the shared attention, which ignores order
@@ -243,12 +249,16 @@ class PSUNet(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.image_pos, std=0.02)
         nn.init.trunc_normal_(self.time_pos, std=0.02)
         nn.init.trunc_normal_(self.text_pos, std=0.02)
         if self.config.adaln:
             nn.init.zeros_(self.modulation[-1].weight)
+        if self.config.self_condition:
+            nn.init.zeros_(self.image_estimate_in.weight)
+            nn.init.zeros_(self.text_estimate_in.weight)
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         b, ch, h, w = latents.shape
@@ -288,13 +298,15 @@ class PSUNet(nn.Module):
             )
 
     def forward(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor,
-                paint: PaintBias | None = None) -> ModelOutput:
+                paint: PaintBias | None = None,
+                estimate: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
         """Predict both modalities' targets (the noise, v or the clean data: DiffusionConfig.target).
 
         timesteps: (B,) one time per sample, or (2, B) = (image times, text times) for independent
         per-modality times. paint: paint-with-words bias over the shared sequence [image time, text time,
         text tokens, image tokens] (TEXT_OFFSET, psunet.paint.paint_mask); applied in the shared section only,
-        the one place where image and text tokens attend to each other.
+        the one place where image and text tokens attend to each other. estimate: (image, text) the last
+        estimate of the clean data, shaped as the inputs, for a self-conditioned model (none: zeros).
         """
         self.check_inputs(image_latents, text_vectors, timesteps)
         w = self.config.width
@@ -303,6 +315,16 @@ class PSUNet(nn.Module):
         time_text = self.time_mlp(timestep_embedding(times[1], w))[:, None] + self.time_pos[:, 1:]
 
         image_embedded, text_embedded = self.image_in(self.patchify(image_latents)), self.text_in(text_vectors)
+        if estimate is not None and (estimate[0].shape != image_latents.shape or
+                                     estimate[1].shape != text_vectors.shape):
+            raise ValueError(f"estimate: expected the inputs' shapes {tuple(image_latents.shape)} and "
+                             f"{tuple(text_vectors.shape)}, got {tuple(estimate[0].shape)} and "
+                             f"{tuple(estimate[1].shape)}")
+        if self.config.self_condition and estimate is not None:
+            image_embedded = image_embedded + self.image_estimate_in(self.patchify(estimate[0].to(image_latents)))
+            text_embedded = text_embedded + self.text_estimate_in(estimate[1].to(text_vectors))
+        elif estimate is not None:
+            raise ValueError("estimate: this model does not take one (model.self_condition is false)")
         image_tokens = torch.cat([time_image, image_embedded + self.image_pos], 1)
         text_tokens = torch.cat([time_text, text_embedded + self.text_pos], 1)
         n_text, n_image = self.config.text_len, self.config.image_tokens
@@ -334,7 +356,8 @@ def parameter_counts(model: PSUNet) -> dict[str, int]:
     """Parameters per part: embeddings, image_specific, text_specific, shared, heads, total."""
     parts = {
         "embeddings": [model.image_in, model.text_in, model.time_mlp,
-                       *([model.pool_image, model.pool_text, model.modulation] if model.config.adaln else [])],
+                       *([model.pool_image, model.pool_text, model.modulation] if model.config.adaln else []),
+                       *([model.image_estimate_in, model.text_estimate_in] if model.config.self_condition else [])],
         "image_specific": [model.image_specific],
         "text_specific": [model.text_specific],
         "shared": [model.shared],
@@ -354,6 +377,13 @@ def forward_flops(model: PSUNet) -> int:
     device = next(model.parameters()).device
     latents = torch.zeros(1, *c.latent_shape, device=device)
     text = torch.zeros(1, c.text_len, c.word_dim, device=device)
+    estimate = (latents, text) if c.self_condition else None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(latents, text, torch.zeros(1, device=device))
+        model(latents, text, torch.zeros(1, device=device), estimate=estimate)
     return int(counter.get_total_flops())
+
+
+def train_flops(model: PSUNet) -> int:
+    """Training FLOPs per sample: the forward and its backward (3 forwards), and with self-conditioning the
+    gradient-free first pass that half the samples get."""
+    return int((3.5 if model.config.self_condition else 3) * forward_flops(model))

@@ -25,6 +25,9 @@ modality given clean, so a fully known modality is given to it clean at time 0 i
 known modality is always re-noised (it stays on the diagonal). Which is which is decided per sample,
 so a sample does not depend on its batch mates.
 
+A self-conditioned model (ModelConfig.self_condition) also takes the previous step's clean estimate (`estimates`:
+zeros at the first step; the known part as given on the conditional rows, zeros on the unconditional ones).
+
 Between steps a run can show its current estimate of the clean data (`estimate`, for previews) and drop
 samples (`keep`, for cancelled requests) without changing the others.
 """
@@ -137,6 +140,7 @@ class InfillRun:
         scales = _per_sample("guidance_scales", scales, b)
         self.device = device = torch.device(device)
         self.batch_size, self.steps, self.diffusion_config, self.paint = b, settings.steps, diffusion_config, paint
+        self.self_condition = c.self_condition
         self.settings = settings
         self.image_shape = (b, *c.latent_shape)
         self.image_known, self.image_mask = _known_and_mask(
@@ -258,6 +262,18 @@ class InfillRun:
         self._text_rows = text, times[1]
         return torch.cat([self._image_in, image_unc]), text, times, paint
 
+    def estimates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, text) for this step's rows that a self-conditioned model takes beside `inputs()`: the last step's
+        clean estimate (zeros before the first step), the known part as given on the conditional rows and zeros on
+        the unconditional ones, as training gives a dropped modality."""
+        image, text = (torch.zeros_like(self.image), torch.zeros_like(self.text)) if self.index == 0 else \
+            (self.estimate_image, self.estimate_text)
+        image, text = (1 - self.image_mask) * image, (1 - self.text_mask) * text
+        image_cond, text_cond = image + self.image_mask * self.image_known, text + self.text_mask * self.text_known
+        if not self.guided:
+            return image_cond, text_cond
+        return torch.cat([image_cond, image]), torch.cat([text_cond, text])
+
     def advance(self, out_image: torch.Tensor, out_text: torch.Tensor) -> None:
         """Step the schedulers with the model's outputs for this run's rows of `inputs()`.
 
@@ -358,6 +374,9 @@ def step_together(model, runs: list[InfillRun]) -> None:
                 masks.append(bias.mask)
                 strengths.append(bias.strength)
         options["paint"] = PaintBias(mask=torch.cat(masks), strength=torch.cat(strengths))
+    if runs[0].self_condition:  # one model: every run or none
+        estimates = [run.estimates() for run in runs]
+        options["estimate"] = tuple(torch.cat(parts) for parts in zip(*estimates))
     out = model(image, text, times, **options)
     start = 0
     for run in runs:

@@ -18,7 +18,7 @@ from jobs.quality import guidance_sweep, held_out_pairs, sweep_metrics
 from jobs.training_run import Validator
 from psunet.config import ModelConfig, baseline_of
 from psunet.experts import ExpertEnsemble, binary_split
-from psunet.model import PSUNet, forward_flops, parameter_counts
+from psunet.model import PSUNet, forward_flops, parameter_counts, train_flops
 from psunet.settings import SamplerSettings
 
 CURVE_METRICS = {"val_loss": False, "t2i_accuracy": True, "i2t_accuracy": True}  # name: higher is better
@@ -100,7 +100,7 @@ def model_costs(cfg, seconds_per_step: float, device: torch.device) -> dict:
     model = PSUNet(cfg.model).to(device)
     forward = forward_flops(model)
     costs = {"parameters": parameter_counts(model)["total"], "batch_size": cfg.optim.batch_size,
-             "forward_flops_per_sample": forward, "train_flops_per_sample": 3 * forward,
+             "forward_flops_per_sample": forward, "train_flops_per_sample": train_flops(model),
              **training_memory_mb(model, cfg.optim.batch_size, device), "seconds_per_step": seconds_per_step,
              "samples_per_s": cfg.optim.batch_size / seconds_per_step}
     model.eval()

@@ -25,7 +25,7 @@ from jobs.local_ray import init_local_ray
 from jobs.model_ref import load_pipeline
 from psunet.config import DiffusionConfig, preset
 from psunet.data import ShardStream, load_manifest, make_loader, write_manifest
-from psunet.model import PSUNet, forward_flops
+from psunet.model import PSUNet, forward_flops, train_flops
 from psunet.sampling import joint_infill
 from psunet.settings import SamplerSettings
 
@@ -79,15 +79,16 @@ def bench_train(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"compile": args.compile})}), device)
     seconds = timer.seconds_per_step(args.steps)
-    forward = forward_flops(PSUNet(cfg.model))
+    model = PSUNet(cfg.model)
+    forward, train = forward_flops(model), train_flops(model)
     samples_per_s = args.batch_size / seconds
-    achieved = samples_per_s * 3 * forward
+    achieved = samples_per_s * train
     peak = matmul_peak(device)
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     return {"preset": args.preset, "batch_size": args.batch_size, "device": str(device), "compiled": args.compile,
             "dtype": str(training_dtype(device)).removeprefix("torch."), "threads": torch.get_num_threads(),
             "samples_per_s": samples_per_s, "step_ms": seconds * 1000, "forward_flops_per_sample": forward,
-            "train_flops_per_sample": 3 * forward, "achieved_flops": achieved, "matmul_peak_flops": peak,
+            "train_flops_per_sample": train, "achieved_flops": achieved, "matmul_peak_flops": peak,
             "mfu": achieved / peak, "peak_memory_mb": memory, "target_mfu": TARGETS[device.type]["mfu"]}
 
 
