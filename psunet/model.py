@@ -278,7 +278,8 @@ class PSUNet(nn.Module):
             return checkpoint(block, tokens, skip, paint, modulation, use_reentrant=False)
         return block(tokens, skip, paint, modulation)
 
-    def check_inputs(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor) -> None:
+    def check_inputs(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor,
+                     estimate: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         c = self.config
         if tuple(image_latents.shape[1:]) != c.latent_shape or image_latents.dim() != 4:
             raise ValueError(
@@ -296,6 +297,14 @@ class PSUNet(nn.Module):
                 f"batch sizes differ: image_latents {batch}, text_vectors {text_vectors.shape[0]}, "
                 f"timesteps {tuple(timesteps.shape)}"
             )
+        if estimate is None:
+            return
+        if not c.self_condition:
+            raise ValueError("estimate: this model does not take one (model.self_condition is false)")
+        if estimate[0].shape != image_latents.shape or estimate[1].shape != text_vectors.shape:
+            raise ValueError(f"estimate: expected the inputs' shapes {tuple(image_latents.shape)} and "
+                             f"{tuple(text_vectors.shape)}, got {tuple(estimate[0].shape)} and "
+                             f"{tuple(estimate[1].shape)}")
 
     def forward(self, image_latents: torch.Tensor, text_vectors: torch.Tensor, timesteps: torch.Tensor,
                 paint: PaintBias | None = None,
@@ -308,23 +317,16 @@ class PSUNet(nn.Module):
         the one place where image and text tokens attend to each other. estimate: (image, text) the last
         estimate of the clean data, shaped as the inputs, for a self-conditioned model (none: zeros).
         """
-        self.check_inputs(image_latents, text_vectors, timesteps)
+        self.check_inputs(image_latents, text_vectors, timesteps, estimate)
         w = self.config.width
         times = timesteps if timesteps.dim() == 2 else timesteps.expand(2, -1)
         time_image = self.time_mlp(timestep_embedding(times[0], w))[:, None] + self.time_pos[:, :1]
         time_text = self.time_mlp(timestep_embedding(times[1], w))[:, None] + self.time_pos[:, 1:]
 
         image_embedded, text_embedded = self.image_in(self.patchify(image_latents)), self.text_in(text_vectors)
-        if estimate is not None and (estimate[0].shape != image_latents.shape or
-                                     estimate[1].shape != text_vectors.shape):
-            raise ValueError(f"estimate: expected the inputs' shapes {tuple(image_latents.shape)} and "
-                             f"{tuple(text_vectors.shape)}, got {tuple(estimate[0].shape)} and "
-                             f"{tuple(estimate[1].shape)}")
-        if self.config.self_condition and estimate is not None:
+        if estimate is not None:
             image_embedded = image_embedded + self.image_estimate_in(self.patchify(estimate[0].to(image_latents)))
             text_embedded = text_embedded + self.text_estimate_in(estimate[1].to(text_vectors))
-        elif estimate is not None:
-            raise ValueError("estimate: this model does not take one (model.self_condition is false)")
         image_tokens = torch.cat([time_image, image_embedded + self.image_pos], 1)
         text_tokens = torch.cat([time_text, text_embedded + self.text_pos], 1)
         n_text, n_image = self.config.text_len, self.config.image_tokens
