@@ -28,6 +28,8 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
                         help=f"{interval.description} (default: %(default)s)")
     parser.add_argument("--clamp-text", action=argparse.BooleanOptionalAction, default=fields["clamp_text"].default,
                         help=f"{fields['clamp_text'].description} (default: %(default)s)")
+    parser.add_argument("--text-eta", type=float, default=fields["text_eta"].default,
+                        help=f"{fields['text_eta'].description} (default: %(default)s)")
 
 
 def sampler_settings(args) -> SamplerSettings:
@@ -37,6 +39,7 @@ def sampler_settings(args) -> SamplerSettings:
               "guidance_scale_text": args.guidance_scale_text}
     return SamplerSettings(steps=args.steps, scheduler=args.scheduler, spacing=args.spacing, seed=args.seed,
                            guidance_interval=args.guidance_interval, clamp_text=args.clamp_text,
+                           text_eta=args.text_eta,
                            **{name: scale for name, scale in scales.items() if scale is not None})
 
 

@@ -120,6 +120,7 @@ class Options(BaseModel):
     guidance_scale_text: float | None = Field(None, description=SETTINGS["guidance_scale_text"].description)
     guidance_interval: list[float] | None = Field(None, description=SETTINGS["guidance_interval"].description)
     clamp_text: bool | None = Field(None, description=SETTINGS["clamp_text"].description)
+    text_eta: float | None = Field(None, description=SETTINGS["text_eta"].description)
     stream: bool = Field(False, description="answer with Server-Sent Events: start, progress per step, previews, "
                                             "then the result (the same JSON as without stream)")
     preview_every: int = Field(0, ge=0, description="with stream: a preview (the current estimate, decoded) every "
@@ -221,7 +222,7 @@ class Job:
     def group(self) -> tuple:
         painting = (self.paint_weight, self.paint_fraction) if self.paint is not None else None
         run = self.settings
-        return (run.steps, run.scheduler, run.spacing, run.guidance_interval, run.clamp_text,
+        return (run.steps, run.scheduler, run.spacing, run.guidance_interval, run.clamp_text, run.text_eta,
                 self.prompts is not None, self.images is not None, self.masks is not None, painting)
 
 
@@ -795,7 +796,7 @@ class Ingress:
         image_scale, text_scale = run.guidance
         answer = {"captions": output["captions"], "seeds": job.seeds,
                   **run.model_dump(include={"steps", "scheduler", "spacing", "guidance_interval", "clamp_text",
-                                            *GUIDANCE}),
+                                            "text_eta", *GUIDANCE}),
                   "guidance_scale": image_scale if image_scale == text_scale else None,  # null when they differ
                   "network_evaluations_per_sample": output["network_evaluations"]}
         if "images" in keep:

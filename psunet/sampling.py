@@ -15,6 +15,11 @@ generation and partial infilling are the same call with different masks.
 Each modality has its own guidance scale (SamplerSettings.guidance_scale_image / _text), applied at the steps whose
 noise level lies in SamplerSettings.guidance_interval (all of them by default).
 
+On a flow model the generated text takes fresh noise at each step (SamplerSettings.text_eta, DDIM's eta; 1 by
+default): its clean estimate is noised to the next level with that share of the noise drawn fresh and the rest the
+noise the estimate implies, so the words are decided afresh at every step rather than drifting apart from a
+blend of the sentences they could still become; 0 steps it with the scheduler, as the image always is.
+
 With SamplerSettings.clamp_text (Diffusion-LM's clamping trick) each step's clean-text estimate of the unknown
 words is snapped to the nearest vocabulary vector, and the text is stepped with the output that implies it: the
 text stays on words throughout, so the words settle together rather than drifting apart.
@@ -167,6 +172,7 @@ class InfillRun:
                                               self.image_stepped)
         self.text_scheduler = make_scheduler(settings.scheduler, diffusion_config, settings.spacing,
                                              self.text_stepped, diffusion_config.text_shift)
+        self.text_eta = settings.text_eta if diffusion_config.flow else 0.0
         self.image_scheduler.set_timesteps(settings.steps, device=device)
         self.text_scheduler.set_timesteps(settings.steps, device=device)
 
@@ -302,11 +308,24 @@ class InfillRun:
             self.estimate_text = self.text_mask * self.estimate_text + (1 - self.text_mask) * words
             out_text = self.schedule.output_of(self.text_stepped, self.estimate_text, text_in, t_text)
         self.image = self.image_scheduler.step(out_image, t_image, image_in, generator=generator).prev_sample
-        self.text = self.text_scheduler.step(out_text, t_text, text_in, generator=generator).prev_sample
+        if self.text_eta:
+            self.text = self._text_renoised(text_in)
+        else:
+            self.text = self.text_scheduler.step(out_text, t_text, text_in, generator=generator).prev_sample
         self.network_evaluations += self.passes
         self.index += 1
         if self.vocabulary is not None and self.done:  # end on the words (a last step to t=0 keeps a little noise)
             self.text = self.estimate_text
+
+    def _text_renoised(self, text_in: torch.Tensor) -> torch.Tensor:
+        """The text at the next step from its clean estimate x0 (flow: x = (1 - s) x0 + s n at noise level s), with
+        n = sqrt(1 - eta^2) * (the noise x0 implies at this step) + eta * (fresh noise), drawn only for the rows
+        whose text is generated."""
+        now, after = (float(level) for level in self.text_scheduler.sigmas[self.index:self.index + 2])
+        implied = (text_in - (1 - now) * self.estimate_text) / now
+        fresh = self._noise(text_in.shape, ~self.clean_text)
+        noise = (1 - self.text_eta ** 2) ** 0.5 * implied + self.text_eta * fresh
+        return (1 - after) * self.estimate_text + after * noise
 
     def _weight(self, weight: torch.Tensor, level: torch.Tensor) -> torch.Tensor | float:
         """The guidance scales at this noise level: the run's, or 1 (the conditional prediction) outside the

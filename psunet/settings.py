@@ -41,6 +41,11 @@ class SamplerSettings(StrictModel):
         "lies in [low, high]; the others take the conditional prediction alone (Kynkaanniemi et al. 2024)")
     clamp_text: bool = Field(False, description="snap each step's clean-text estimate to the nearest vocabulary "
                              "word (Diffusion-LM's clamping), so the sampled text stays on words")
+    text_eta: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="fresh noise in each step of the "
+                            "generated text (DDIM's eta; flow models only, ignored by epsilon and v models): the step "
+                            "noises the text's clean estimate to the next noise level, with this share of that noise "
+                            "drawn fresh and the rest the noise the estimate implies, so the words are decided afresh "
+                            "at every step; 0 steps the text with the scheduler, like the image")
     seed: int = 0
 
     @model_validator(mode="before")
@@ -105,7 +110,7 @@ class SamplerSettings(StrictModel):
             f" on noise levels [{self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
         clamped = ", text clamped to words" if self.clamp_text else ""
         return (f"{self.steps} {self.scheduler} steps ({self.spacing}), guidance {scale}{interval}{clamped}, "
-                f"seed {self.seed}")
+                f"text eta {self.text_eta:g}, seed {self.seed}")
 
 
 def parse_guidance(text: str) -> list[float | tuple[float, float]]:

@@ -116,7 +116,8 @@ def test_health_model_page_and_openapi(service, tiny_model):
     assert info["precision"] == "fp32" and info["threads"] == 1  # num_cpus 1: one torch thread
     assert info["defaults"] == {"steps": 15, "scheduler": "dpmsolver++", "spacing": "trailing",
                                 "guidance_scale_image": 3.0, "guidance_scale_text": 2.0,
-                                "guidance_interval": [0.0, 1.0], "clamp_text": False, "seed": 0}
+                                "guidance_interval": [0.0, 1.0], "clamp_text": False, "text_eta": 1.0,
+                                "seed": 0}
     trained = DiffusionConfig.saved(info["diffusion_config"])
     assert info["schedulers"] == list(schedulers_for(trained)) and "dpmsolver++" in info["schedulers"]
     other = next(name for name in SCHEDULERS if name not in info["schedulers"])  # euler (flow) or ddim (DDPM)
@@ -159,6 +160,10 @@ def test_image_to_text_generate_and_infill(service, tiny_model):
     clamped = requests.post(f"{service}/v1/image-to-text", json={"image": _png(picture), "steps": 3,
                                                                   "clamp_text": True}).json()
     assert clamped["clamp_text"] is True and set(clamped["captions"][0].split()) <= vocabulary
+    assert answer["text_eta"] == 1.0
+    scheduled = requests.post(f"{service}/v1/image-to-text", json={"image": _png(picture), "steps": 3,
+                                                                    "text_eta": 0.0}).json()
+    assert scheduled["text_eta"] == 0.0 and set(scheduled["captions"][0].split()) <= vocabulary
     assert answer["guidance_interval"] == [0.0, 1.0]
     interval = requests.post(f"{service}/v1/image-to-text", json={"image": _png(picture), "steps": 3,
                                                                    "guidance_interval": [0.2, 0.8]}).json()
@@ -300,6 +305,7 @@ def test_a_refused_scale_names_the_request_field_it_came_from(service):
     assert refusal({"guidance_scale": -1, "guidance_scale_image": 2})["fields"] == ["guidance_scale"]  # the text's
     assert refusal({"steps": 0, "spacing": "x"})["fields"] == ["steps", "spacing"]
     assert refusal({"clamp_text": "yes"})["fields"] == ["clamp_text"]
+    assert refusal({"text_eta": 1.5})["fields"] == ["text_eta"]
 
 
 def test_guidance_per_modality_is_echoed_and_steers_its_own_modality(service):

@@ -15,7 +15,8 @@ from psunet.config import DiffusionConfig, preset
 from psunet.diffusion import NoiseSchedule, clean_data_weight, diffusion_loss, loss_weight, make_scheduler
 from psunet.model import ModelOutput, PSUNet
 from psunet.model_folder import load_model
-from psunet.sampling import InfillRun, joint_infill
+from psunet.sampling import InfillRun, joint_infill, step_together
+from psunet.settings import SamplerSettings
 
 TARGETS = ("epsilon", "v", "sample")
 WEIGHTS = {  # name: (weight_base, snr_floor, min_snr_gamma)
@@ -257,8 +258,8 @@ def test_flow_settings_are_refused_where_they_mean_nothing():
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmsolver++"])
 def test_the_sampler_with_a_flow_model_agrees_with_a_plain_diffusers_flow_loop(scheduler):
-    """Text->image and image->text against diffusers' own flow schedulers stepped by hand; the text's scheduler
-    shifted by text_shift."""
+    """Text->image and image->text against diffusers' own flow schedulers stepped by hand (the text too: text_eta
+    0); the text's scheduler shifted by text_shift."""
     torch.manual_seed(0)
     config, diffusion = preset("tiny"), FLOW.model_copy(update={"text_shift": 2.0})
     model = PSUNet(config).eval()
@@ -270,7 +271,7 @@ def test_the_sampler_with_a_flow_model_agrees_with_a_plain_diffusers_flow_loop(s
             "dpmsolver++": lambda shift: DPMSolverMultistepScheduler(
                 num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction",
                 algorithm_type="dpmsolver++", solver_order=2)}[scheduler]
-    settings = dict(steps=steps, scheduler=scheduler, guidance_scale=1.0, seed=5)
+    settings = dict(steps=steps, scheduler=scheduler, guidance_scale=1.0, seed=5, text_eta=0.0)
     noise = torch.Generator().manual_seed(5)  # the sampler's first draws: the image's noise, then the text's
     start_image = torch.randn(batch, *config.latent_shape, generator=noise)
     start_text = torch.randn(batch, config.text_len, config.word_dim, generator=noise)
@@ -287,3 +288,38 @@ def test_the_sampler_with_a_flow_model_agrees_with_a_plain_diffusers_flow_loop(s
     run = InfillRun(config, diffusion, 1, steps=steps, scheduler=scheduler)
     image_times, text_times = run.image_scheduler.timesteps, run.text_scheduler.timesteps
     assert bool((text_times[1:] > image_times[1:]).all())  # at every step after the first the text is noisier
+
+
+@pytest.mark.parametrize("eta", [0.6, 1.0])
+def test_a_flow_model_s_text_steps_to_its_clean_estimate_noised_with_fresh_and_implied_noise(eta):
+    """One image->text step with text_eta: x = (1 - s) x0 + s (sqrt(1 - eta^2) n_implied + eta n_fresh) at the next
+    level s, the fresh noise the row's own next draw; text->image rows draw none, so their images do not depend
+    on it. Outside [0, 1] it is refused, naming the field."""
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="text_eta"):
+            SamplerSettings(text_eta=bad)
+    torch.manual_seed(0)
+    config, diffusion = preset("tiny"), FLOW.model_copy(update={"text_shift": 2.0})
+    model = PSUNet(config).eval()
+    seeds = [3, 4]
+    image = torch.randn(2, *config.latent_shape)
+    run = InfillRun(config, diffusion, 2, image_known=image, steps=4, guidance_scale=1.0, seeds=seeds, text_eta=eta)
+    start = run.text.clone()
+    step_together(model, [run])
+    draws = [torch.Generator().manual_seed(seed) for seed in seeds]
+    text_shape, image_shape = (1, config.text_len, config.word_dim), (1, *config.latent_shape)
+    for generator in draws:  # the draws before: the starting image and text, then the step's known-text re-noising
+        for shape in (image_shape, text_shape, text_shape, image_shape, text_shape):  # and unconditional inputs
+            torch.randn(shape, generator=generator)
+    fresh = torch.cat([torch.randn(text_shape, generator=g) for g in draws])
+    now, after = (float(level) for level in run.text_scheduler.sigmas[:2])
+    assert 0 < after < now < 1
+    implied = (start - (1 - now) * run.estimate_text) / now
+    expected = (1 - after) * run.estimate_text + after * ((1 - eta**2) ** 0.5 * implied + eta * fresh)
+    torch.testing.assert_close(run.text, expected, atol=1e-5, rtol=1e-5)
+
+    text = torch.randn(2, config.text_len, config.word_dim)
+    with torch.no_grad():
+        images = [joint_infill(model, config, diffusion, 2, text_known=text, steps=4, seeds=seeds,
+                               text_eta=value).image_latents for value in (0.0, eta)]
+    torch.testing.assert_close(images[0], images[1], atol=0, rtol=0)
