@@ -101,7 +101,8 @@ def recipe_run(cfg, name: str, seed: int, args, device: torch.device) -> list[di
                          name=f"{name} seed {seed}")[1]
 
     key = {"config": cfg.model_dump(mode="json"), "seed": seed, "steps": args.steps, "eval_at": args.eval_at,
-           "samples": args.samples, "scales": args.guidance_scales, "sample_steps": args.sample_steps}
+           "samples": args.samples, "scales": args.guidance_scales,
+           "sampler": SamplerSettings(steps=args.sample_steps).model_dump(mode="json")}  # its defaults too
     return cached_curve(Path(args.out_dir) / "time_to_quality", name, seed, key, "time-to-quality", train)
 
 
