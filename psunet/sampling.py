@@ -318,14 +318,14 @@ class InfillRun:
             self.text = self.estimate_text
 
     def _text_renoised(self, text_in: torch.Tensor) -> torch.Tensor:
-        """The text at the next step from its clean estimate x0 (flow: x = (1 - s) x0 + s n at noise level s), with
-        n = sqrt(1 - eta^2) * (the noise x0 implies at this step) + eta * (fresh noise), drawn only for the rows
-        whose text is generated."""
-        now, after = (float(level) for level in self.text_scheduler.sigmas[self.index:self.index + 2])
-        implied = (text_in - (1 - now) * self.estimate_text) / now
+        """The text at the next step: its clean estimate noised to the scheduler's next noise level with
+        n = sqrt(1 - eta^2) * (the noise the estimate implies at this level) + eta * (fresh noise), drawn only for
+        the rows whose text is generated."""
+        now, after = self.text_scheduler.sigmas[self.index:self.index + 2] * self.schedule.num_timesteps  # as times
+        implied = self.schedule.epsilon_of("sample", self.estimate_text, text_in, now)
         fresh = self._noise(text_in.shape, ~self.clean_text)
         noise = (1 - self.text_eta ** 2) ** 0.5 * implied + self.text_eta * fresh
-        return (1 - after) * self.estimate_text + after * noise
+        return self.schedule.add_noise(self.estimate_text, noise, after)
 
     def _weight(self, weight: torch.Tensor, level: torch.Tensor) -> torch.Tensor | float:
         """The guidance scales at this noise level: the run's, or 1 (the conditional prediction) outside the
