@@ -17,6 +17,9 @@ number sets both modalities' scales, image:text a pair; each --steps-sweep value
     torch-fidelity and its weights), autoencoder (the model's own VAE encoder, offline; comparable
     only between models sharing that VAE), a TorchScript file mapping uint8 (N, 3, H, W) to
     (N, D) features, none, or auto (inception when it loads, otherwise FID is skipped with a note).
+    --fid-floor SHARDS also scores the reconstructions of as many samples of another shard set (the
+    training set, say) against the same references: what two real sets of this size score, the
+    estimator's own floor (`fid_floor`), below which a model's FID difference is noise.
 Results go to the JSON file, a plot PNG of metric vs guidance scale beside it, and an MLflow run
 (--tracking-uri, else $MLFLOW_TRACKING_URI, else the local store in runs/).
 The shard folder must be readable from every node (a shared volume on a cluster).
@@ -33,12 +36,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dataprep import shapes  # noqa: E402
 from jobs.model_ref import MODEL_HELP, load_pipeline  # noqa: E402
-from jobs.quality import (AutoencoderFeatures, best_guidance, combine, evaluate_group, held_out_captions,  # noqa: E402
-                          is_demo_data)
+from jobs.quality import (AutoencoderFeatures, best_guidance, combine, evaluate_group, frechet_distance,  # noqa: E402
+                          held_out_captions, held_out_pairs, is_demo_data)
 from jobs.sampler_options import add_sampler_options, int_list, sampler_settings  # noqa: E402
 from jobs import tracking  # noqa: E402
 from jobs.tracking import tracking_uri  # noqa: E402
@@ -129,7 +133,8 @@ def log_to_mlflow(uri: str, experiment: str, report: dict, files: list[Path], st
                                  params=params)
     points = [(f"{key}.w{row['guidance_scale_image']:g}-{row['guidance_scale_text']:g}_steps{row['steps']}", value, 0)
               for row in report["results"] for key, value in row["metrics"].items()]
-    tracking.log_metrics(client, run_id, report["default"]["metrics"], points=points)
+    floor = {"fid_floor": report["fid_floor"]} if report["fid_floor"] is not None else {}
+    tracking.log_metrics(client, run_id, {**report["default"]["metrics"], **floor}, points=points)
     for path in files:
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
@@ -150,6 +155,8 @@ def run(args) -> dict:
     for setting in settings:
         setting.check_for(pipe.diffusion_config.num_train_timesteps)
     fid, fid_note = fid_metric(args.fid, pipe)
+    if args.fid_floor and fid is None:
+        raise ValueError(f"--fid-floor needs FID features ({fid_note})")
     print(f"evaluate: {fid_note}", flush=True)
     held_out = held_out_captions(args.data, 64)
     demo = is_demo_data(held_out)
@@ -175,13 +182,26 @@ def run(args) -> dict:
         raise ValueError(f"no readable samples in {args.data}")
     rows = combine(results, settings, demo, fid)
     guidance_sweep = [r for r in rows if r["steps"] == base.steps]
+    floor = fid_floor(fid, pipe, results, args.fid_floor, args.batch_size) if args.fid_floor else None
     return {"model": args.model, "data": str(args.data), "precision": args.precision, "samples": samples,
             "demo_metrics": demo, "chance": shapes.CHANCE[shapes.scene_of(held_out[0])] if demo else None,
             "skipped": sum(r["skipped"] for r in results), "fid_note": fid_note,
             "seconds": round(time.perf_counter() - started, 1), "default": rows[0], "results": rows,
             "guidance_sweep": guidance_sweep,
             "steps_sweep": [r for r in rows if (r["guidance_scale_image"], r["guidance_scale_text"]) == base.guidance],
-            "best_guidance": best_guidance(guidance_sweep) if demo else None}
+            "best_guidance": best_guidance(guidance_sweep) if demo else None, "fid_floor": floor}
+
+
+def fid_floor(fid, pipe: PSUNetPipeline, results: list[dict], other: str, batch_size: int) -> float:
+    """FID of the reconstructions of as many samples of the shard set `other` against the held-out ones."""
+    real = np.concatenate([r["real_images"] for r in results if r["per_setting"]])
+    _, latents = held_out_pairs(other, len(real))
+    if len(latents) < len(real):
+        raise ValueError(f"--fid-floor: {other} has {len(latents)} readable samples, fewer than the {len(real)} "
+                         "held-out ones it is compared with")
+    images = np.concatenate([pipe.decode_images(latents[start:start + batch_size])
+                             for start in range(0, len(latents), batch_size)])
+    return frechet_distance(fid, real, images)
 
 
 def print_table(report: dict) -> None:
@@ -196,6 +216,8 @@ def print_table(report: dict) -> None:
         print("evaluate: chance per attribute: " + ", ".join(f"{k} {v:.3f}" for k, v in report["chance"].items()))
     for task, best in (report.get("best_guidance") or {}).items():
         print(f"evaluate: best {task}: " + ", ".join(f"{k} {v:.3g}" for k, v in best.items()))
+    if report.get("fid_floor") is not None:
+        print(f"evaluate: FID floor (two real sets of {report['samples']}): {report['fid_floor']:.3f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sweep, e.g. 1,2,3,5,7 (both modalities) or 5:2 (image:text)")
     parser.add_argument("--steps-sweep", type=int_list, default=[], help="sweep, e.g. 10,25,50")
     parser.add_argument("--fid", default="auto", help="auto, inception, autoencoder, none or a TorchScript file")
+    parser.add_argument("--fid-floor", metavar="SHARDS",
+                        help="also score as many real samples of this shard set (e.g. the training set) as FID does")
     parser.add_argument("--groups", type=int, help="shard groups = Ray tasks (default: one per shard)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--weights", default="ema", choices=["ema", "model"])

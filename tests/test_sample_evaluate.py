@@ -330,7 +330,7 @@ def test_evaluate_runs_shard_groups_on_ray_and_tracks_to_mlflow(tiny_model, demo
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--model", str(tiny_model), "--data", f"{demo_set}/train", "--out", str(out), "--samples", "24",
             "--groups", "3", "--steps", "4", "--guidance-scales", "1,3,5:2", "--steps-sweep", "2,4", "--fid",
-            "autoencoder", "--tracking-uri", uri, "--storage-path", str(tmp_path)]
+            "autoencoder", "--fid-floor", f"{demo_set}/val", "--tracking-uri", uri, "--storage-path", str(tmp_path)]
     assert evaluate_main(args) == 0
     report = json.loads(out.read_text())
     assert report["samples"] == 24 and report["demo_metrics"] is True
@@ -354,11 +354,37 @@ def test_evaluate_runs_shard_groups_on_ray_and_tracks_to_mlflow(tiny_model, demo
         assert 0 <= metrics["bleu4"] <= 1 and 0 <= metrics["rougeL"] <= 1
         assert np.isfinite(metrics["fid"]) and metrics["fid"] >= 0
     assert Image.open(out.with_suffix(".png")).width > 100
+    assert np.isfinite(report["fid_floor"]) and report["fid_floor"] > 0
     run = mlflow.MlflowClient(uri).get_run(report["mlflow_run_id"])
     assert run.data.metrics["t2i_all"] == report["default"]["metrics"]["t2i_all"]
+    assert run.data.metrics["fid_floor"] == pytest.approx(report["fid_floor"])
     assert "t2i_all.w1-1_steps4" in run.data.metrics and "infill_colour.w5-2_steps4" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(report["mlflow_run_id"])}
     assert {"eval.json", "eval.png"} <= artifacts
+
+
+def test_an_fid_floor_without_fid_is_refused_before_any_work(tiny_model, demo_set, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--model", str(tiny_model), "--data", f"{demo_set}/val", "--out", str(out), "--fid", "none",
+                          "--fid-floor", f"{demo_set}/train", "--no-mlflow"]) == 2
+    assert "--fid-floor needs FID features (FID not asked for (--fid none))" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_fid_floor_of_a_set_against_itself_is_zero_and_against_other_images_is_not(tiny_model, demo_set):
+    from jobs.evaluate import fid_floor
+    from jobs.quality import AutoencoderFeatures, held_out_pairs
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    pipe = load_pipeline(str(tiny_model))
+    metric = FrechetInceptionDistance(feature=AutoencoderFeatures(pipe))
+    real = pipe.decode_images(held_out_pairs(f"{demo_set}/val", 24)[1])
+    results = [{"real_images": real, "per_setting": [{}]}]
+    assert fid_floor(metric, pipe, results, f"{demo_set}/val", 8) == pytest.approx(0, abs=1e-3)
+    assert fid_floor(metric, pipe, results, f"{demo_set}/train", 8) > 0.01
+    with pytest.raises(ValueError, match="fewer than the 10000"):
+        fid_floor(metric, pipe, [{"real_images": np.repeat(real, 417, axis=0)[:10000], "per_setting": [{}]}],
+                  f"{demo_set}/val", 64)
 
 
 @pytest.mark.ray
