@@ -36,13 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dataprep import shapes  # noqa: E402
 from jobs.model_ref import MODEL_HELP, load_pipeline  # noqa: E402
-from jobs.quality import (AutoencoderFeatures, best_guidance, combine, evaluate_group, frechet_distance,  # noqa: E402
-                          held_out_captions, held_out_pairs, is_demo_data)
+from jobs.quality import (AutoencoderFeatures, best_guidance, combine, decode_in_batches, evaluate_group,  # noqa: E402
+                          frechet_distance, held_out_captions, held_out_pairs, is_demo_data, reference_images)
 from jobs.sampler_options import add_sampler_options, int_list, sampler_settings  # noqa: E402
 from jobs import tracking  # noqa: E402
 from jobs.tracking import tracking_uri  # noqa: E402
@@ -194,14 +193,12 @@ def run(args) -> dict:
 
 def fid_floor(fid, pipe: PSUNetPipeline, results: list[dict], other: str, batch_size: int) -> float:
     """FID of the reconstructions of as many samples of the shard set `other` against the held-out ones."""
-    real = np.concatenate([r["real_images"] for r in results if r["per_setting"]])
+    real = reference_images(results)
     _, latents = held_out_pairs(other, len(real))
     if len(latents) < len(real):
         raise ValueError(f"--fid-floor: {other} has {len(latents)} readable samples, fewer than the {len(real)} "
                          "held-out ones it is compared with")
-    images = np.concatenate([pipe.decode_images(latents[start:start + batch_size])
-                             for start in range(0, len(latents), batch_size)])
-    return frechet_distance(fid, real, images)
+    return frechet_distance(fid, real, decode_in_batches(pipe, latents, batch_size))
 
 
 def print_table(report: dict) -> None:

@@ -182,7 +182,7 @@ def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, lim
     references = [item["caption"] for item in items]
     latents = torch.stack([item["latent"] for item in items])
     batches = [slice(start, start + batch_size) for start in range(0, len(items), batch_size)]
-    real = np.concatenate([pipe.decode_images(latents[b]) for b in batches]) if want_images else None
+    real = decode_in_batches(pipe, latents, batch_size) if want_images else None
     per_setting, joint_pairs = [], {}
     for setting in settings:
         t2i_images, captions, filled = [], [], []
@@ -209,6 +209,17 @@ def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, lim
             "skipped": len(stream.errors)}
 
 
+def decode_in_batches(pipe: PSUNetPipeline, latents: torch.Tensor, batch_size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) images of (N, C, h, w) latents, decoded batch_size at a time."""
+    return np.concatenate([pipe.decode_images(latents[start:start + batch_size])
+                           for start in range(0, len(latents), batch_size)])
+
+
+def reference_images(groups: list[dict]) -> np.ndarray:
+    """The held-out images of every shard group that had samples, in group order: FID's references."""
+    return np.concatenate([g["real_images"] for g in groups if g["per_setting"]])
+
+
 def caption_scores(captions: list[str], references: list[str]) -> dict[str, float]:
     from torchmetrics.text import BLEUScore, ROUGEScore
 
@@ -230,7 +241,7 @@ def combine(groups: list[dict], settings: list[SamplerSettings], demo: bool, fid
     """One row per setting: metric values and 95 % intervals over all groups' samples."""
     groups = [g for g in groups if g["per_setting"]]
     references = [ref for g in groups for ref in g["references"]]
-    real = np.concatenate([g["real_images"] for g in groups]) if fid is not None else None
+    real = reference_images(groups) if fid is not None else None
     rows = []
     for index, setting in enumerate(settings):
         parts = [g["per_setting"][index] for g in groups]
