@@ -47,15 +47,17 @@ class ScheduleConfig(StrictModel):
     samples: int = Field(8, ge=1, description="prompts / images per sample grid")
     demo_metrics: bool = Field(False, description="attribute-reader accuracy (demo data only)")
     sample_steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(3.0, ge=0, description="both modalities, unless set one by one below")
+    guidance_scale: float | None = Field(None, ge=0, description="both modalities, unless set one by one below "
+                                         "(default: the sampler's, psunet.settings.SamplerSettings)")
     guidance_scale_image: float | None = Field(None, ge=0, description="text->image samples")
     guidance_scale_text: float | None = Field(None, ge=0, description="image->text samples")
 
     def sampler(self) -> SamplerSettings:
-        """The sampler settings of the validation samples."""
-        given = {"guidance_scale_image": self.guidance_scale_image, "guidance_scale_text": self.guidance_scale_text}
-        return SamplerSettings(steps=self.sample_steps, guidance_scale=self.guidance_scale,
-                               **{key: value for key, value in given.items() if value is not None})
+        """The sampler settings of the validation samples: the sampler's defaults where none is set here."""
+        given = {"guidance_scale": self.guidance_scale, "guidance_scale_image": self.guidance_scale_image,
+                 "guidance_scale_text": self.guidance_scale_text}
+        return SamplerSettings(steps=self.sample_steps, **{key: value for key, value in given.items()
+                                                           if value is not None})
 
 
 class RunConfig(StrictModel):

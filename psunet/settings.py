@@ -5,7 +5,9 @@
 
 guidance_scale_image scales the guidance of the image's noise prediction (how strongly a known caption
 steers the generated image), guidance_scale_text that of the text (how strongly a known image steers
-the generated caption). `guidance_scale` sets both; a per-modality value given beside it wins.
+the generated caption). `guidance_scale` sets both; a per-modality value given beside it wins. The
+defaults differ: images are best guided (3), captions best unguided (1: the conditional prediction
+alone; stronger text guidance breaks the sentences), measured in BENCHMARKS.md.
 The pipeline, the jobs and the service read their defaults and checks from here.
 """
 
@@ -35,8 +37,9 @@ class SamplerSettings(StrictModel):
         "schedulers space their own noise levels")
     guidance_scale_image: float = Field(3.0, ge=0, allow_inf_nan=False,
                                         description="classifier-free guidance of the generated image")
-    guidance_scale_text: float = Field(3.0, ge=0, allow_inf_nan=False,
-                                       description="classifier-free guidance of the generated text")
+    guidance_scale_text: float = Field(1.0, ge=0, allow_inf_nan=False,
+                                       description="classifier-free guidance of the generated text (1: none, the "
+                                       "conditional prediction alone)")
     guidance_interval: tuple[float, float] = Field(
         (0.0, 1.0), description="guide only the steps whose noise level (the time as a share of the training times) "
         "lies in [low, high]; the others take the conditional prediction alone (Kynkaanniemi et al. 2024)")

@@ -335,8 +335,9 @@ def test_evaluate_runs_shard_groups_on_ray_and_tracks_to_mlflow(tiny_model, demo
     report = json.loads(out.read_text())
     assert report["samples"] == 24 and report["demo_metrics"] is True
     assert [(r["guidance_scale_image"], r["guidance_scale_text"], r["steps"]) for r in report["results"]] == [
-        (3.0, 3.0, 4), (1.0, 1.0, 4), (5.0, 2.0, 4), (3.0, 3.0, 2)]
-    assert [r["guidance_scale_image"] for r in report["guidance_sweep"]] == [3.0, 1.0, 5.0]
+        (3.0, 1.0, 4), (1.0, 1.0, 4), (3.0, 3.0, 4), (5.0, 2.0, 4), (3.0, 1.0, 2)]  # the default first
+    assert [(r["guidance_scale_image"], r["guidance_scale_text"]) for r in report["guidance_sweep"]] == [
+        (3.0, 1.0), (1.0, 1.0), (3.0, 3.0), (5.0, 2.0)]
     assert [r["steps"] for r in report["steps_sweep"]] == [4, 2]
     best = report["best_guidance"]
     assert best["t2i"]["guidance_scale_image"] in (3.0, 1.0, 5.0) and best["i2t"]["guidance_scale_text"] in (3.0, 1.0, 2.0)
