@@ -58,3 +58,17 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lr_at(middle, optim) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
     assert lr_at(1000, optim) == pytest.approx(1e-4)
     assert all(lr_at(s, optim) >= lr_at(s + 1, optim) for s in range(100, 1000))
+
+
+def test_validation_samples_take_the_samplers_guidance_unless_the_config_sets_one():
+    from psunet.settings import SamplerSettings
+
+    def guidance(*overrides: str) -> tuple[float, float]:
+        return load_config(TINY, list(overrides)).schedule.sampler().guidance
+
+    defaults = SamplerSettings()
+    assert guidance() == defaults.guidance == (3.0, 1.0)  # the image guided, the caption not
+    assert load_config(TINY, []).schedule.sampler() == SamplerSettings(steps=4)  # tiny's sample_steps, the rest default
+    assert guidance("schedule.guidance_scale=5") == (5.0, 5.0)
+    assert guidance("schedule.guidance_scale_text=2") == (3.0, 2.0)
+    assert guidance("schedule.guidance_scale=5", "schedule.guidance_scale_image=2") == (2.0, 5.0)
