@@ -226,7 +226,10 @@ class OptimConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the training step's precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 = bf16 "
+        "autocast where the device multiplies bf16 in hardware (GPUs; CPUs with AVX512-BF16 or AMX), else fp32 "
+        "with a warning")
     compile: bool = False
     seed: int = 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 
@@ -34,8 +35,24 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
                              fused=True)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a CUDA GPU that supports bf16, or a CPU with
+    AVX512-BF16 or AMX (elsewhere a bf16 step is emulated, and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, query, lambda: False)()
+                   for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
 def uses_bf16(optim: OptimConfig, device: torch.device) -> bool:
-    """optim.precision: bf16, or auto = bf16 autocast on GPU and fp32 on CPU."""
+    """optim.precision: auto = bf16 autocast on GPU and fp32 on CPU; bf16 = bf16 autocast where the device has it
+    in hardware (native_bf16), else fp32 with a warning, since emulated bf16 would only be slower."""
+    if optim.precision == "bf16" and not native_bf16(device):
+        warnings.warn(f"optim.precision=bf16: this {device.type} has no native bf16 matrix multiply "
+                      "(AVX512-BF16 or AMX on a CPU), so training runs in fp32, which is faster here", stacklevel=2)
+        return False
     return optim.precision == "bf16" or (optim.precision == "auto" and device.type == "cuda")
 
 

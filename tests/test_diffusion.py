@@ -8,7 +8,7 @@ from psunet.config import DiffusionConfig, OptimConfig, preset
 from psunet.diffusion import NoiseSchedule, conditional_gaps, diffusion_loss, make_scheduler, rounding_loss
 from psunet.ema import EMA
 from psunet.model import ModelOutput, PSUNet
-from psunet.training import Trainer
+from psunet.training import Trainer, native_bf16, uses_bf16
 
 PLAIN_EPSILON = {"prediction": "epsilon", "min_snr_gamma": None, "snr_floor": None}  # the unweighted epsilon loss
 
@@ -248,6 +248,25 @@ def test_a_training_step_with_the_rounding_term_trains_the_text_head_on_it():
     assert out.loss_rounding.item() > 0 and torch.isfinite(grad_norm)
     torch.testing.assert_close(out.loss, out.loss_image + out.loss_text + out.loss_rounding)
     assert not torch.allclose(text_head_grads[0.0], text_head_grads[1.0])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_runs_in_bf16_only_where_the_cpu_multiplies_bf16_in_hardware(monkeypatch, native):
+    for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, query, lambda: native, raising=False)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is native
+    assert not uses_bf16(OptimConfig(precision="auto"), cpu) and not uses_bf16(OptimConfig(precision="fp32"), cpu)
+    if native:
+        assert uses_bf16(OptimConfig(precision="bf16"), cpu)
+        trainer = Trainer(PSUNet(preset("tiny")), OptimConfig(steps=2, precision="bf16"), DiffusionConfig(), cpu)
+        image, text = batch(preset("tiny"), 4)
+        out, grad_norm, _ = trainer.step(0, [{"latent": image, "text": text}])
+        assert trainer.use_bf16 and torch.isfinite(out.loss) and torch.isfinite(grad_norm)
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # autocast: fp32 weights
+    else:
+        with pytest.warns(UserWarning, match="precision=bf16.*no native bf16.*fp32"):
+            assert not uses_bf16(OptimConfig(precision="bf16"), cpu)
 
 
 def test_bad_diffusion_config_names_the_field():
