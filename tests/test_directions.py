@@ -1,11 +1,13 @@
 """One model, both directions: a tiny model trained with the default objective (timestep slices, v-prediction,
 the clean-data weight clamp(SNR, 1, 5)) or with the demo's flow matching (the plain velocity loss, the text
-shifted to more noise), plain or self-conditioned, follows its conditioning from text to image AND from image to
-text on a two-colour toy set (no Ray, seconds on a CPU)."""
+shifted to more noise), plain or self-conditioned, or with configs/demo.yaml's whole objective (its slice weights
+and text loss weight too), follows its conditioning from text to image AND from image to text on a two-colour toy
+set (no Ray, seconds on a CPU)."""
 
 import pytest
 import torch
 
+from jobs.config import load_config
 from psunet.config import DiffusionConfig, preset
 from psunet.diffusion import NoiseSchedule, diffusion_loss
 from psunet.model import PSUNet
@@ -17,6 +19,7 @@ OBJECTIVES = {  # name: (diffusion config, scheduler, model config)
     "v_floor": (DiffusionConfig(), "ddim", CONFIG),
     "flow": (FLOW, "euler", CONFIG),
     "flow_self_condition": (FLOW, "euler", CONFIG.model_copy(update={"self_condition": True})),
+    "demo": (load_config("configs/demo.yaml").diffusion, "euler", CONFIG.model_copy(update={"self_condition": True})),
 }
 
 
