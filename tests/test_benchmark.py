@@ -15,6 +15,7 @@ import torch
 from jobs.bench.parts import run_parts, timed_part
 from jobs.bench.system import train_resume_check
 from jobs.benchmark import main, parse
+from psunet.training import native_bf16
 
 FIELDS = {
     "train": ["samples_per_s", "step_ms", "forward_flops_per_sample", "train_flops_per_sample", "achieved_flops",
@@ -109,6 +110,8 @@ def test_benchmark_prints_json_with_every_field_positive(case, demo_set, tiny_mo
         # accuracies are fractions (0 is possible after a few steps); everything else is a positive measure
         fraction = ("accuracy" in field and "ratio" not in field) or "in_region" in field
         assert 0 <= value <= 1 if fraction else value > 0, (field, value)
+    if command == "train":  # MFU against the peak of the dtype the step trains in (configs/demo.yaml asks bf16)
+        assert figures["dtype"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
     if command == "sampling":
         assert figures["evaluations_per_step_guided"] == 2 and figures["evaluations_per_step_unguided"] == 1
     if command == "serve":

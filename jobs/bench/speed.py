@@ -42,15 +42,11 @@ def timed_config(args):
     return cfg.model_copy(update={"model": preset(args.preset)})
 
 
-def training_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def matmul_peak(device: torch.device, seconds: float = 2.0) -> float:
-    """Measured FLOP/s of a large square matmul in the training dtype (the denominator of MFU)."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Measured FLOP/s of a large square matmul in `dtype`, the training step's (the denominator of MFU)."""
     size = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(size, size, device=device, dtype=training_dtype(device))
-    b = torch.randn(size, size, device=device, dtype=training_dtype(device))
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
@@ -83,10 +79,11 @@ def bench_train(args) -> dict:
     forward, train = forward_flops(model), train_flops(model)
     samples_per_s = args.batch_size / seconds
     achieved = samples_per_s * train
-    peak = matmul_peak(device)
+    dtype = torch.bfloat16 if timer.trainer.use_bf16 else torch.float32
+    peak = matmul_peak(device, dtype)
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     return {"preset": args.preset, "batch_size": args.batch_size, "device": str(device), "compiled": args.compile,
-            "dtype": str(training_dtype(device)).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
             "samples_per_s": samples_per_s, "step_ms": seconds * 1000, "forward_flops_per_sample": forward,
             "train_flops_per_sample": train, "achieved_flops": achieved, "matmul_peak_flops": peak,
             "mfu": achieved / peak, "peak_memory_mb": memory, "target_mfu": TARGETS[device.type]["mfu"]}
