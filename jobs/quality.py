@@ -11,6 +11,7 @@ group (evaluate_group) and combined into one row of metrics with 95 % intervals 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +185,8 @@ def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, lim
     batches = [slice(start, start + batch_size) for start in range(0, len(items), batch_size)]
     real = decode_in_batches(pipe, latents, batch_size) if want_images else None
     per_setting, joint_pairs = [], {}
-    for setting in settings:
+    for number, setting in enumerate(settings, 1):
+        started = time.perf_counter()
         t2i_images, captions, filled = [], [], []
         # joint pairs have nothing known, so no guidance: settings that differ only in guidance share them
         unguided = setting.with_guidance(1.0)
@@ -205,6 +207,9 @@ def evaluate_group(pipe: PSUNetPipeline, data: str, group: int, groups: int, lim
                                 for c, r in zip(filled, references)]
             result["joint"] = [shapes.score_image(image, caption) for image, caption in zip(*joint_pairs[unguided])]
         per_setting.append(result)
+        print(f"quality: shard group {group + 1}/{groups}, setting {number}/{len(settings)} ({setting.steps} steps, "
+              f"guidance {setting.guidance_scale_image:g}:{setting.guidance_scale_text:g}): {len(items)} samples in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
     return {"references": references, "real_images": real, "per_setting": per_setting,
             "skipped": len(stream.errors)}
 

@@ -26,9 +26,9 @@ MAX_STEPS = 1000
 class SamplerSettings(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(25, ge=1, le=MAX_STEPS, description="sampler steps (the default: the fewest measured at which "
-                       "the demo model's captions, with text_eta 1, meet every caption target; the image is within 2 "
-                       "points of 50 steps from 15, the captions keep gaining to 35-50; BENCHMARKS.md)")
+    steps: int = Field(35, ge=1, le=MAX_STEPS, description="sampler steps (the default: the fewest measured at which "
+                       "every attribute of both directions is within 2 points of 50 steps for the demo's recipe; at "
+                       "25 the captions' position is 2.7 points under; BENCHMARKS.md)")
     scheduler: str = Field("dpmsolver++", description=f"one of {', '.join(SCHEDULERS)}: dpmsolver++ samples every "
                            "model, ddim and ddpm the epsilon and v models, euler the flow models")
     spacing: Literal["trailing", "leading", "linspace"] = Field(

@@ -388,6 +388,19 @@ def test_the_fid_floor_of_a_set_against_itself_is_zero_and_against_other_images_
                   f"{demo_set}/val", 64)
 
 
+def test_each_setting_of_a_shard_group_reports_its_progress(tiny_model, demo_set, capsys):
+    from jobs.quality import evaluate_group
+
+    pipe = load_pipeline(str(tiny_model))
+    settings = [SamplerSettings(steps=2), SamplerSettings(steps=3, guidance_scale_image=1)]
+    group = evaluate_group(pipe, f"{demo_set}/val", 0, 2, 4, settings, demo=True, want_images=False, batch_size=4)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quality: ")]
+    assert len(group["per_setting"]) == 2 and len(group["references"]) == 4
+    assert [re.sub(r"in \d+ s$", "in N s", line) for line in lines] == [
+        "quality: shard group 1/2, setting 1/2 (2 steps, guidance 3:1): 4 samples in N s",
+        "quality: shard group 1/2, setting 2/2 (3 steps, guidance 1:1): 4 samples in N s"]
+
+
 @pytest.mark.ray
 def test_evaluate_without_inception_weights_says_what_to_do(tiny_model, demo_set, ray_local, tmp_path, capsys):
     pytest.importorskip("torchmetrics")

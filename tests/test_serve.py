@@ -114,7 +114,7 @@ def test_health_model_page_and_openapi(service, tiny_model):
     assert info["training_step"] == json.loads((tiny_model / "training.json").read_text())["step"]
     assert info["model_config"]["text_len"] == 16 and info["limits"]["max_samples"] == 4
     assert info["precision"] == "fp32" and info["threads"] == 1  # num_cpus 1: one torch thread
-    assert info["defaults"] == {"steps": 25, "scheduler": "dpmsolver++", "spacing": "trailing",
+    assert info["defaults"] == {"steps": 35, "scheduler": "dpmsolver++", "spacing": "trailing",
                                 "guidance_scale_image": 3.0, "guidance_scale_text": 2.0,
                                 "guidance_interval": [0.0, 1.0], "clamp_text": False, "text_eta": 1.0,
                                 "seed": 0}
