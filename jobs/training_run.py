@@ -574,7 +574,7 @@ def run(cfg: TrainJobConfig):
         result = trainer.fit()
     except Exception as exc:  # Ray Train's error: the workers' tracebacks, the cause on the last line of each
         end_run(cfg, run_id, "FAILED")
-        raise TrainingFailed(f"training failed: {cause(exc)} (the workers' tracebacks are above; the same command "
+        raise TrainingFailed(f"training failed: {cause(exc)} (the tracebacks are above; the same command "
                              "resumes from the latest checkpoint)") from exc
     run_folder = Path(cfg.run.local_folder).resolve() / cfg.run.name
     with result.checkpoint.as_directory() as checkpoint_folder:
@@ -605,7 +605,11 @@ def stop_on_sigterm(cfg: TrainJobConfig, run_id: str) -> None:
 
 def cause(exc: BaseException) -> str:
     """The innermost error named in an exception's text (a worker's `SomeError: message` line), else its first
-    line."""
+    line; for Ray Train's ControllerError, the controller's own error by its type (its text may be empty)."""
+    failure = getattr(exc, "controller_failure", None)
+    if isinstance(failure, BaseException):
+        return f"Ray Train's controller failed: {type(failure).__name__}" + (f": {cause(failure)}"
+                                                                            if str(failure).strip() else "")
     lines = [line for line in str(exc).splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line)]
     return lines[-1] if lines else tracking.error_line(exc)
 

@@ -3,6 +3,7 @@ the S3-compatible server its checkpoints go to."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,8 +18,17 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 def run(args, env, timeout):
     result = subprocess.run(args, env=env, cwd="/", capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{args} failed:\n{errors_first(result.stdout + result.stderr)}"
     return result.stdout
+
+
+def errors_first(output: str) -> str:
+    """A failed command's output with its error lines (and the 20 after each Traceback) first: a report that
+    shows only the head and tail of a long failure still shows its cause."""
+    lines = output.splitlines()
+    marked = [i for i, line in enumerate(lines) if re.search(r"Traceback|\w+(Error|Exception)\b|error:", line)]
+    wanted = sorted({j for i in marked for j in range(i, min(i + (20 if "Traceback" in lines[i] else 1), len(lines)))})
+    return "\n".join(["--- error lines ---", *(lines[j] for j in wanted), "--- the whole output ---", output])
 
 
 def cluster_processes(state: Path, temp_root: str) -> list[str]:

@@ -72,3 +72,15 @@ def test_validation_samples_take_the_samplers_guidance_unless_the_config_sets_on
     assert guidance("schedule.guidance_scale=5") == (5.0, 5.0)
     assert guidance("schedule.guidance_scale_text=2") == (3.0, 2.0)
     assert guidance("schedule.guidance_scale=5", "schedule.guidance_scale_image=2") == (2.0, 5.0)
+
+
+def test_a_failed_run_names_the_cause_a_worker_error_or_the_controllers_own_even_without_text():
+    from ray.train import ControllerError
+
+    from jobs.training_run import cause
+
+    worker = RuntimeError("Training failed due to worker errors:\nTraceback ...\nValueError: shard 3 is corrupt")
+    assert cause(worker) == "ValueError: shard 3 is corrupt"
+    assert cause(ControllerError(AssertionError())) == "Ray Train's controller failed: AssertionError"
+    assert cause(ControllerError(KeyError("checkpoint_0000800"))) == \
+        "Ray Train's controller failed: KeyError: 'checkpoint_0000800'"
