@@ -16,8 +16,13 @@ SCRIPT = ROOT / "cluster" / "local.sh"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def attempt(args, env, timeout) -> subprocess.CompletedProcess:
+    """A command run from / with the cluster's environment, its output captured, whatever its exit status."""
+    return subprocess.run(args, env=env, cwd="/", capture_output=True, text=True, timeout=timeout)
+
+
 def run(args, env, timeout):
-    result = subprocess.run(args, env=env, cwd="/", capture_output=True, text=True, timeout=timeout)
+    result = attempt(args, env, timeout)
     assert result.returncode == 0, f"{args} failed:\n{errors_first(result.stdout + result.stderr)}"
     return result.stdout
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from clusters import RAY, errors_first, local_cluster, run, summary_of, train_command
+from clusters import RAY, attempt, errors_first, local_cluster, run, summary_of, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -272,19 +272,22 @@ def test_ray_job_stop_leaves_a_resumable_run_and_the_same_submit_continues_it_in
         client = mlflow.MlflowClient(cluster["exports"]["MLFLOW_TRACKING_URI"])
         [stopped] = client.search_runs([client.get_experiment_by_name("psunet").experiment_id])
         assert stopped.info.status == "KILLED"
-        snapshot = (storage / "stopped" / "checkpoint_manager_snapshot.json").read_text()
-        latest = max(int(step) for step in re.findall(r"checkpoint_(\d{7})", snapshot))
+
+        def latest_listed() -> int:
+            snapshot = (storage / "stopped" / "checkpoint_manager_snapshot.json").read_text()
+            return max(int(step) for step in re.findall(r"checkpoint_(\d{7})", snapshot))
+
+        latest = latest_listed()
         assert (storage / "stopped" / f"checkpoint_{latest:07d}" / "model.safetensors").is_file()
 
-        resumed = subprocess.run(submit, env=env, cwd="/", capture_output=True, text=True, timeout=400)
+        resumed = attempt(submit, env, timeout=400)
         if resumed.returncode != 0 and "Ray Train's controller failed" in resumed.stdout + resumed.stderr:
             # Ray Train's controller, not our code, failed (seen once in CI, not reproduced): the failure must say
             # so, and the same command, run again, must resume from the checkpoint it had reached
             print(f"warning: the resumed job's Ray Train controller failed; resubmitted:\n"
                   f"{errors_first(resumed.stdout + resumed.stderr)[-6000:]}")
-            snapshot = (storage / "stopped" / "checkpoint_manager_snapshot.json").read_text()
-            latest = max(int(step) for step in re.findall(r"checkpoint_(\d{7})", snapshot))
-            resumed = subprocess.run(submit, env=env, cwd="/", capture_output=True, text=True, timeout=400)
+            latest = latest_listed()
+            resumed = attempt(submit, env, timeout=400)
         assert resumed.returncode == 0, errors_first(resumed.stdout + resumed.stderr)
         resumed = resumed.stdout
         assert f"starting at step {latest}/{steps}" in resumed
